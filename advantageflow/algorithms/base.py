@@ -1,0 +1,87 @@
+"""The small surface every algorithm file implements (no base class needed).
+
+An algorithm is a class with:
+
+- ``Config``: a dataclass of its hyper-parameters (the authors' defaults), filled from the
+  config section named after the algorithm;
+- ``__init__(self, cfg, policy)``;
+- ``sampler_request(self, epoch, generator) -> SamplerRequest``: what the rollouts must
+  carry (final samples only, an SDE trajectory with log-probs, a kept trajectory);
+- ``begin_epoch(self, policy)``: called after the rollouts, before the first update
+  (freeze the old policy here);
+- ``losses(self, batch, ctx) -> Iterator[LossOutput]``: the loss of one micro-batch
+  ``batch`` (a :class:`~advantageflow.types.Rollout` with ``advantages``), as one or more
+  terms whose sum is that micro-batch's mean loss.  The trainer back-propagates each term
+  as it comes, so an algorithm that trains on many timesteps never holds all their graphs;
+- ``after_step(self, policy, step)``: called after each optimizer step (EMA updates);
+- ``state_dict()`` / ``load_state_dict(state)``: what a checkpoint must keep.
+
+Optional class attributes read by the trainer: ``requires_differentiable_reward``
+(DRaFT), ``drop_zero_std_groups`` (Flow-GRPO filters groups whose rewards are all equal).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import torch
+
+from advantageflow.types import LossOutput, Rollout
+
+
+@dataclass
+class SamplerRequest:
+    """What an algorithm needs from the rollout sampler.
+
+    Attributes:
+        solver: ODE solver override for deterministic steps (``None``: ``sampler.solver``).
+        stochastic: ``"sde"`` / ``"cps"`` for Flow-GRPO's stochastic steps with log-probs.
+        noise_level: the SDE noise level ``a``.
+        stochastic_steps: ``[start, end)`` indices of stochastic steps (``None``: all).
+        keep_trajectory: keep every state of the sampler in ``Rollout.trajectory``.
+    """
+
+    solver: str | None = None
+    stochastic: Literal["none", "sde", "cps"] = "none"
+    noise_level: float = 0.7
+    stochastic_steps: tuple[int, int] | None = None
+    keep_trajectory: bool = False
+
+
+@dataclass
+class TrainContext:
+    """What a loss may use besides its batch.
+
+    Attributes:
+        policy: the policy being trained.
+        generator: the run's seeded generator; every random draw of a loss comes from it.
+        step: optimizer steps completed so far.
+        reward: the configured reward (``reward(images, prompts, metadata) -> RewardResult``).
+        guidance_scale: the rollout's CFG scale.
+    """
+
+    policy: Any
+    generator: torch.Generator
+    step: int
+    reward: Any = None
+    guidance_scale: float = 1.0
+
+
+class Algorithm(Protocol):
+    """The shared signature (see the module docstring)."""
+
+    Config: type
+
+    def sampler_request(self, epoch: int, generator: torch.Generator) -> SamplerRequest: ...
+
+    def begin_epoch(self, policy: Any) -> None: ...
+
+    def losses(self, batch: Rollout, ctx: TrainContext) -> Iterator[LossOutput]: ...
+
+    def after_step(self, policy: Any, step: int) -> None: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...

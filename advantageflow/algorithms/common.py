@@ -1,0 +1,122 @@
+"""Pieces shared by the forward-process algorithms: the lagged (old/EMA) policy, timestep
+draws and forward noising.  Pure maths where possible; no algorithm logic lives here."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from advantageflow.models.base import ema_update_
+from advantageflow.types import expand_time
+
+
+@dataclass
+class EMASchedule:
+    """Decay of the lagged copy after optimizer step ``step`` (0-based):
+    ``0`` for ``step < delay``, then ``min(rate * (step - delay), max_decay)``.
+
+    DiffusionNFT: ``rate 0.001, max 0.5`` (OCR: ``delay 75, rate 0.0075, max 0.999``);
+    AWM's lagged copy: ``rate 0.001, max 0.3``.
+    """
+
+    rate: float = 0.001
+    max_decay: float = 0.5
+    delay: int = 0
+
+    def decay(self, step: int) -> float:
+        if step < self.delay:
+            return 0.0
+        return min(self.rate * (step - self.delay), self.max_decay)
+
+
+class LaggedPolicy:
+    """The *old* policy as a snapshot of the trainable parameters.
+
+    ``mode="epoch"``: theta frozen when the epoch's rollouts are done (the rollout policy).
+    ``mode="ema"``: ``old = d * old + (1 - d) * theta`` after every optimizer step.
+    ``fresh`` is true while ``old`` equals ``theta`` exactly, so callers can use
+    ``sg(theta)`` instead of a second forward pass.
+    """
+
+    def __init__(self, policy: Any, mode: Literal["epoch", "ema"], schedule: EMASchedule | None = None):
+        self.mode = mode
+        self.schedule = schedule or EMASchedule()
+        self.params: list[Tensor] = policy.snapshot()
+        self.fresh = True
+
+    def begin_epoch(self, policy: Any) -> None:
+        if self.mode == "epoch":
+            self.params = policy.snapshot()
+            self.fresh = True
+
+    def after_step(self, policy: Any, step: int) -> None:
+        if self.mode == "epoch":
+            self.fresh = False
+            return
+        decay = self.schedule.decay(step)
+        ema_update_(self.params, policy.trainable_parameters(), decay)
+        self.fresh = decay == 0.0
+
+    @contextlib.contextmanager
+    def active(self, policy: Any) -> Iterator[None]:
+        """Within this context ``policy.velocity`` is the old policy's (no gradient)."""
+        with torch.no_grad(), policy.use_parameters(self.params):
+            yield
+
+    def state_dict(self) -> dict:
+        return {"params": [p.detach().cpu().clone() for p in self.params], "fresh": self.fresh}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.params = [s.to(p.device, p.dtype) for s, p in zip(state["params"], self.params)]
+        self.fresh = bool(state["fresh"])
+
+
+def sample_times(
+    batch: int,
+    generator: torch.Generator,
+    *,
+    kind: Literal["uniform", "logit_normal"] = "uniform",
+    t_min: float = 0.0,
+    t_max: float = 1.0,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """``(batch,)`` training times in ``[t_min, t_max]``: uniform or logit-normal (SD3)."""
+    if kind == "uniform":
+        u = torch.rand(batch, generator=generator)
+    elif kind == "logit_normal":
+        u = torch.sigmoid(torch.randn(batch, generator=generator))
+    else:
+        raise ValueError(f"unknown time sampling '{kind}'")
+    return (t_min + (t_max - t_min) * u).to(device)
+
+
+def stratified_grid_indices(
+    count: int, low: int, high: int, generator: torch.Generator
+) -> Tensor:
+    """``count`` step indices stratified over ``[low, high]`` inclusive (one per stratum,
+    uniformly within it), as AWM draws its timesteps over the rollout grid."""
+    edges = torch.linspace(low, high + 1, count + 1)
+    u = torch.rand(count, generator=generator)
+    idx = torch.floor(edges[:-1] + u * (edges[1:] - edges[:-1])).long()
+    return idx.clamp(low, high)
+
+
+def noised(x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+    """Forward process ``x_t = (1 - t) x0 + t eps`` with ``t`` ``(B,)``."""
+    tt = expand_time(t, x0)
+    return (1.0 - tt) * x0 + tt * eps
+
+
+def x0_prediction(x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
+    """``f = x_t - t v`` (the clean-sample prediction)."""
+    return x_t - expand_time(t, x_t) * v
+
+
+def scaled_advantages(advantages: Tensor, clip: float) -> Tensor:
+    """Clip to ``[-clip, clip]`` then divide by ``clip`` (AWM / DiffusionNFT): ``[-1, 1]``."""
+    return advantages.clamp(-clip, clip) / clip

@@ -1,0 +1,140 @@
+"""The policy protocol every model adapter implements, and shared helpers.
+
+A *policy* is a conditional velocity field ``v(x_t, t, c)`` (see :mod:`advantageflow.types`
+for the time convention) plus the few things the trainer needs around it.  Three policies
+appear in the algorithms:
+
+- **theta**, the trainable parameters as they are now;
+- **old**, the rollout policy or a lagged/EMA copy: kept as a *snapshot* of the trainable
+  parameters (``policy.snapshot()``) and swapped in with ``policy.use_parameters(snap)``;
+  for LoRA the trainable parameters are only the adapter's, so this is cheap and never a
+  second copy of the network;
+- **ref**, the frozen base model: ``with policy.reference(): ...`` (LoRA adapter disabled,
+  or a frozen copy for full fine-tuning).
+
+Rule for algorithms: compute the ``old`` / ``ref`` predictions (no gradient) **before** the
+forward pass that builds theta's graph.  Swapping parameters bumps their version counter, so
+autograd raises instead of silently using the wrong values if this rule is broken.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+
+@runtime_checkable
+class FlowPolicy(Protocol):
+    """What the trainer, the sampler and the algorithms need from a model.
+
+    Attributes:
+        sample_shape: per-sample state shape ``S`` (e.g. ``(2,)`` or ``(C, H, W)``).
+        device: where the model lives.
+        differentiable_decode: whether :meth:`decode` keeps the autograd graph.
+    """
+
+    sample_shape: tuple[int, ...]
+    device: torch.device
+
+    def velocity(self, x: Tensor, t: Tensor, cond: Any, guidance_scale: float = 1.0) -> Tensor:
+        """Velocity ``(B, *S)`` at states ``x`` ``(B, *S)`` and times ``t`` ``(B,)``.
+
+        Classifier-free guidance happens here (``v_u + s * (v_c - v_u)``) when
+        ``guidance_scale != 1`` and the conditioning carries an unconditional branch, so no
+        algorithm re-implements it.
+        """
+
+    def encode(self, prompts: list[str]) -> Any:
+        """Conditioning for ``B`` prompts (batch-first; cacheable)."""
+
+    def decode(self, x: Tensor) -> Tensor:
+        """Images ``(B, 3, H, W)`` in ``[0, 1]`` from states ``(B, *S)``."""
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters the optimizer updates (LoRA weights, or all of them)."""
+
+    def reference(self) -> contextlib.AbstractContextManager:
+        """Context in which :meth:`velocity` is the frozen reference model's."""
+
+    def trainable_state(self) -> dict[str, Tensor]:
+        """Named trainable tensors, for checkpoints (CPU copies are fine)."""
+
+    def load_trainable_state(self, state: dict[str, Tensor]) -> None:
+        """Load what :meth:`trainable_state` returned."""
+
+
+class PolicyBase:
+    """Helpers shared by adapters: snapshots, parameter swaps and trainable state.
+
+    Subclasses provide ``velocity``, ``encode``, ``decode``, ``reference``,
+    ``trainable_named_parameters`` and the attributes of :class:`FlowPolicy`.
+    """
+
+    differentiable_decode: bool = True
+
+    def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:  # pragma: no cover
+        raise NotImplementedError
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for _, p in self.trainable_named_parameters()]
+
+    def snapshot(self) -> list[Tensor]:
+        """Detached copies of the trainable parameters, in :meth:`trainable_parameters` order."""
+        return [p.detach().clone() for p in self.trainable_parameters()]
+
+    @contextlib.contextmanager
+    def use_parameters(self, values: list[Tensor]) -> Iterator[None]:
+        """Temporarily give the trainable parameters the values of a snapshot.
+
+        Copies in place under ``no_grad`` (bumping version counters; see the module note).
+        """
+        params = self.trainable_parameters()
+        if len(values) != len(params):
+            raise ValueError(f"snapshot has {len(values)} tensors, policy has {len(params)}")
+        saved = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, v in zip(params, values):
+                p.copy_(v)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, v in zip(params, saved):
+                    p.copy_(v)
+
+    def trainable_state(self) -> dict[str, Tensor]:
+        return {name: p.detach().cpu().clone() for name, p in self.trainable_named_parameters()}
+
+    def load_trainable_state(self, state: dict[str, Tensor]) -> None:
+        named = dict(self.trainable_named_parameters())
+        missing = sorted(set(named) - set(state))
+        unexpected = sorted(set(state) - set(named))
+        if missing or unexpected:
+            raise ValueError(
+                f"checkpoint does not match the model: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}"
+            )
+        with torch.no_grad():
+            for name, p in named.items():
+                if state[name].shape != p.shape:
+                    raise ValueError(
+                        f"checkpoint tensor '{name}' has shape {tuple(state[name].shape)}, "
+                        f"model expects {tuple(p.shape)}"
+                    )
+                p.copy_(state[name].to(p.device, p.dtype))
+
+
+def ema_update_(target: list[Tensor], source: list[Tensor], decay: float) -> None:
+    """In place ``target = decay * target + (1 - decay) * source`` (tensors, no grad)."""
+    with torch.no_grad():
+        for tgt, src in zip(target, source):
+            tgt.mul_(decay).add_(src.detach(), alpha=1.0 - decay)
+
+
+def guided(v_cond: Tensor, v_uncond: Tensor, scale: float) -> Tensor:
+    """Classifier-free guidance ``v_u + scale * (v_c - v_u)``; ``scale = 1`` gives ``v_c``."""
+    return v_uncond + scale * (v_cond - v_uncond)

@@ -1,0 +1,146 @@
+"""The reward protocol, the reward registry and weighted composition.
+
+A reward is a batched callable on decoded samples::
+
+    reward(images, prompts, metadata) -> Tensor (B,)  |  dict[str, Tensor (B,)]
+
+``images`` is what the policy's ``decode`` returns: ``(B, 3, H, W)`` in ``[0, 1]`` for image
+models (``(B, 2)`` points for the 2-D task).  ``metadata`` is one dict per sample (the
+prompt's structured spec, for verifiable rewards).  A reward may be ``async def``; it may
+set ``differentiable = True`` when its output keeps the autograd graph of ``images`` (DRaFT
+needs this).  Rewards are found by registry name or dotted path (``pkg.module:factory``);
+the factory is called with the config's ``args``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from advantageflow.registry import Registry, closest
+
+REWARDS: Registry = Registry("reward")
+
+
+@runtime_checkable
+class RewardFn(Protocol):
+    """A batched reward; see the module docstring."""
+
+    def __call__(self, images: Tensor, prompts: list[str], metadata: list[dict]) -> Any: ...
+
+
+class RewardError(RuntimeError):
+    """A reward that failed or returned something unusable; training must not go on."""
+
+
+@dataclass
+class RewardResult:
+    """Scores of one batch.
+
+    Attributes:
+        total: ``(B,)`` weighted sum of the components (what the advantages see when
+            ``combine == "sum"``).
+        components: named ``(B,)`` raw (unweighted) components.
+        weights: the weight of each component.
+    """
+
+    total: Tensor
+    components: dict[str, Tensor] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)
+
+
+def is_differentiable(reward: Any) -> bool:
+    """Whether ``reward`` declares that its scores carry gradients to the images."""
+    return bool(getattr(reward, "differentiable", False))
+
+
+def call_reward(reward: Any, images: Tensor, prompts: list[str], metadata: list[dict]) -> Any:
+    """Call a sync or async reward and return its raw output."""
+    out = reward(images, prompts, metadata)
+    if inspect.isawaitable(out):
+        out = _run_coroutine(out)
+    return out
+
+
+def _run_coroutine(coro: Any) -> Any:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    raise RewardError("async rewards cannot be awaited from inside a running event loop")
+
+
+def as_components(out: Any, name: str, batch: int) -> dict[str, Tensor]:
+    """Check a reward's output: a ``(B,)`` tensor/list or a dict of them."""
+    items = out.items() if isinstance(out, dict) else [(name, out)]
+    result = {}
+    for key, value in items:
+        value = torch.as_tensor(value) if not isinstance(value, Tensor) else value
+        if value.dim() != 1 or value.shape[0] != batch:
+            raise RewardError(
+                f"reward '{key}' returned shape {tuple(value.shape)}, expected ({batch},)"
+            )
+        result[key] = value.float() if not value.is_floating_point() else value
+    return result
+
+
+def _factory_kwargs(factory: Any, args: dict, name: str) -> dict:
+    """Reject unknown factory arguments with a suggestion, before calling it."""
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return args
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return args
+    valid = [k for k, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for key in args:
+        if key not in valid:
+            hint = closest(key, valid)
+            more = f"; did you mean '{hint}'?" if hint else ""
+            raise ValueError(f"reward '{name}' has no argument '{key}'{more} (valid: {valid})")
+    return args
+
+
+def build_reward(name: str, args: dict | None = None) -> Any:
+    """Instantiate the reward registered as ``name`` (or at a dotted path) with ``args``."""
+    factory = REWARDS.get(name)
+    return factory(**_factory_kwargs(factory, dict(args or {}), name))
+
+
+class CompositeReward:
+    """Weighted sum of named rewards; each component is kept for logging.
+
+    ``reward(images, prompts, metadata) -> RewardResult``.  Differentiable only when every
+    component is.
+    """
+
+    def __init__(self, rewards: dict[str, Any], weights: dict[str, float]) -> None:
+        if not rewards:
+            raise ValueError("no reward configured: set reward.name or reward.components")
+        self.rewards = rewards
+        self.weights = weights
+        self.differentiable = all(is_differentiable(r) for r in rewards.values())
+
+    def __call__(self, images: Tensor, prompts: list[str], metadata: list[dict]) -> RewardResult:
+        batch = images.shape[0]
+        components: dict[str, Tensor] = {}
+        for name, reward in self.rewards.items():
+            out = as_components(call_reward(reward, images, prompts, metadata), name, batch)
+            if len(out) > 1:
+                # A reward returning named parts: "score" is the reward, the rest is logged.
+                if "score" not in out:
+                    raise RewardError(
+                        f"reward '{name}' returned parts {sorted(out)}; one must be 'score'"
+                    )
+                for part, value in out.items():
+                    if part != "score":
+                        components[f"{name}/{part}"] = value
+                out = {name: out["score"]}
+            components[name] = next(iter(out.values()))
+        total = sum(self.weights[n] * components[n].to(images.device) for n in self.rewards)
+        return RewardResult(total=total, components=components, weights=dict(self.weights))

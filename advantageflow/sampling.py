@@ -1,0 +1,299 @@
+"""Time grids, ODE and SDE steps as pure functions, and one ``sample()``.
+
+Convention (see :mod:`advantageflow.types`): ``t = 1`` is noise, ``t = 0`` is data; a step
+goes from grid value ``s`` to ``s_next < s`` with ``D = s_next - s < 0``.  Every step function
+takes states ``x`` of shape ``(B, *S)`` and returns the same shape; ``s`` and ``s_next`` are
+Python floats or 0-d tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from advantageflow.types import mean_flat
+
+VelocityFn = Callable[[Tensor, float], Tensor]
+"""``velocity_fn(x, s) -> v``: the policy at states ``x`` ``(B, *S)`` and scalar time ``s``."""
+
+
+# --------------------------------------------------------------------------- time grids
+
+
+def shift_time(s: Tensor, shift: float) -> Tensor:
+    """SD3's resolution shift ``s' = shift * s / (1 + (shift - 1) * s)`` (identity at 1)."""
+    return shift * s / (1.0 + (shift - 1.0) * s)
+
+
+def time_grid(steps: int, shift: float = 1.0) -> Tensor:
+    """Decreasing grid ``(steps + 1,)`` from 1 to 0, uniform then shifted (float64)."""
+    if steps < 1:
+        raise ValueError("a time grid needs at least one step")
+    grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    return shift_time(grid, shift) if shift != 1.0 else grid
+
+
+# --------------------------------------------------------------------------- ODE steps
+
+
+def euler_step(x: Tensor, v: Tensor, s: float, s_next: float) -> Tensor:
+    """Euler: ``x + (s_next - s) * v``."""
+    return x + (s_next - s) * v
+
+
+def heun_step(x: Tensor, v: Tensor, s: float, s_next: float, velocity_fn: VelocityFn) -> Tensor:
+    """Heun's second-order step (trapezoid on the velocity; one extra evaluation)."""
+    x_euler = euler_step(x, v, s, s_next)
+    v_next = velocity_fn(x_euler, s_next)
+    return x + (s_next - s) * 0.5 * (v + v_next)
+
+
+def _log_snr(s: float) -> float:
+    """``lambda(s) = log(alpha / sigma)`` with ``alpha = 1 - s``, ``sigma = s``."""
+    if s <= 0.0:
+        return math.inf
+    if s >= 1.0:
+        return -math.inf
+    return math.log((1.0 - s) / s)
+
+
+def dpmpp_2m_step(
+    x: Tensor,
+    x0_pred: Tensor,
+    s: float,
+    s_next: float,
+    x0_prev: Tensor | None = None,
+    s_prev: float | None = None,
+) -> Tensor:
+    """DPM-Solver++(2M) in data-prediction form for rectified flow.
+
+    With ``alpha = 1 - s``, ``sigma = s``, ``h = lambda(s_next) - lambda(s)`` (Lu et al. 2022,
+    DPM-Solver++ Alg. 2):  ``x' = (sigma'/sigma) x + alpha' (1 - e^{-h}) D`` where
+    ``D = x0_pred`` (first order) or ``(1 + 1/(2r)) x0_pred - 1/(2r) x0_prev`` with
+    ``r = h_prev / h``.  ``alpha' (1 - e^{-h}) = (1 - s') - (1 - s) s' / s`` stays finite at
+    ``s = 1``; the first-order step is exactly Euler.  Falls back to first order where the
+    previous prediction is missing or a log-SNR is infinite (first and last steps).
+
+    Args:
+        x: ``(B, *S)`` state at ``s``.  x0_pred: ``(B, *S)`` ``x - s * v``.
+        x0_prev, s_prev: the previous step's prediction and time, or ``None``.
+    """
+    coef_x = s_next / s
+    coef_d = (1.0 - s_next) - (1.0 - s) * s_next / s
+    lam, lam_next = _log_snr(s), _log_snr(s_next)
+    second_order = (
+        x0_prev is not None
+        and s_prev is not None
+        and all(math.isfinite(v) for v in (lam, lam_next, _log_snr(s_prev)))
+    )
+    if second_order:
+        r = (lam - _log_snr(s_prev)) / (lam_next - lam)
+        d = (1.0 + 0.5 / r) * x0_pred - (0.5 / r) * x0_prev
+    else:
+        d = x0_pred
+    return coef_x * x + coef_d * d
+
+
+# --------------------------------------------------------------------------- SDE steps
+
+
+@dataclass
+class SDEStep:
+    """One stochastic step (Flow-GRPO, arXiv 2505.05470, Eq. 9 / its CPS variant).
+
+    Attributes:
+        x_next: ``(B, *S)`` the sample at ``s_next``.
+        mean: ``(B, *S)`` the Gaussian mean of ``x_next`` given ``x``.
+        std: 0-d tensor, the Gaussian standard deviation.
+        log_prob: ``(B,)`` log-density of ``x_next`` averaged over non-batch dimensions
+            (CPS: ``-(x_next - mean)^2`` averaged, constants dropped).
+    """
+
+    x_next: Tensor
+    mean: Tensor
+    std: Tensor
+    log_prob: Tensor
+
+
+def sde_sigma(s: float, noise_level: float, s_first: float | None = None) -> float:
+    """``a * sqrt(s / (1 - s))``, using ``1 - s_first`` as the denominator at ``s = 1``."""
+    denom = 1.0 - s if s < 1.0 else 1.0 - (s_first if s_first is not None else 0.0)
+    return noise_level * math.sqrt(s / max(denom, 1e-12))
+
+
+def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor | float) -> Tensor:
+    """Per-sample Gaussian log-density averaged over dimensions, in float32: ``(B,)``."""
+    x, mean = x.float(), mean.float()
+    std = torch.as_tensor(std, dtype=torch.float32, device=x.device)
+    log_density = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return mean_flat(log_density)
+
+
+def sde_step(
+    x: Tensor,
+    v: Tensor,
+    s: float,
+    s_next: float,
+    noise_level: float,
+    *,
+    s_first: float | None = None,
+    noise: Tensor | None = None,
+    x_next: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> SDEStep:
+    """Flow-GRPO's marginal-preserving SDE step; ``noise_level = 0`` is exactly Euler.
+
+    ``sig = a sqrt(s / (1 - s))``, ``mu = x (1 + sig^2 D / (2 s)) + v (1 + sig^2 (1 - s)/(2 s)) D``,
+    ``x' = mu + sig sqrt(-D) z``.  Give ``x_next`` to score a stored sample (training);
+    otherwise ``noise`` (or fresh draws from ``generator``) makes a new one.
+    """
+    d = s_next - s
+    sig = sde_sigma(s, noise_level, s_first)
+    mean = x * (1.0 + sig**2 * d / (2.0 * s)) + v * (1.0 + sig**2 * (1.0 - s) / (2.0 * s)) * d
+    std = torch.tensor(sig * math.sqrt(-d), dtype=torch.float32, device=x.device)
+    if x_next is None:
+        if noise is None:
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x_next = mean + std.to(x.dtype) * noise
+    if noise_level == 0.0:
+        log_prob = torch.zeros(x.shape[0], device=x.device)
+    else:
+        log_prob = gaussian_log_prob(x_next, mean, std)
+    return SDEStep(x_next=x_next, mean=mean, std=std, log_prob=log_prob)
+
+
+def cps_step(
+    x: Tensor,
+    v: Tensor,
+    s: float,
+    s_next: float,
+    noise_level: float,
+    *,
+    noise: Tensor | None = None,
+    x_next: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> SDEStep:
+    """Coefficient-preserving sampling step (Flow-CPS); ``noise_level = 0`` is exactly Euler.
+
+    ``sig = s' sin(a pi / 2)``, ``mu = (1 - s') (x - s v) + sqrt(s'^2 - sig^2) (x + (1 - s) v)``,
+    ``x' = mu + sig z``; the log-prob drops constants: ``-(x' - mu)^2`` averaged.
+    """
+    sig = s_next * math.sin(noise_level * math.pi / 2.0)
+    x0_hat = x - s * v
+    x1_hat = x + (1.0 - s) * v
+    mean = (1.0 - s_next) * x0_hat + math.sqrt(max(s_next**2 - sig**2, 0.0)) * x1_hat
+    std = torch.tensor(sig, dtype=torch.float32, device=x.device)
+    if x_next is None:
+        if noise is None:
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x_next = mean + sig * noise
+    log_prob = -mean_flat((x_next.float() - mean.float()) ** 2)
+    return SDEStep(x_next=x_next, mean=mean, std=std, log_prob=log_prob)
+
+
+# --------------------------------------------------------------------------- sampling loop
+
+
+Solver = Literal["euler", "heun", "dpmpp_2m"]
+StochasticKind = Literal["none", "sde", "cps"]
+
+
+@dataclass
+class SampleOutput:
+    """What :func:`sample` returns.
+
+    Attributes:
+        x0: ``(B, *S)`` final samples.
+        trajectory: ``(B, N + 1, *S)`` states at every grid point, if asked for.
+        log_probs: ``(B, N)`` log-probs of stochastic steps (``nan`` on ODE steps), if any
+            step was stochastic.
+    """
+
+    x0: Tensor
+    trajectory: Tensor | None = None
+    log_probs: Tensor | None = None
+
+
+@torch.no_grad()
+def sample(
+    velocity: Callable[[Tensor, Tensor], Tensor],
+    noise: Tensor,
+    grid: Tensor,
+    *,
+    solver: Solver = "euler",
+    stochastic: StochasticKind = "none",
+    noise_level: float = 0.7,
+    stochastic_steps: tuple[int, int] | None = None,
+    keep_trajectory: bool = False,
+    generator: torch.Generator | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> SampleOutput:
+    """Integrate from ``noise`` at ``t = 1`` down the ``grid`` to ``t = 0``.
+
+    Args:
+        velocity: ``velocity(x, t) -> v`` with ``x`` ``(B, *S)`` and ``t`` ``(B,)``
+            (conditioning and guidance already bound, e.g. ``partial(policy.velocity, ...)``).
+        noise: ``(B, *S)`` the starting state.
+        grid: ``(N + 1,)`` decreasing times from 1 to 0.
+        solver: the ODE solver for deterministic steps.
+        stochastic: ``"sde"`` or ``"cps"`` to make steps stochastic (log-probs recorded).
+        stochastic_steps: ``[start, end)`` step indices that are stochastic (Flow-GRPO
+            "Fast"); all steps when ``None``.  Other steps use ``solver``.
+        keep_trajectory: keep every state (memory ``N + 1`` times the batch).
+    """
+    grid_list = [float(s) for s in grid]
+    n = len(grid_list) - 1
+    x = noise
+    traj = [x] if keep_trajectory else None
+    log_probs = (
+        torch.full((x.shape[0], n), float("nan"), device=x.device) if stochastic != "none" else None
+    )
+    lo, hi = stochastic_steps if stochastic_steps is not None else (0, n)
+    x0_prev, s_prev = None, None
+
+    def vel(x_: Tensor, s_: float) -> Tensor:
+        return velocity(x_, torch.full((x_.shape[0],), s_, device=x_.device, dtype=x_.dtype))
+
+    for k in range(n):
+        s, s_next = grid_list[k], grid_list[k + 1]
+        v = vel(x, s)
+        if stochastic != "none" and lo <= k < hi:
+            if stochastic == "sde":
+                out = sde_step(x, v, s, s_next, noise_level, s_first=grid_list[1], generator=generator)
+            else:
+                out = cps_step(x, v, s, s_next, noise_level, generator=generator)
+            x_new = out.x_next
+            log_probs[:, k] = out.log_prob
+        elif solver == "euler":
+            x_new = euler_step(x, v, s, s_next)
+        elif solver == "heun":
+            x_new = heun_step(x, v, s, s_next, vel)
+        elif solver == "dpmpp_2m":
+            x0_pred = x - s * v
+            x_new = dpmpp_2m_step(x, x0_pred, s, s_next, x0_prev, s_prev)
+            x0_prev, s_prev = x0_pred, s
+        else:
+            raise ValueError(f"unknown solver '{solver}' (euler, heun, dpmpp_2m)")
+        if solver != "dpmpp_2m" or (stochastic != "none" and lo <= k < hi):
+            x0_prev, s_prev = None, None
+        x = x_new
+        if traj is not None:
+            traj.append(x)
+        if progress is not None:
+            progress(k)
+    trajectory = torch.stack(traj, dim=1) if traj is not None else None
+    return SampleOutput(x0=x, trajectory=trajectory, log_probs=log_probs)
+
+
+def bind_velocity(policy: Any, cond: Any, guidance_scale: float = 1.0) -> Callable[[Tensor, Tensor], Tensor]:
+    """``velocity(x, t)`` of ``policy`` with conditioning and guidance fixed."""
+
+    def velocity(x: Tensor, t: Tensor) -> Tensor:
+        return policy.velocity(x, t, cond, guidance_scale=guidance_scale)
+
+    return velocity
