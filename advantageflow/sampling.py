@@ -230,6 +230,7 @@ def sample(
     noise_level: float = 0.7,
     stochastic_steps: tuple[int, int] | None = None,
     keep_trajectory: bool = False,
+    step_noise: Tensor | None = None,
     generator: torch.Generator | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> SampleOutput:
@@ -245,6 +246,8 @@ def sample(
         stochastic_steps: ``[start, end)`` step indices that are stochastic (Flow-GRPO
             "Fast"); all steps when ``None``.  Other steps use ``solver``.
         keep_trajectory: keep every state (memory ``N + 1`` times the batch).
+        step_noise: ``(B, N, *S)`` standard normal draws for the stochastic steps (so that
+            each sample's noise is fixed by its own seed); else drawn from ``generator``.
     """
     grid_list = [float(s) for s in grid]
     n = len(grid_list) - 1
@@ -263,10 +266,13 @@ def sample(
         s, s_next = grid_list[k], grid_list[k + 1]
         v = vel(x, s)
         if stochastic != "none" and lo <= k < hi:
+            z = step_noise[:, k] if step_noise is not None else None
             if stochastic == "sde":
-                out = sde_step(x, v, s, s_next, noise_level, s_first=grid_list[1], generator=generator)
+                out = sde_step(
+                    x, v, s, s_next, noise_level, s_first=grid_list[1], noise=z, generator=generator
+                )
             else:
-                out = cps_step(x, v, s, s_next, noise_level, generator=generator)
+                out = cps_step(x, v, s, s_next, noise_level, noise=z, generator=generator)
             x_new = out.x_next
             log_probs[:, k] = out.log_prob
         elif solver == "euler":

@@ -1,0 +1,235 @@
+"""The ``advantageflow`` command.
+
+    advantageflow train [CONFIG] [key=value ...] [--run-dir DIR] [--resume]
+    advantageflow validate CONFIG [key=value ...]
+    advantageflow eval [CONFIG] [key=value ...] [--checkpoint DIR] [--task NAME] [--json]
+    advantageflow sample [CONFIG] [key=value ...] --checkpoint DIR --prompt TEXT [--num N] [--out DIR]
+    advantageflow pretrain shapes [...]
+    advantageflow serve-reward NAME [...]
+
+Bad input ends with one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from advantageflow.checkpoint import CheckpointError
+    from advantageflow.configbase import ConfigError
+    from advantageflow.registry import RegistryError
+    from advantageflow.rewards.base import RewardError
+    from advantageflow.trainer import TrainingError
+
+    return (ConfigError, RegistryError, CheckpointError, TrainingError, RewardError, FileNotFoundError)
+
+
+def _split_config_args(items: list[str]) -> tuple[str | None, list[str]]:
+    """``[CONFIG] [key=value ...]``: the first item without '=' is the config file."""
+    config, overrides = None, []
+    for item in items:
+        if "=" not in item and config is None:
+            config = item
+        elif "=" not in item:
+            from advantageflow.configbase import ConfigError
+
+            raise ConfigError(f"unexpected argument '{item}' (overrides look like key.subkey=value)")
+        else:
+            overrides.append(item)
+    return config, overrides
+
+
+def _load(items: list[str]):
+    from advantageflow.config import load_config
+
+    config, overrides = _split_config_args(items)
+    return load_config(config, overrides)
+
+
+def _resolve_checkpoint(path: str) -> tuple[Path, Path]:
+    """A checkpoint folder or a run folder (its latest checkpoint) -> (checkpoint, run folder)."""
+    from advantageflow.checkpoint import CheckpointError, latest_checkpoint
+
+    p = Path(path)
+    if (p / "policy.safetensors").exists():
+        return p, p.parent.parent
+    latest = latest_checkpoint(p / "checkpoints")
+    if latest is None:
+        raise CheckpointError(f"'{path}' is neither a checkpoint nor a run folder with checkpoints")
+    return latest, p
+
+
+def _config_for_checkpoint(items: list[str], checkpoint: str | None):
+    """The run's own config.yaml when a checkpoint is given (overrides still apply)."""
+    from advantageflow.config import load_config
+
+    config, overrides = _split_config_args(items)
+    ckpt = run = None
+    if checkpoint:
+        ckpt, run = _resolve_checkpoint(checkpoint)
+        if config is None and (run / "config.yaml").exists():
+            config = str(run / "config.yaml")
+    return load_config(config, overrides), ckpt
+
+
+def _load_policy(cfg, ckpt):
+    from advantageflow.build import build_components
+    from advantageflow.checkpoint import load_checkpoint
+
+    parts = build_components(cfg, cfg.device if cfg.device != "auto" else "cpu")
+    if ckpt is not None:
+        parts.policy.load_trainable_state(load_checkpoint(ckpt).policy)
+    return parts
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from advantageflow.trainer import train
+
+    cfg = _load(args.items)
+    run_dir = args.run_dir or f"runs/{cfg.algo}-{cfg.task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    train(cfg, run_dir, resume=args.resume)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    cfg = _load(args.items)
+    print(f"ok: algo={cfg.algo} model={cfg.model.name} task={cfg.task.name} "
+          f"reward={[t.name for t in cfg.reward.terms()]} epochs={cfg.train.epochs}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from advantageflow.evaluation import evaluate_policy
+
+    items = list(args.items)
+    if args.task:
+        items.append(f"task.name={args.task}")
+    cfg, ckpt = _config_for_checkpoint(items, args.checkpoint)
+    parts = _load_policy(cfg, ckpt)
+    result = evaluate_policy(parts.policy, parts.task, parts.reward, cfg)
+    extra = getattr(parts.task, "guards", None)
+    guards = extra(parts.policy, result) if callable(extra) else {}
+    report = {"checkpoint": str(ckpt) if ckpt else None, "metrics": result.metrics, "guards": guards}
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        width = max(len(k) for k in {**result.metrics, **guards})
+        for key, value in {**result.metrics, **guards}.items():
+            print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from advantageflow.build import time_grid_for
+    from advantageflow.rollouts import encode_prompts
+    from advantageflow.runlog import save_samples
+    from advantageflow.sampling import bind_velocity, sample
+    from advantageflow.tasks.base import Prompt
+
+    cfg, ckpt = _config_for_checkpoint(args.items, args.checkpoint)
+    parts = _load_policy(cfg, ckpt)
+    policy = parts.policy
+    prompts = [Prompt(args.prompt)] * args.num
+    gen = torch.Generator().manual_seed(args.seed)
+    noise = torch.randn((args.num, *policy.sample_shape), generator=gen).to(policy.device)
+    grid = time_grid_for(policy, args.steps or cfg.sampler.eval_steps, cfg.sampler.shift)
+    with torch.no_grad():
+        cond = encode_prompts(policy, prompts)
+        out = sample(bind_velocity(policy, cond, cfg.sampler.guidance_scale), noise, grid.to(policy.device),
+                     solver=cfg.sampler.eval_solver)
+        images = policy.decode(out.x0).cpu()
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    grid_path = save_samples(images, out_dir / "grid.png", title=args.prompt[:60])
+    if images.dim() == 4:
+        from PIL import Image
+
+        for i, img in enumerate(images):
+            arr = (img.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+            Image.fromarray(arr).save(out_dir / f"sample_{i:03d}.png")
+    print(f"[advantageflow] wrote {args.num} samples to {out_dir} ({grid_path.name})")
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    if args.what != "shapes":
+        from advantageflow.configbase import ConfigError
+
+        raise ConfigError(f"unknown pretraining target '{args.what}' (known: shapes)")
+    from advantageflow.tasks.shapes.pretrain import main as pretrain_main
+
+    return int(pretrain_main(args.rest) or 0)
+
+
+def cmd_serve_reward(args: argparse.Namespace) -> int:
+    from advantageflow.rewards.server import main as serve_main
+
+    return int(serve_main([args.name, *args.rest]) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="advantageflow", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train (no CONFIG: the main job, AdvantageFlow on the default task)")
+    p.add_argument("items", nargs="*", metavar="[CONFIG] [key=value]", help="YAML config and dotted overrides")
+    p.add_argument("--run-dir", help="run folder (default runs/ALGO-TASK-TIME)")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("validate", help="check a config (and overrides) without running")
+    p.add_argument("items", nargs="*", metavar="CONFIG [key=value]")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("eval", help="evaluate the base model or a checkpoint on held-out prompts")
+    p.add_argument("items", nargs="*", metavar="[CONFIG] [key=value]")
+    p.add_argument("--checkpoint", help="checkpoint folder or run folder (its latest checkpoint)")
+    p.add_argument("--task", help="task name (e.g. shapes); default: the config's")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("sample", help="write images from the base model or a checkpoint")
+    p.add_argument("items", nargs="*", metavar="[CONFIG] [key=value]")
+    p.add_argument("--checkpoint", help="checkpoint folder or run folder")
+    p.add_argument("--prompt", default="", help="the prompt")
+    p.add_argument("--num", type=int, default=8, help="number of samples")
+    p.add_argument("--steps", type=int, default=0, help="sampler steps (default sampler.eval_steps)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="samples", help="output folder")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("pretrain", help="pretrain a shipped base model (shapes)")
+    p.add_argument("what", help="what to pretrain: shapes")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="its options (see: advantageflow pretrain shapes --help)")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("serve-reward", help="serve a registered reward over HTTP")
+    p.add_argument("name", help="registered reward name or dotted path")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="server options (--host, --port, --token, ...)")
+    p.set_defaults(func=cmd_serve_reward)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("\n[advantageflow] interrupted; the last checkpoint is intact (resume with --resume)", file=sys.stderr)
+        return 130
+    except _user_errors() as err:
+        print(f"advantageflow: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

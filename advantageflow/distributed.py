@@ -1,0 +1,116 @@
+"""Process-group plumbing: one code path for 1 or N processes (``torchrun``).
+
+The trainer never branches on the world size: with one process every collective here is the
+identity.  Under ``torchrun`` (``WORLD_SIZE > 1``) the process group is initialised with gloo
+on CPU and NCCL on GPU.  Gradients are averaged with one all-reduce per step after
+accumulation (what DDP does, without bucketing), so any policy works unwrapped.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+@dataclass
+class DistEnv:
+    """Attributes: rank, world_size, local_rank, device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    @classmethod
+    def from_environment(cls, device: str = "cpu", timeout_s: float = 600.0) -> DistEnv:
+        """Join the process group when launched by ``torchrun``; else a 1-process env."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls(device=_resolve_device(device, 0))
+        rank = int(os.environ["RANK"])
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        dev = _resolve_device(device, local_rank)
+        if not dist.is_initialized():
+            backend = "nccl" if dev.type == "cuda" else "gloo"
+            if dev.type == "cuda":
+                torch.cuda.set_device(dev)
+            dist.init_process_group(
+                backend=backend, timeout=datetime.timedelta(seconds=timeout_s)
+            )
+        return cls(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+    def all_gather_cat(self, tensor: Tensor) -> Tensor:
+        """Concatenate every rank's ``(n, ...)`` tensor along dim 0, in rank order.
+
+        Every rank must pass the same ``n``.
+        """
+        if not self.active:
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts, dim=0)
+
+    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        if self.active:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def sum_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Sum ``.grad`` over ranks (the trainer pre-scales each rank's loss)."""
+        self._reduce_gradients(params, average=False)
+
+    def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Average ``.grad`` over ranks (one flat all-reduce)."""
+        self._reduce_gradients(params, average=True)
+
+    def _reduce_gradients(self, params: list[torch.nn.Parameter], average: bool) -> None:
+        if not self.active:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        if average:
+            flat /= self.world_size
+        offset = 0
+        for p, g in zip(params, grads):
+            n = g.numel()
+            p.grad = flat[offset : offset + n].view_as(g).clone()
+            offset += n
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+    def broadcast_flag(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is true on any rank."""
+        if not self.active:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def shutdown(self) -> None:
+        if self.active and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _resolve_device(device: str, local_rank: int) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank)
+    return dev

@@ -1,0 +1,356 @@
+"""What the SD3 and FLUX adapters share: loading, LoRA through peft, prompt caching,
+mixed precision, VAE decoding and memory figures.
+
+diffusers, transformers and peft are imported inside functions so that
+``import advantageflow`` stays fast and works without them.
+
+Precision: on CUDA the frozen weights are stored in ``dtype`` (bf16 by default) and forward
+passes run under ``torch.autocast``; trainable weights (LoRA, or the whole transformer for full
+fine-tuning) are float32, and every velocity / image leaves the adapter as float32 so that
+log-probabilities and losses are computed in float32.  On the CPU everything is float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import os
+import resource
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from advantageflow.configbase import ConfigError
+from advantageflow.models.base import PolicyBase, guided
+
+#: The authors' LoRA targets (Flow-GRPO, AWM, DiffusionNFT): every attention projection of
+#: the joint blocks, image stream (``to_*``) and text stream (``add_*``).
+DEFAULT_LORA_TARGETS = [
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+]
+
+DType = Literal["bfloat16", "float16", "float32"]
+
+
+@dataclass
+class LoraOptions:
+    """LoRA settings (peft).  ``enabled: false`` means full fine-tuning with a frozen copy.
+
+    Attributes:
+        rank, alpha: LoRA rank ``r`` and scale numerator (the update is ``alpha / r * B A``).
+        target_modules: module-name suffixes that receive an adapter.
+        dropout: LoRA dropout (0 keeps the velocity deterministic).
+        init: ``gaussian`` (peft's default init with ``B = 0``, so the start equals the base).
+    """
+
+    enabled: bool = True
+    rank: int = 32
+    alpha: float = 64.0
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    dropout: float = 0.0
+
+    def validate(self) -> None:
+        if self.rank < 1:
+            raise ConfigError("lora.rank must be >= 1")
+        if self.enabled and not self.target_modules:
+            raise ConfigError("lora.target_modules must name at least one module")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError("lora.dropout must be in [0, 1)")
+
+
+def check_common_options(cfg: Any) -> None:
+    """Validation shared by the SD3 and FLUX configs (one-line errors)."""
+    if not cfg.path:
+        raise ConfigError("model.path must be a hub id or a local folder")
+    if cfg.height < 8 or cfg.width < 8:
+        raise ConfigError("model.height and model.width must be >= 8 pixels")
+    if cfg.max_sequence_length < 1:
+        raise ConfigError("model.max_sequence_length must be >= 1")
+
+
+# --------------------------------------------------------------------------- devices and precision
+
+
+def torch_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The storage dtype of frozen weights: ``name`` on CUDA, float32 elsewhere."""
+    if device.type != "cuda":
+        return torch.float32
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` on CUDA with a half dtype; a no-op otherwise (the CPU stays float32)."""
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast(device_type="cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def memory_per_process(device: torch.device | str | None = None) -> dict[str, float]:
+    """Peak memory of this process in GiB: CUDA's max allocated on a GPU, else peak RSS.
+
+    Returns ``{"perf/max_memory_gb": ...}`` (plus ``perf/rss_gb`` on the CPU), for the metrics.
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda" and torch.cuda.is_available():
+        return {"perf/max_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_bytes = peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+    out = {"perf/max_memory_gb": peak_bytes / 2**30}
+    try:
+        with open("/proc/self/statm") as fh:
+            out["perf/rss_gb"] = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_pipeline(pipeline_cls: Any, path: str, dtype: torch.dtype) -> Any:
+    """``pipeline_cls.from_pretrained(path, torch_dtype=dtype)`` with a one-line error."""
+    try:
+        pipe = pipeline_cls.from_pretrained(path, torch_dtype=dtype)
+    except (OSError, ValueError, EnvironmentError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RuntimeError(f"cannot load a {pipeline_cls.__name__} from '{path}': {first}") from err
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def add_lora(transformer: nn.Module, lora: LoraOptions) -> None:
+    """Attach a peft LoRA adapter named ``default``; only its weights stay trainable (float32)."""
+    from peft import LoraConfig
+
+    transformer.requires_grad_(False)
+    config = LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        init_lora_weights="gaussian",
+        target_modules=list(lora.target_modules),
+    )
+    try:
+        transformer.add_adapter(config)
+    except ValueError as err:
+        raise ConfigError(f"model.lora.target_modules: {err}") from None
+    for name, p in transformer.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+
+
+def lora_parameters(transformer: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """``(name, parameter)`` of every LoRA weight, in a fixed order."""
+    return [(n, p) for n, p in transformer.named_parameters() if "lora_" in n]
+
+
+# --------------------------------------------------------------------------- the shared adapter
+
+
+class DiffusersPolicy(PolicyBase):
+    """Shared body of :class:`~advantageflow.models.diffusers_sd3.SD3Policy` and
+    :class:`~advantageflow.models.diffusers_flux.FluxPolicy`.
+
+    Subclasses define ``pipeline_class()``, ``_encode_batch(prompts) -> dict`` (conditioning
+    rows for each prompt, batch-first), ``_forward(x, t, cond) -> v`` (one transformer pass,
+    no guidance) and ``sample_shape``; everything else lives here.
+
+    Attributes:
+        pipe: the diffusers pipeline (its text encoders may be released after caching).
+        transformer: the trained network (with the LoRA adapter when LoRA is on).
+        ref_transformer: frozen copy for full fine-tuning, else ``None``.
+    """
+
+    differentiable_decode = True
+    #: conditioning keys holding the unconditional (negative prompt) branch.
+    NEGATIVE_KEYS: tuple[str, ...] = ()
+
+    def __init__(self, cfg: Any, pipe: Any, device: torch.device | str = "cpu") -> None:
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.dtype = torch_dtype(cfg.dtype, self.device)
+        self.pipe = pipe
+        self.transformer = pipe.transformer
+        self._prompt_cache: dict[str, dict[str, Tensor]] = {}
+        self._released = False
+        text_device = torch.device(cfg.text_encoder_device) if cfg.text_encoder_device else self.device
+        self.text_device = text_device
+        for name, module in pipe.components.items():
+            if isinstance(module, nn.Module):
+                module.requires_grad_(False).eval()
+                module.to(text_device if name.startswith("text_encoder") else self.device)
+        if cfg.lora.enabled:
+            add_lora(self.transformer, cfg.lora)
+            self.ref_transformer = None
+        else:
+            self.ref_transformer = copy.deepcopy(self.transformer).requires_grad_(False).eval()
+            self.transformer.float().requires_grad_(True)
+        if cfg.gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+        self.transformer.train()  # dropout is 0 in these models; train() only arms checkpointing
+        self._active = self.transformer
+
+    @classmethod
+    def pipeline_class(cls) -> Any:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, cfg: Any, device: str = "cpu") -> DiffusersPolicy:
+        """Load ``cfg.path`` (hub id or folder) and wrap it."""
+        dev = torch.device(device)
+        pipe = load_pipeline(cls.pipeline_class(), cfg.path, torch_dtype(cfg.dtype, dev))
+        return cls(cfg, pipe, dev)
+
+    # ------------------------------------------------------------------ parameters and reference
+
+    def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        if self.cfg.lora.enabled:
+            return lora_parameters(self.transformer)
+        return list(self.transformer.named_parameters())
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        """The frozen base model: LoRA adapter disabled, or the frozen copy."""
+        if self.ref_transformer is not None:
+            previous, self._active = self._active, self.ref_transformer
+            try:
+                yield
+            finally:
+                self._active = previous
+            return
+        self.transformer.disable_adapters()
+        try:
+            yield
+        finally:
+            self.transformer.enable_adapters()
+            # peft toggles requires_grad when it disables adapters: restore it explicitly.
+            for _, p in lora_parameters(self.transformer):
+                p.requires_grad_(True)
+
+    # ------------------------------------------------------------------ prompts
+
+    def encode(self, prompts: list[str]) -> dict[str, Tensor]:
+        """Batch-first conditioning for ``prompts``, each prompt encoded once and cached.
+
+        Keys are the subclass's (prompt embeddings, pooled embeddings, and the negative
+        prompt's when CFG is on); every tensor is ``(B, ...)`` on the model's device.
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        self.cache_prompts(prompts)
+        rows = [self._prompt_cache[p] for p in prompts]
+        return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+    def cache_prompts(self, prompts: list[str], release_text_encoders: bool = False) -> None:
+        """Encode the prompts not cached yet; optionally free the text encoders afterwards."""
+        todo = list(dict.fromkeys(p for p in prompts if p not in self._prompt_cache))
+        if todo:
+            if self._released:
+                raise RuntimeError(
+                    f"prompt {todo[0]!r} was not cached before the text encoders were released; "
+                    "cache every prompt first (policy.cache_prompts) or set model.release_text_encoders=false"
+                )
+            with torch.no_grad():
+                batch = self._encode_batch(todo)
+            for i, p in enumerate(todo):
+                self._prompt_cache[p] = {k: v[i].to(self.device) for k, v in batch.items()}
+        if release_text_encoders or self.cfg.release_text_encoders:
+            self.release_text_encoders()
+
+    def release_text_encoders(self) -> None:
+        """Drop the text encoders (prompts already cached keep working)."""
+        for name in list(self.pipe.components):
+            if name.startswith("text_encoder") and getattr(self.pipe, name, None) is not None:
+                setattr(self.pipe, name, None)
+        self._released = True
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _encode_batch(self, prompts: list[str]) -> dict[str, Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ velocity
+
+    def _forward(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def _split_negative(self, cond: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
+        """(conditional, unconditional) conditioning; the latter is ``None`` without CFG embeds."""
+        if not self.NEGATIVE_KEYS or self.NEGATIVE_KEYS[0] not in cond:
+            return cond, None
+        positive = {k: v for k, v in cond.items() if not k.startswith("negative_")}
+        negative = dict(positive)
+        for key in self.NEGATIVE_KEYS:
+            negative[key.removeprefix("negative_")] = cond[key]
+        return positive, negative
+
+    def velocity(self, x: Tensor, t: Tensor, cond: dict[str, Tensor], guidance_scale: float = 1.0) -> Tensor:
+        """Velocity ``(B, *S)`` (float32) at latents ``x`` ``(B, *S)``, times ``t`` ``(B,)`` in [0, 1].
+
+        With ``guidance_scale != 1`` the conditional and negative-prompt branches run as one
+        batch ``[uncond, cond]`` (as the diffusers pipeline does) and are combined as
+        ``v_u + s (v_c - v_u)``.
+        """
+        if x.shape[1:] != tuple(self.sample_shape):
+            raise ValueError(f"latents have shape {tuple(x.shape[1:])}, the model expects {self.sample_shape}")
+        positive, negative = self._split_negative(cond)
+        if guidance_scale == 1.0:
+            return self._forward(x, t, positive).float()
+        if negative is None:
+            raise ValueError(self._no_cfg_message())
+        both = {k: torch.cat([negative[k], positive[k]]) for k in positive}
+        v = self._forward(torch.cat([x, x]), torch.cat([t, t]), both).float()
+        v_uncond, v_cond = v.chunk(2)
+        return guided(v_cond, v_uncond, guidance_scale)
+
+    def _no_cfg_message(self) -> str:
+        return "guidance_scale != 1 needs the negative-prompt embeddings: set model.cfg=true"
+
+    # ------------------------------------------------------------------ decoding
+
+    def decode(self, x: Tensor) -> Tensor:
+        """Images ``(B, 3, H, W)`` in ``[0, 1]`` (float32) from latents ``(B, *S)``; differentiable.
+
+        ``vae.decode(x / scaling_factor + shift_factor)`` mapped from ``[-1, 1]`` to ``[0, 1]``.
+        """
+        vae = self.pipe.vae
+        latents = x / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        with autocast(self.device, self.dtype):
+            image = vae.decode(latents.to(self.device, vae.dtype), return_dict=False)[0]
+        return (image.float() / 2 + 0.5).clamp(0.0, 1.0)
+
+    # ------------------------------------------------------------------ time grid
+
+    def time_grid(self, steps: int) -> Tensor:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def memory(self) -> dict[str, float]:
+        """Peak memory of this process (see :func:`memory_per_process`)."""
+        return memory_per_process(self.device)
+
+
+def scheduler_sigmas(pipe: Any, steps: int, **set_timesteps_kwargs: Any) -> Tensor:
+    """The scheduler's sigma grid ``(steps + 1,)`` (float64, decreasing, last 0), computed by a
+    fresh copy of the pipeline's scheduler with the arguments its ``__call__`` would pass."""
+    if steps < 1:
+        raise ValueError("a time grid needs at least one step")
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(device="cpu", **set_timesteps_kwargs)
+    sigmas = scheduler.sigmas.to(torch.float64)
+    if sigmas.shape[0] != steps + 1 or float(sigmas[-1]) != 0.0:
+        raise RuntimeError(f"scheduler returned {sigmas.shape[0]} sigmas for {steps} steps")
+    return sigmas

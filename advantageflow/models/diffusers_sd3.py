@@ -1,0 +1,143 @@
+"""Stable Diffusion 3 / 3.5 through diffusers, with LoRA (peft) or full fine-tuning.
+
+The state is the VAE latent ``(C, H / f, W / f)`` (``f`` the VAE's downsampling factor).
+The transformer is called exactly as ``StableDiffusion3Pipeline.__call__`` calls it
+(diffusers 0.42.1): ``timestep = sigma * 1000`` with ``sigma = t`` in our convention
+(``t = 1`` noise), CFG as one batch ``[negative, positive]`` combined as
+``v_u + s (v_c - v_u)``.  The time grid is the scheduler's own: ``FlowMatchEulerDiscreteScheduler``
+with ``shift = 3`` for SD3.5 (Esser et al. 2024, "Scaling Rectified Flow Transformers", Sec. 5.3.2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from advantageflow.configbase import ConfigError
+from advantageflow.models.diffusers_common import (
+    DiffusersPolicy,
+    DType,
+    LoraOptions,
+    autocast,
+    check_common_options,
+    scheduler_sigmas,
+)
+
+
+class SD3Policy(DiffusersPolicy):
+    """SD3 / SD3.5 policy (see the module docstring).
+
+    Conditioning (batch-first): ``prompt_embeds`` ``(B, L, D)``, ``pooled_prompt_embeds``
+    ``(B, P)`` and, when ``cfg`` is on, ``negative_prompt_embeds`` / ``negative_pooled_prompt_embeds``
+    of the same shapes (the negative prompt, ``""`` by default).
+    """
+
+    @dataclass
+    class Config:
+        """Attributes:
+        path: hub id or local folder of a ``StableDiffusion3Pipeline``.
+        dtype: storage dtype of frozen weights on CUDA (CPU is always float32).
+        text_encoder_device: where the text encoders run ('' = the model's device).
+        lora: LoRA settings; ``lora.enabled: false`` is full fine-tuning with a frozen copy.
+        gradient_checkpointing: recompute transformer blocks in the backward pass.
+        height, width: image size in pixels.
+        cfg: encode the negative prompt so ``sampler.guidance_scale > 1`` applies CFG.
+        negative_prompt: the unconditional prompt for CFG.
+        max_sequence_length: T5 tokens (the pipeline's default is 256).
+        release_text_encoders: free the text encoders after prompts are cached.
+        """
+
+        name: str = "sd3"
+        path: str = "stabilityai/stable-diffusion-3.5-medium"
+        dtype: DType = "bfloat16"
+        text_encoder_device: str = ""
+        lora: LoraOptions = field(default_factory=LoraOptions)
+        gradient_checkpointing: bool = False
+        height: int = 512
+        width: int = 512
+        cfg: bool = True
+        negative_prompt: str = ""
+        max_sequence_length: int = 256
+        release_text_encoders: bool = False
+
+        def validate(self) -> None:
+            check_common_options(self)
+
+    NEGATIVE_KEYS = ("negative_prompt_embeds", "negative_pooled_prompt_embeds")
+
+    def __init__(self, cfg: Config, pipe: Any, device: torch.device | str = "cpu") -> None:
+        super().__init__(cfg, pipe, device)
+        factor = pipe.vae_scale_factor * self.transformer.config.patch_size
+        if cfg.height % factor or cfg.width % factor:
+            raise ConfigError(f"model.height and model.width must be multiples of {factor} for this pipeline")
+        self.sample_shape = (
+            self.transformer.config.in_channels,
+            cfg.height // pipe.vae_scale_factor,
+            cfg.width // pipe.vae_scale_factor,
+        )
+
+    @classmethod
+    def pipeline_class(cls) -> Any:
+        from diffusers import StableDiffusion3Pipeline
+
+        return StableDiffusion3Pipeline
+
+    def _encode_batch(self, prompts: list[str]) -> dict[str, Tensor]:
+        prompt_embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=prompts,
+            prompt_2=None,
+            prompt_3=None,
+            device=self.text_device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.cfg.max_sequence_length,
+        )
+        return {"prompt_embeds": prompt_embeds.to(self.dtype), "pooled_prompt_embeds": pooled.to(self.dtype)}
+
+    def encode(self, prompts: list[str]) -> dict[str, Tensor]:
+        cond = super().encode(prompts)
+        if self.cfg.cfg:
+            neg = super().encode([self.cfg.negative_prompt])
+            n = len(prompts)
+            cond["negative_prompt_embeds"] = neg["prompt_embeds"].expand(n, -1, -1)
+            cond["negative_pooled_prompt_embeds"] = neg["pooled_prompt_embeds"].expand(n, -1)
+        return cond
+
+    def cache_prompts(self, prompts: list[str], release_text_encoders: bool = False) -> None:
+        extra = [self.cfg.negative_prompt] if self.cfg.cfg else []
+        super().cache_prompts(list(prompts) + extra, release_text_encoders)
+
+    def _forward(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        """One transformer pass: ``timestep = 1000 t`` as in the pipeline."""
+        with autocast(self.device, self.dtype):
+            return self._active(
+                hidden_states=x.to(self.dtype),
+                timestep=t.float() * 1000.0,
+                encoder_hidden_states=cond["prompt_embeds"].to(self.dtype),
+                pooled_projections=cond["pooled_prompt_embeds"].to(self.dtype),
+                return_dict=False,
+            )[0]
+
+    def time_grid(self, steps: int) -> Tensor:
+        """The scheduler's sigmas for ``steps`` steps, ``(steps + 1,)`` decreasing to 0.
+
+        As ``StableDiffusion3Pipeline.__call__``: ``set_timesteps(steps)``, plus ``mu`` from the
+        latent's token count when the scheduler uses dynamic shifting.
+        """
+        kwargs: dict[str, Any] = {"num_inference_steps": steps}
+        config = self.pipe.scheduler.config
+        if config.get("use_dynamic_shifting", False):
+            from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+            patch = self.transformer.config.patch_size
+            seq_len = (self.sample_shape[1] // patch) * (self.sample_shape[2] // patch)
+            kwargs["mu"] = calculate_shift(
+                seq_len,
+                config.get("base_image_seq_len", 256),
+                config.get("max_image_seq_len", 4096),
+                config.get("base_shift", 0.5),
+                config.get("max_shift", 1.16),
+            )
+        return scheduler_sigmas(self.pipe, steps, **kwargs)

@@ -1,0 +1,201 @@
+"""The JSON wire format of the reward service (no pickle anywhere).
+
+Request (``POST /score``, ``Content-Type: application/json``)::
+
+    {"images": ["<base64 PNG>", ...],            # (B, 3, H, W) images, 8-bit RGB PNG
+     "prompts": ["...", ...],                     # B strings
+     "metadata": [{...}, ...]}                    # optional, B JSON objects
+
+or, for samples that are not images (e.g. the (B, 2) points of the 2-D task), ``"array"``
+instead of ``"images"``::
+
+    {"array": {"dtype": "float32", "shape": [B, ...], "data": "<base64 little-endian bytes>"}}
+
+Response: ``{"scores": [B floats], "components": {"<part>": [B floats], ...}}``; errors
+``{"error": "<one line>"}``.  Non-finite numbers are refused in both directions.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from advantageflow.rewards.base import RewardError
+from advantageflow.rewards.imageio import decode_png, encode_png, from_uint8
+
+
+class BadRequest(ValueError):
+    """A request the server refuses with HTTP 400; the message is sent back."""
+
+
+@dataclass
+class ScoreRequest:
+    """A decoded request.  ``samples``: ``(B, 3, H, W)`` in [0, 1] or ``(B, ...)`` float32."""
+
+    samples: Tensor
+    prompts: list[str]
+    metadata: list[dict] = field(default_factory=list)
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"non-finite number {name} is not allowed")
+
+
+def loads_strict(data: bytes | str) -> object:
+    """``json.loads`` that refuses ``NaN``/``Infinity`` (Python accepts them by default)."""
+    return json.loads(data, parse_constant=_reject_constant)
+
+
+def is_image_batch(samples: Tensor) -> bool:
+    return samples.dim() == 4 and samples.shape[1] == 3
+
+
+def encode_request(samples: Tensor, prompts: list[str], metadata: list[dict] | None, encoding: str) -> bytes:
+    """JSON bytes of a request; ``encoding``: ``png`` (images only), ``float32``, or ``auto``
+    (PNG for ``(B, 3, H, W)`` images, float32 otherwise)."""
+    batch = samples.shape[0]
+    if len(prompts) != batch:
+        raise RewardError(f"remote reward: {len(prompts)} prompts for a batch of {batch}")
+    metadata = list(metadata) if metadata else [{} for _ in range(batch)]
+    if encoding == "auto":
+        encoding = "png" if is_image_batch(samples) else "float32"
+    body: dict = {"prompts": list(prompts), "metadata": metadata}
+    if encoding == "png":
+        if not is_image_batch(samples):
+            raise RewardError(
+                f"remote reward: encoding 'png' needs (B, 3, H, W) images, got {tuple(samples.shape)}; "
+                "use encoding 'float32'"
+            )
+        body["images"] = [base64.b64encode(png).decode("ascii") for png in encode_png(samples)]
+    elif encoding == "float32":
+        arr = samples.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4")
+        body["array"] = {"dtype": "float32", "shape": list(arr.shape),
+                         "data": base64.b64encode(arr.tobytes()).decode("ascii")}
+    else:
+        raise RewardError(f"remote reward: unknown encoding '{encoding}' (auto, png, float32)")
+    try:
+        return json.dumps(body, allow_nan=False).encode()
+    except (TypeError, ValueError) as err:
+        raise RewardError(f"remote reward: metadata is not JSON-serialisable: {err}") from err
+
+
+def _b64(text: object, what: str) -> bytes:
+    if not isinstance(text, str):
+        raise BadRequest(f"{what} must be a base64 string")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise BadRequest(f"{what} is not valid base64") from err
+
+
+def decode_request(body: bytes, max_batch_items: int, max_pixels: int) -> ScoreRequest:
+    """Parse and validate a request body; :class:`BadRequest` for anything malformed."""
+    try:
+        obj = loads_strict(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise BadRequest(f"body is not UTF-8 JSON: {type(err).__name__}") from err
+    if not isinstance(obj, dict):
+        raise BadRequest("body must be a JSON object")
+    unknown = set(obj) - {"images", "array", "prompts", "metadata"}
+    if unknown:
+        raise BadRequest(f"unknown fields {sorted(unknown)} (images|array, prompts, metadata)")
+    if ("images" in obj) == ("array" in obj):
+        raise BadRequest("give exactly one of 'images' (base64 PNGs) or 'array'")
+    samples = _decode_images(obj["images"], max_batch_items, max_pixels) if "images" in obj else (
+        _decode_array(obj["array"], max_batch_items, max_pixels))
+    batch = samples.shape[0]
+    prompts = obj.get("prompts")
+    if not isinstance(prompts, list) or len(prompts) != batch or not all(isinstance(p, str) for p in prompts):
+        raise BadRequest(f"'prompts' must be a list of {batch} strings")
+    metadata = obj.get("metadata")
+    if metadata is None:
+        metadata = [{} for _ in range(batch)]
+    if (not isinstance(metadata, list) or len(metadata) != batch
+            or not all(isinstance(m, dict) for m in metadata)):
+        raise BadRequest(f"'metadata' must be a list of {batch} objects")
+    return ScoreRequest(samples, prompts, metadata)
+
+
+def _decode_images(images: object, max_batch_items: int, max_pixels: int) -> Tensor:
+    if not isinstance(images, list) or not images:
+        raise BadRequest("'images' must be a non-empty list of base64 PNG strings")
+    if len(images) > max_batch_items:
+        raise BadRequest(f"{len(images)} images exceed the limit of {max_batch_items}")
+    arrays = []
+    for i, text in enumerate(images):
+        try:
+            arrays.append(decode_png(_b64(text, f"images[{i}]"), max_pixels))
+        except BadRequest:
+            raise
+        except ValueError as err:
+            raise BadRequest(f"images[{i}]: {err}") from err
+    if len({a.shape for a in arrays}) != 1:
+        raise BadRequest("all images of a request must have the same size")
+    return from_uint8(np.stack(arrays))
+
+
+def _decode_array(spec: object, max_batch_items: int, max_values: int) -> Tensor:
+    if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data"}:
+        raise BadRequest("'array' must be an object with exactly dtype, shape, data")
+    if spec["dtype"] != "float32":
+        raise BadRequest("'array.dtype' must be 'float32'")
+    shape = spec["shape"]
+    if (not isinstance(shape, list) or not 1 <= len(shape) <= 5
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)):
+        raise BadRequest("'array.shape' must be a list of 1 to 5 positive integers")
+    if shape[0] > max_batch_items:
+        raise BadRequest(f"batch of {shape[0]} exceeds the limit of {max_batch_items}")
+    count = math.prod(shape)
+    if count > max_values * max_batch_items:
+        raise BadRequest("'array' is too large")
+    data = _b64(spec["data"], "'array.data'")
+    if len(data) != 4 * count:
+        raise BadRequest(f"'array.data' has {len(data)} bytes, shape {shape} needs {4 * count}")
+    arr = np.frombuffer(data, dtype="<f4").reshape(shape)
+    if not np.isfinite(arr).all():
+        raise BadRequest("'array' contains non-finite values")
+    return torch.from_numpy(arr.astype(np.float32))
+
+
+def encode_response(scores: Tensor, components: dict[str, Tensor]) -> bytes:
+    """JSON bytes of a response; ``ValueError`` if anything is non-finite."""
+    body = {"scores": scores.detach().cpu().double().tolist(),
+            "components": {k: v.detach().cpu().double().tolist() for k, v in components.items()}}
+    return json.dumps(body, allow_nan=False).encode()
+
+
+def decode_response(body: bytes, batch: int) -> tuple[Tensor, dict[str, Tensor]]:
+    """Validate a response: ``batch`` finite numbers in ``scores`` and in each component.
+
+    Raises ``ValueError`` with a one-line reason otherwise.
+    """
+    try:
+        obj = loads_strict(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise ValueError(f"response is not JSON ({type(err).__name__})") from err
+    if not isinstance(obj, dict) or "scores" not in obj:
+        raise ValueError("response has no 'scores'")
+    scores = _numbers(obj["scores"], batch, "scores")
+    comps = obj.get("components", {})
+    if not isinstance(comps, dict):
+        raise ValueError("response 'components' is not an object")
+    return scores, {str(k): _numbers(v, batch, f"components[{k}]") for k, v in comps.items()}
+
+
+def _numbers(values: object, batch: int, what: str) -> Tensor:
+    if not isinstance(values, list) or len(values) != batch:
+        got = len(values) if isinstance(values, list) else type(values).__name__
+        raise ValueError(f"response '{what}' should hold {batch} numbers, got {got}")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"response '{what}' holds non-numbers")
+    out = torch.tensor(values, dtype=torch.float32)
+    if not torch.isfinite(out).all():
+        raise ValueError(f"response '{what}' holds non-finite values")
+    return out

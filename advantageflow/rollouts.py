@@ -1,0 +1,194 @@
+"""Rollout generation and scoring, with per-sample seeds.
+
+Every random draw that shapes a rollout is keyed by what it belongs to: the prompts of epoch
+``e`` by ``(seed, "prompts", e)``, the noise of global sample ``i`` by
+``(seed, "noise", e, i)``.  So a run is identical whether it is resumed or not, and whatever
+the number of processes sharing the epoch (each process draws only its own samples' noise).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from advantageflow.algorithms.base import SamplerRequest
+from advantageflow.rewards.base import RewardResult
+from advantageflow.sampling import bind_velocity, sample
+from advantageflow.tasks.base import Prompt
+from advantageflow.types import Rollout, cat_cond, index_cond
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed from any printable key (stable across runs and machines)."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def seeded_generator(*parts: Any) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(*parts))
+
+
+@dataclass
+class EpochPlan:
+    """Which prompts an epoch samples and which of its samples this process owns.
+
+    Attributes:
+        prompts: the ``P`` prompts of the epoch.
+        rows: global sample indices owned by this process (sample ``i`` has prompt
+            ``prompts[i // G]`` and group id ``epoch * P + i // G``).
+        group_size: ``G``.
+    """
+
+    epoch: int
+    prompts: list[Prompt]
+    rows: list[int]
+    group_size: int
+
+    def prompt_of(self, row: int) -> Prompt:
+        return self.prompts[row // self.group_size]
+
+    def group_of(self, row: int) -> int:
+        return self.epoch * len(self.prompts) + row // self.group_size
+
+
+def owned_rows(total: int, steps: int, world: int, rank: int) -> list[int]:
+    """Global rows of process ``rank``: a ``1 / world`` stripe of each optimizer step's batch.
+
+    With ``total`` samples split into ``steps`` consecutive step batches, process ``r`` owns
+    rows ``[k b + r b / W, k b + (r + 1) b / W)`` of step ``k`` (``b = total / steps``), so the
+    union over processes of each step's rows is the single-process step batch.
+    """
+    per_step = total // steps
+    if per_step * steps != total or per_step % world:
+        raise ValueError(
+            f"{total} samples per epoch in {steps} steps cannot be split over {world} processes"
+        )
+    share = per_step // world
+    return [k * per_step + rank * share + j for k in range(steps) for j in range(share)]
+
+
+def plan_epoch(
+    train_prompts: list[Prompt],
+    prompts_per_epoch: int,
+    group_size: int,
+    steps_per_epoch: int,
+    seed: int,
+    epoch: int,
+    world: int = 1,
+    rank: int = 0,
+) -> EpochPlan:
+    """Draw the epoch's prompts (with replacement) and this process's rows."""
+    if not train_prompts:
+        raise ValueError("the task has no training prompts")
+    gen = seeded_generator(seed, "prompts", epoch)
+    idx = torch.randint(len(train_prompts), (prompts_per_epoch,), generator=gen).tolist()
+    rows = owned_rows(prompts_per_epoch * group_size, steps_per_epoch, world, rank)
+    return EpochPlan(epoch, [train_prompts[i] for i in idx], rows, group_size)
+
+
+def sample_noise(
+    sample_shape: tuple[int, ...],
+    keys: list[Any],
+    steps_with_noise: int = 0,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, Tensor | None]:
+    """Initial noise ``(B, *S)`` and, if asked, per-step noise ``(B, N, *S)``; sample ``b``'s
+    draws come from its own generator seeded by ``keys[b]``."""
+    inits, steps = [], []
+    for key in keys:
+        gen = seeded_generator(*key) if isinstance(key, tuple) else seeded_generator(key)
+        inits.append(torch.randn(sample_shape, generator=gen))
+        if steps_with_noise:
+            steps.append(torch.randn((steps_with_noise, *sample_shape), generator=gen))
+    init = torch.stack(inits).to(device, dtype)
+    step = torch.stack(steps).to(device, dtype) if steps_with_noise else None
+    return init, step
+
+
+def encode_prompts(policy: Any, prompts: list[Prompt]) -> Any:
+    """Conditioning for each prompt, encoding every distinct text once."""
+    texts = [p.text for p in prompts]
+    unique = list(dict.fromkeys(texts))
+    cond = policy.encode(unique)
+    if cond is None:
+        return None
+    where = {t: i for i, t in enumerate(unique)}
+    return index_cond(cond, torch.tensor([where[t] for t in texts]))
+
+
+@torch.no_grad()
+def generate(
+    policy: Any,
+    prompts: list[Prompt],
+    noise_keys: list[Any],
+    group_ids: list[int],
+    grid: Tensor,
+    request: SamplerRequest,
+    solver: str,
+    guidance_scale: float = 1.0,
+    chunk: int = 256,
+) -> Rollout:
+    """Sample one rollout per prompt (already repeated per group member), in chunks.
+
+    Args:
+        prompts: ``B`` prompts.  noise_keys: ``B`` seed keys.  group_ids: ``B`` ints.
+        grid: ``(N + 1,)`` time grid.  request: what the algorithm needs kept.
+    """
+    n_steps = len(grid) - 1
+    stochastic = request.stochastic != "none"
+    parts = []
+    for start in range(0, len(prompts), chunk):
+        sl = slice(start, start + chunk)
+        cond = encode_prompts(policy, prompts[sl])
+        noise, step_noise = sample_noise(
+            tuple(policy.sample_shape), noise_keys[sl], n_steps if stochastic else 0, policy.device
+        )
+        out = sample(
+            bind_velocity(policy, cond, guidance_scale),
+            noise,
+            grid.to(policy.device),
+            solver=request.solver or solver,
+            stochastic=request.stochastic,
+            noise_level=request.noise_level,
+            stochastic_steps=request.stochastic_steps,
+            keep_trajectory=request.keep_trajectory,
+            step_noise=step_noise,
+        )
+        parts.append(
+            Rollout(
+                x0=out.x0,
+                noise=noise,
+                cond=cond,
+                prompts=[p.text for p in prompts[sl]],
+                group_ids=torch.tensor(group_ids[sl], dtype=torch.long),
+                grid=grid,
+                metadata=[p.metadata for p in prompts[sl]],
+                trajectory=out.trajectory,
+                log_probs=out.log_probs,
+            )
+        )
+    return parts[0] if len(parts) == 1 else Rollout.concat(parts)
+
+
+@torch.no_grad()
+def decode_and_score(policy: Any, reward: Any, rollout: Rollout, chunk: int = 256) -> tuple[RewardResult, Tensor]:
+    """Decode final samples and score them; returns the result and the decoded samples."""
+    results, images = [], []
+    for start in range(0, len(rollout), chunk):
+        sl = slice(start, start + chunk)
+        imgs = policy.decode(rollout.x0[sl])
+        results.append(reward(imgs, rollout.prompts[sl], rollout.metadata[sl]))
+        images.append(imgs)
+    if len(results) == 1:
+        return results[0], images[0]
+    total = torch.cat([r.total for r in results])
+    comps = {k: torch.cat([r.components[k] for r in results]) for k in results[0].components}
+    return RewardResult(total=total, components=comps, weights=results[0].weights), torch.cat(images)
+
+
+__all__ = ["cat_cond", "decode_and_score", "derive_seed", "generate", "owned_rows", "plan_epoch"]

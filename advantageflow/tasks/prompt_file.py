@@ -1,0 +1,73 @@
+"""A task from a prompt list: a ``.txt`` file (one prompt per line), a ``.jsonl`` file
+(``{"prompt": ..., "metadata": {...}}`` per line), or prompts given inline."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from advantageflow.configbase import ConfigError
+from advantageflow.tasks.base import Prompt
+
+
+def read_prompt_file(path: str) -> list[Prompt]:
+    """Prompts of a ``.txt`` or ``.jsonl`` file, with a one-line error naming a bad line."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"prompt file '{path}' does not exist")
+    prompts = []
+    with open(p, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            line = line.strip()
+            if not line:
+                continue
+            if p.suffix == ".jsonl":
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ConfigError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+                if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                    raise ConfigError(f"{path}:{lineno}: each line needs a string 'prompt'")
+                meta = row.get("metadata", {})
+                if not isinstance(meta, dict):
+                    raise ConfigError(f"{path}:{lineno}: 'metadata' must be an object")
+                prompts.append(Prompt(row["prompt"], meta))
+            else:
+                prompts.append(Prompt(line))
+    if not prompts:
+        raise ConfigError(f"prompt file '{path}' holds no prompts")
+    return prompts
+
+
+class PromptFileTask:
+    """Train/test split of a prompt list: the last ``test_fraction`` of it is held out
+    (at least one prompt when there are two or more; all prompts when there is one)."""
+
+    @dataclass
+    class Config:
+        name: str = "prompts"
+        path: str = ""
+        prompts: list[str] = field(default_factory=list)
+        test_fraction: float = 0.1
+
+        def validate(self) -> None:
+            if bool(self.path) == bool(self.prompts):
+                raise ConfigError("task 'prompts' needs exactly one of 'path' or 'prompts'")
+            if not 0.0 <= self.test_fraction < 1.0:
+                raise ConfigError("task.test_fraction must be in [0, 1)")
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        items = read_prompt_file(cfg.path) if cfg.path else [Prompt(p) for p in cfg.prompts]
+        n_test = int(round(len(items) * cfg.test_fraction))
+        if len(items) > 1:
+            n_test = min(max(n_test, 1), len(items) - 1)
+        self._train = items[: len(items) - n_test] if n_test else items
+        self._test = items[len(items) - n_test :] if n_test else items
+
+    def train_prompts(self) -> list[Prompt]:
+        return self._train
+
+    def test_prompts(self) -> list[Prompt]:
+        return self._test

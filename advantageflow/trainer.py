@@ -1,0 +1,359 @@
+"""The one training loop: prompts -> group rollouts -> rewards -> advantages -> updates.
+
+Read :func:`train` top to bottom; the algorithm only enters through its small surface
+(:mod:`advantageflow.algorithms.base`), the model through the policy protocol, and every
+side effect (logs, plots, checkpoints) happens on process 0 only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from advantageflow.advantages import combined_advantages, group_advantages
+from advantageflow.algorithms import ALGORITHMS
+from advantageflow.algorithms.base import TrainContext
+from advantageflow.build import build_components, time_grid_for
+from advantageflow.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from advantageflow.config import Config
+from advantageflow.distributed import DistEnv
+from advantageflow.evaluation import EvalResult, evaluate_policy
+from advantageflow.rewards.base import RewardError, is_differentiable
+from advantageflow.rollouts import decode_and_score, generate, plan_epoch, seeded_generator
+from advantageflow.runlog import MetricsLogger, plot_curves, read_metrics, save_samples
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (bad rewards or losses for too long, unusable set-up)."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports (also saved as ``summary.json``)."""
+
+    run_dir: str
+    epochs: int
+    steps: int
+    samples: int
+    wall_s: float
+    samples_per_s: float
+    eval_before: dict[str, float] = field(default_factory=dict)
+    eval_after: dict[str, float] = field(default_factory=dict)
+    summary: str = ""
+
+
+@dataclass
+class LoopState:
+    """Counters saved in every checkpoint (``trainer.json``)."""
+
+    epoch: int = 0
+    step: int = 0
+    samples: int = 0
+    wall_s: float = 0.0
+    bad_updates: int = 0
+    consecutive_bad: int = 0
+    eval_before: dict[str, float] = field(default_factory=dict)
+
+
+def check_run_dir(run_dir: Path, min_free_mb: float = 50.0) -> None:
+    """Fail before training if the run folder cannot be written or the disk is full."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise TrainingError(f"run folder '{run_dir}' is not writable: {err.strerror or err}") from None
+    free_mb = shutil.disk_usage(run_dir).free / 2**20
+    if free_mb < min_free_mb:
+        raise TrainingError(f"only {free_mb:.0f} MB free under '{run_dir}'; need at least {min_free_mb:.0f} MB")
+
+
+def _mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
+    keys = {k for r in rows for k in r}
+    return {k: sum(r[k] for r in rows if k in r) / sum(1 for r in rows if k in r) for k in keys}
+
+
+def train(cfg: Config, run_dir: str | Path, resume: bool = False, env: DistEnv | None = None) -> TrainResult:
+    """Run (or resume) the training described by ``cfg``, writing into ``run_dir``."""
+    env = env or DistEnv.from_environment(cfg.device)
+    run_dir = Path(run_dir)
+    ckpt_root = run_dir / "checkpoints"
+    if env.is_main:
+        check_run_dir(run_dir)
+        if not resume and latest_checkpoint(ckpt_root) is not None:
+            raise TrainingError(f"'{run_dir}' already holds checkpoints; pass --resume or use a new --run-dir")
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    env.barrier()
+
+    torch.manual_seed(cfg.seed)
+    parts = build_components(cfg, env.device)
+    policy, task, reward = parts.policy, parts.task, parts.reward
+    algo = ALGORITHMS.get(cfg.algo)(cfg.algorithm, policy)
+    if getattr(algo, "requires_differentiable_reward", False) and not is_differentiable(reward):
+        raise TrainingError(
+            f"algo '{cfg.algo}' back-propagates through the reward, but the configured reward is not "
+            "differentiable; choose one that declares differentiable = True"
+        )
+    params = policy.trainable_parameters()
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+        betas=tuple(cfg.train.adam_betas), eps=cfg.train.adam_eps,
+    )
+    state = LoopState()
+    logger = MetricsLogger(run_dir, cfg.log.tensorboard, enabled=env.is_main)
+
+    if resume:
+        path = latest_checkpoint(ckpt_root)
+        if path is None:
+            raise TrainingError(f"--resume: no complete checkpoint under '{ckpt_root}'")
+        ckpt = load_checkpoint(path, env.device)
+        policy.load_trainable_state(ckpt.policy)
+        optimizer.load_state_dict(ckpt.optimizer)
+        algo.load_state_dict(ckpt.algorithm)
+        state = LoopState(**ckpt.trainer["loop"])
+        logger.truncate_after(state.epoch)
+        if env.is_main:
+            print(f"[advantageflow] resumed from {path} (epoch {state.epoch}, step {state.step})")
+
+    train_prompts = task.train_prompts()
+    grid = time_grid_for(policy, cfg.sampler.steps, cfg.sampler.shift)
+    tc = cfg.train
+
+    if state.epoch == 0 and cfg.eval.every > 0:
+        before = _evaluate(policy, task, reward, cfg, env, run_dir, "before")
+        state.eval_before = before.metrics if before else {}
+        logger.log(0, {"epoch": 0, **state.eval_before})
+
+    bar = tqdm(
+        range(state.epoch, tc.epochs), initial=state.epoch, total=tc.epochs, desc=f"{cfg.algo}",
+        disable=not (cfg.log.progress and env.is_main), dynamic_ncols=True,
+    )
+    for epoch in bar:
+        t0 = time.perf_counter()
+        # 1. Rollouts: this process's share of the epoch's groups.
+        plan = plan_epoch(train_prompts, tc.prompts_per_epoch, tc.group_size, tc.steps_per_epoch,
+                          cfg.seed, epoch, env.world_size, env.rank)
+        request = algo.sampler_request(epoch, seeded_generator(cfg.seed, "sampler", epoch))
+        policy_eval_mode(policy, True)
+        rollout = generate(
+            policy, [plan.prompt_of(r) for r in plan.rows], [(cfg.seed, "noise", epoch, r) for r in plan.rows],
+            [plan.group_of(r) for r in plan.rows], grid, request, cfg.sampler.solver,
+            cfg.sampler.guidance_scale, cfg.sampler.batch_size,
+        )
+        # 2. Rewards, gathered over processes so that groups and the global std are complete.
+        scored, _ = decode_and_score(policy, reward, rollout, cfg.sampler.batch_size)
+        t_rollout = time.perf_counter() - t0
+        total = env.all_gather_cat(scored.total.float().cpu())
+        components = {k: env.all_gather_cat(v.float().cpu()) for k, v in scored.components.items()}
+        group_ids = env.all_gather_cat(rollout.group_ids)
+        metrics: dict[str, float] = {"epoch": epoch + 1, "reward/mean": float(total.mean()),
+                                     "reward/std": float(total.std(unbiased=False))}
+        metrics.update({f"reward/{k}": float(v.mean()) for k, v in components.items()})
+        if not bool(torch.isfinite(total).all()):
+            bad = int((~torch.isfinite(total)).sum())
+            state.bad_updates += 1
+            state.consecutive_bad += 1
+            metrics.update({"stats/nonfinite_rewards": bad, "stats/skipped_updates": state.bad_updates})
+            _stop_if_too_bad(state, tc.max_bad_steps, f"{bad} non-finite rewards")
+        else:
+            # 3. Advantages over the complete epoch, then this process's rows.
+            adv = _advantages(cfg, total, components, scored.weights, group_ids)
+            local = torch.arange(len(plan.rows)) + env.rank * len(plan.rows)  # gathers are rank-major
+            rollout = rollout.with_(rewards=scored.total.float(), advantages=adv.values[local].to(policy.device),
+                                    reward_components={k: v[local] for k, v in components.items()})
+            keep = ~adv.zero_std[local] if getattr(algo, "drop_zero_std_groups", False) else None
+            metrics["stats/zero_std_ratio"] = adv.zero_std_ratio
+            # 4. Updates.
+            t1 = time.perf_counter()
+            algo.begin_epoch(policy)
+            policy_eval_mode(policy, False)
+            step_rows = []
+            for inner in range(tc.inner_epochs):
+                for k in range(tc.steps_per_epoch):
+                    row_metrics = _optimizer_step(cfg, env, algo, policy, params, optimizer, reward, rollout,
+                                                  plan.rows, keep, state, k, inner)
+                    if row_metrics is not None:
+                        step_rows.append(row_metrics)
+            metrics.update(_mean_metrics(step_rows))
+            metrics["perf/train_s"] = time.perf_counter() - t1
+        state.epoch = epoch + 1
+        state.samples += tc.samples_per_epoch
+        wall = time.perf_counter() - t0
+        state.wall_s += wall
+        metrics.update({"perf/rollout_s": t_rollout, "perf/epoch_s": wall,
+                        "perf/samples_per_s": tc.samples_per_epoch / wall, "samples": state.samples})
+        if cfg.eval.every > 0 and (state.epoch % cfg.eval.every == 0 or state.epoch == tc.epochs):
+            result = _evaluate(policy, task, reward, cfg, env, run_dir,
+                               "after" if state.epoch == tc.epochs else None)
+            if result is not None:
+                metrics.update(result.metrics)
+        logger.log(state.step, metrics)
+        bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}")
+        if state.epoch % cfg.checkpoint.every == 0 or state.epoch == tc.epochs:
+            _save(cfg, env, ckpt_root, policy, optimizer, algo, state)
+    bar.close()
+    result = _finish(cfg, env, run_dir, state, logger)
+    logger.close()
+    return result
+
+
+def policy_eval_mode(policy: Any, evaluating: bool) -> None:
+    """Switch the policy's modules between eval and train mode, if it has any."""
+    for module in getattr(policy, "modules_for_mode", lambda: [])():
+        module.train(not evaluating)
+
+
+def _advantages(cfg: Config, total: torch.Tensor, components: dict, weights: dict, group_ids: torch.Tensor):
+    a = cfg.advantage
+    if cfg.reward.combine == "per_reward" and len(weights) > 1:
+        return combined_advantages(components, weights, group_ids, a.std, a.clip, a.eps)
+    return group_advantages(total, group_ids, a.std, a.clip, a.eps)
+
+
+def _optimizer_step(cfg, env, algo, policy, params, optimizer, reward, rollout, global_rows, keep, state, k, inner):
+    """One optimizer step on step-batch ``k``: micro-batches, accumulation, clipping.
+
+    Each micro-batch's loss is its mean over samples; it is weighted by its share of the
+    step's samples over all processes and the gradients are summed over processes, so the
+    update equals the single-process one on the same global batch.  The loss's random draws
+    are seeded by the micro-batch's first global sample, hence independent of the world size.
+    """
+    tc = cfg.train
+    per_step = len(rollout) // tc.steps_per_epoch
+    rows = torch.arange(k * per_step, (k + 1) * per_step)
+    if keep is not None:
+        rows = rows[keep[rows].cpu()]
+    n_global = int(env.all_reduce_sum(torch.tensor([float(len(rows))])).item())
+    if n_global == 0:
+        return None
+    optimizer.zero_grad(set_to_none=True)
+    terms: list[dict[str, float]] = []
+    losses = []
+    for chunk in torch.split(rows, tc.micro_batch_size):
+        batch = rollout.select(chunk)
+        first_row = global_rows[int(chunk[0])]
+        ctx = TrainContext(
+            policy=policy,
+            generator=seeded_generator(cfg.seed, "loss", state.epoch, inner, first_row),
+            step=state.step, reward=reward, guidance_scale=cfg.sampler.guidance_scale,
+        )
+        for term in algo.losses(batch, ctx):
+            (term.loss * (len(chunk) / n_global)).backward()
+            losses.append(float(term.loss.detach()) * len(chunk) / n_global)
+            terms.append(term.metrics)
+    env.sum_gradients(params)
+    grads_ok = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+    loss_total = env.all_reduce_sum(torch.tensor([sum(losses)])).item()
+    grads_ok = not env.broadcast_flag(not (grads_ok and math.isfinite(loss_total)))
+    out = {**_mean_metrics(terms), "loss/total": loss_total}
+    if not grads_ok:
+        optimizer.zero_grad(set_to_none=True)
+        state.bad_updates += 1
+        state.consecutive_bad += 1
+        out["stats/skipped_updates"] = state.bad_updates
+        _stop_if_too_bad(state, tc.max_bad_steps, "a non-finite loss or gradient")
+        return out
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+    optimizer.step()
+    algo.after_step(policy, state.step)
+    state.step += 1
+    state.consecutive_bad = 0
+    out["stats/grad_norm"] = float(grad_norm)
+    return out
+
+
+def _stop_if_too_bad(state: LoopState, limit: int, what: str) -> None:
+    if state.consecutive_bad >= limit:
+        raise TrainingError(
+            f"stopping: {what} in {state.consecutive_bad} consecutive updates (train.max_bad_steps = {limit}); "
+            "the last checkpoint is intact and --resume continues from it"
+        )
+
+
+def _evaluate(policy, task, reward, cfg, env, run_dir, tag) -> EvalResult | None:
+    """Evaluate on process 0 (others wait); save a sample grid when ``tag`` is given."""
+    result = None
+    if env.is_main:
+        policy_eval_mode(policy, True)
+        try:
+            result = evaluate_policy(policy, task, reward, cfg)
+        except RewardError:
+            raise
+        if tag is not None:
+            labels = [p.text for p in result.prompts]
+            save_samples(result.images[:64], run_dir / f"samples_{tag}.png", title=f"samples {tag}",
+                         labels=labels[:64] if any(labels) else None)
+            with open(run_dir / f"eval_{tag}.json", "w", encoding="utf-8") as fh:
+                json.dump({"metrics": result.metrics, **_jsonable_details(result.details)}, fh, indent=1)
+    env.barrier()
+    return result
+
+
+def _jsonable_details(details: dict) -> dict:
+    out = {}
+    for k, v in details.items():
+        try:
+            json.dumps(v)
+            out[k] = v
+        except TypeError:
+            continue
+    return out
+
+
+def _save(cfg, env, root, policy, optimizer, algo, state: LoopState) -> None:
+    if env.is_main:
+        save_checkpoint(
+            root, state.epoch, policy.trainable_state(), optimizer.state_dict(), algo.state_dict(),
+            {"loop": asdict(state), "algo": cfg.algo, "world_size": env.world_size}, keep=cfg.checkpoint.keep,
+        )
+    env.barrier()
+
+
+def _finish(cfg: Config, env: DistEnv, run_dir: Path, state: LoopState, logger: MetricsLogger) -> TrainResult:
+    rows = read_metrics(logger.path) if env.is_main and logger.path.exists() else []
+    after = {}
+    for row in rows:
+        after.update({k: v for k, v in row.items() if k.startswith("eval/")})
+    before = state.eval_before
+    result = TrainResult(
+        run_dir=str(run_dir), epochs=state.epoch, steps=state.step, samples=state.samples,
+        wall_s=state.wall_s, samples_per_s=state.samples / max(state.wall_s, 1e-9),
+        eval_before=before, eval_after=after,
+    )
+    highlights = [k for k in ("eval/reward_mean", "eval/strict", "eval/rewarded_fraction") if k in after]
+    changes = " | ".join(f"{k[5:]} {before.get(k, float('nan')):.3f} -> {after[k]:.3f}" for k in highlights)
+    train_rewards = [r["reward/mean"] for r in rows if "reward/mean" in r]
+    if not changes and train_rewards:
+        changes = f"train reward {train_rewards[0]:.3f} -> {train_rewards[-1]:.3f}"
+    result.summary = (
+        f"[advantageflow] {cfg.algo} on {cfg.task.name}: {changes} | {state.epoch} epochs, {state.step} steps, "
+        f"{state.samples} samples in {state.wall_s:.1f}s ({result.samples_per_s:.1f} samples/s) | {run_dir}"
+    )
+    if env.is_main:
+        plot_curves(rows, run_dir / "reward_curve.png", keys=("reward/mean", "eval/reward_mean"))
+        (run_dir / "summary.txt").write_text(result.summary + "\n")
+        with open(run_dir / "summary.json", "w", encoding="utf-8") as fh:
+            json.dump(asdict(result), fh, indent=1)
+        _write_before_after(run_dir, before, after)
+        print(result.summary)
+    return result
+
+
+def _write_before_after(run_dir: Path, before: dict, after: dict) -> None:
+    keys = sorted(set(before) | set(after))
+    if not keys:
+        return
+    lines = ["| metric | before | after |", "|---|---|---|"]
+    for k in keys:
+        b, a = before.get(k), after.get(k)
+        lines.append(f"| {k} | {'' if b is None else f'{b:.3f}'} | {'' if a is None else f'{a:.3f}'} |")
+    (run_dir / "eval_before_after.md").write_text("\n".join(lines) + "\n")
