@@ -121,9 +121,14 @@ def memory_per_process(device: torch.device | str | None = None) -> dict[str, fl
 
 def load_pipeline(pipeline_cls: Any, path: str, dtype: torch.dtype) -> Any:
     """``pipeline_cls.from_pretrained(path, torch_dtype=dtype)`` with a one-line error."""
+    import warnings
+
     try:
-        pipe = pipeline_cls.from_pretrained(path, torch_dtype=dtype)
-    except (OSError, ValueError, EnvironmentError) as err:
+        with warnings.catch_warnings():  # diffusers >= 0.41 prefers `dtype`; older ones need this
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*")
+            warnings.filterwarnings("ignore", message=".*use `dtype`.*")
+            pipe = pipeline_cls.from_pretrained(path, torch_dtype=dtype)
+    except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise RuntimeError(f"cannot load a {pipeline_cls.__name__} from '{path}': {first}") from err
     pipe.set_progress_bar_config(disable=True)
@@ -306,7 +311,9 @@ class DiffusersPolicy(PolicyBase):
         ``v_u + s (v_c - v_u)``.
         """
         if x.shape[1:] != tuple(self.sample_shape):
-            raise ValueError(f"latents have shape {tuple(x.shape[1:])}, the model expects {self.sample_shape}")
+            raise ValueError(
+                f"latents have shape {tuple(x.shape[1:])}, the model expects {self.sample_shape}"
+            )
         positive, negative = self._split_negative(cond)
         if guidance_scale == 1.0:
             return self._forward(x, t, positive).float()

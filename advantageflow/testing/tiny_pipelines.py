@@ -218,5 +218,18 @@ def main(argv: list[str] | None = None) -> None:
     print(f"saved a tiny {args.kind} pipeline to {args.out_dir}")
 
 
+_SAVED: dict[tuple[str, int], str] = {}
+
+
+def tiny_pipeline_dir(kind: str, seed: int = 0) -> str:
+    """A folder holding the tiny pipeline ``kind``, built once per process (for tests)."""
+    import tempfile
+
+    key = (kind, seed)
+    if key not in _SAVED:
+        _SAVED[key] = save_tiny_pipeline(kind, tempfile.mkdtemp(prefix=f"af-tiny-{kind}-"), seed)
+    return _SAVED[key]
+
+
 if __name__ == "__main__":
     main()
