@@ -256,7 +256,7 @@ class RewardHTTPServer(ThreadingHTTPServer):
 
     def start(self) -> RewardHTTPServer:
         """Serve on a background thread (for tests and notebooks)."""
-        self._thread = threading.Thread(target=self.serve_forever, name="reward-http", daemon=True)
+        self._thread = threading.Thread(target=self.serve_forever, args=(0.05,), name="reward-http", daemon=True)
         self._thread.start()
         return self
 
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--token", default=None,
                         help=f"bearer token required from clients (default: ${TOKEN_ENV} if set)")
     parser.add_argument("--max-bytes", type=int, default=64 * 2**20, help="request size limit (413 beyond)")
-    parser.add_argument("--max-batch", type=int, default=256, 
+    parser.add_argument("--max-batch", type=int, default=256,
                         help="most samples scored in one coalesced call")
     parser.add_argument("--arg", action="append", type=_parse_arg, default=[], metavar="KEY=VALUE",
                         help="reward argument (value parsed as YAML), repeatable")
