@@ -194,7 +194,8 @@ def test_server_rejects_malformed_and_pickled_payloads(jpeg_server):
         json.dumps({"images": [good], "prompts": [""], "metadata": [1]}).encode(),
         json.dumps({"prompts": [""]}).encode(),
         json.dumps({"array": {"dtype": "float64", "shape": [1], "data": ""}, "prompts": [""]}).encode(),
-        json.dumps({"array": {"dtype": "float32", "shape": [2], "data": "AAAA"}, "prompts": ["", ""]}).encode(),
+        json.dumps({"array": {"dtype": "float32", "shape": [2], "data": "AAAA"},
+                    "prompts": ["", ""]}).encode(),
         b"[" * 100000 + b"]" * 100000,
     ]
     for body in cases:

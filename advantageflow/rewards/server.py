@@ -256,7 +256,9 @@ class RewardHTTPServer(ThreadingHTTPServer):
 
     def start(self) -> RewardHTTPServer:
         """Serve on a background thread (for tests and notebooks)."""
-        self._thread = threading.Thread(target=self.serve_forever, args=(0.05,), name="reward-http", daemon=True)
+        self._thread = threading.Thread(
+            target=self.serve_forever, args=(0.05,), name="reward-http", daemon=True
+        )
         self._thread.start()
         return self
 
