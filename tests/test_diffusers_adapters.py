@@ -80,7 +80,7 @@ def adapter_samples(policy, noise: torch.Tensor, guidance_scale: float = 1.0) ->
     return sample(bind_velocity(policy, cond, guidance_scale), noise, policy.time_grid(STEPS)).x0
 
 
-def raw_transformer_velocity(kind: str, pipe, x: torch.Tensor, t: torch.Tensor, guidance: float) -> torch.Tensor:
+def raw_transformer_velocity(kind: str, pipe, x: torch.Tensor, t: torch.Tensor, guidance: float):
     """diffusers' transformer called directly, as its pipeline calls it."""
     b, c, h, w = x.shape
     with torch.no_grad():
