@@ -249,10 +249,10 @@ class AWM:
             yield LossOutput(
                 out.loss.mean() / len(indices),
                 {
-                    "loss/policy": float(out.policy.mean()),
-                    "loss/kl_ref": float(out.reg_ref.mean()),
-                    "loss/kl_ema": float(out.reg_ema.mean()),
-                    "stats/ratio_mean": float(out.ratio.mean()),
+                    "loss/policy": float(out.policy.detach().mean()),
+                    "loss/kl_ref": float(out.reg_ref.detach().mean()),
+                    "loss/kl_ema": float(out.reg_ema.detach().mean()),
+                    "stats/ratio_mean": float(out.ratio.detach().mean()),
                     "stats/clipfrac": float(clipped.mean()),
                     "stats/fm_mse": float(mean_flat((v_theta.detach() - u) ** 2).mean()),
                     "stats/t_mean": float(t.mean()),

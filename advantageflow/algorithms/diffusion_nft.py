@@ -193,11 +193,11 @@ class DiffusionNFT:
             yield LossOutput(
                 out.loss.mean() / len(all_t),
                 {
-                    "loss/policy": float(out.policy.mean()),
-                    "loss/kl": float(out.reg_ref.mean()),
-                    "loss/positive": float(out.positive.mean()),
-                    "loss/negative": float(out.negative.mean()),
-                    "stats/r_mean": float(r.mean()),
+                    "loss/policy": float(out.policy.detach().mean()),
+                    "loss/kl": float(out.reg_ref.detach().mean()),
+                    "loss/positive": float(out.positive.detach().mean()),
+                    "loss/negative": float(out.negative.detach().mean()),
+                    "stats/r_mean": float(r.detach().mean()),
                     "stats/old_decay": self.last_decay,
                 },
             )

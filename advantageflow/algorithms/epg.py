@@ -135,10 +135,10 @@ class EPG:
         yield LossOutput(
             out.loss.mean(),
             {
-                "loss/policy": float(out.policy.mean()),
-                "loss/kl": float(out.kl.mean()),
-                "stats/rho_mean": float(out.rho.mean()),
-                "stats/elbo": float(l_theta.mean()),
+                "loss/policy": float(out.policy.detach().mean()),
+                "loss/kl": float(out.kl.detach().mean()),
+                "stats/rho_mean": float(out.rho.detach().mean()),
+                "stats/elbo": float(l_theta.detach().mean()),
             },
         )
 

@@ -215,9 +215,9 @@ class FlowGRPO:
             yield LossOutput(
                 loss.mean() / len(steps),
                 {
-                    "loss/policy": float((loss - (cfg.beta * kl if kl is not None else 0.0)).mean()),
-                    "loss/kl": float(kl.mean()) if kl is not None else 0.0,
-                    "stats/ratio_mean": float(ratio.mean()),
+                    "loss/policy": float((loss.detach() - (cfg.beta * kl.detach() if kl is not None else 0.0)).mean()),
+                    "loss/kl": float(kl.detach().mean()) if kl is not None else 0.0,
+                    "stats/ratio_mean": float(ratio.detach().mean()),
                     "stats/clipfrac": float(clipped.mean()),
                     "stats/zero_std_ratio": zero_std,
                 },

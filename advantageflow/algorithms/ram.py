@@ -111,9 +111,9 @@ class RAM:
             yield LossOutput(
                 out.loss.mean() / cfg.draws_per_sample,
                 {
-                    "loss/policy": float(out.loss.mean()),
-                    "loss/kl": float(out.reg_ref.mean()),
-                    "stats/fm_mse": float(out.fm.mean()),
+                    "loss/policy": float(out.loss.detach().mean()),
+                    "loss/kl": float(out.reg_ref.detach().mean()),
+                    "stats/fm_mse": float(out.fm.detach().mean()),
                 },
             )
 

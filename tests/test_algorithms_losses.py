@@ -1,0 +1,464 @@
+"""Each algorithm's loss against an independent re-computation, and its invariants
+(ratio exactly 1 and KL exactly 0 when theta = old = ref, clipping, schedules, errors)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from advantageflow.algorithms.awm import AWM, awm_log_likelihood, clipped_policy_loss, scaled_grid_range
+from advantageflow.algorithms.base import TrainContext
+from advantageflow.algorithms.common import stratified_grid_indices
+from advantageflow.algorithms.diffusion_nft import EMA_SCHEDULES, DiffusionNFT, nft_loss, optimality_probability
+from advantageflow.algorithms.draft import DRaFT
+from advantageflow.algorithms.epg import EPG, elbo_surrogate
+from advantageflow.algorithms.flow_grpo import FlowGRPO, gaussian_kl, zero_std_ratio
+from advantageflow.algorithms.ram import RAM, ram_loss
+from advantageflow.models.toy import ToyMLPPolicy, VelocityMLP
+from advantageflow.rewards import CompositeReward
+from advantageflow.sampling import bind_velocity, sample, sde_step, time_grid
+from advantageflow.tasks.toy2d import ModeReward, SmoothModeReward
+from advantageflow.types import Rollout
+
+
+def make_policy(seed: int = 0) -> ToyMLPPolicy:
+    torch.manual_seed(seed)
+    return ToyMLPPolicy(VelocityMLP(2, hidden=32, depth=2))
+
+
+def make_batch(policy, n: int = 16, steps: int = 10, seed: int = 0, **sampler) -> Rollout:
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(n, 2, generator=g)
+    grid = time_grid(steps)
+    out = sample(bind_velocity(policy, None), noise, grid, generator=g, **sampler)
+    rewards = (torch.arange(n) % 3).float()
+    group_ids = torch.arange(n) // 4
+    adv = torch.randn(n, generator=g) * 2.0
+    return Rollout(
+        x0=out.x0, noise=noise, cond=None, prompts=[""] * n, group_ids=group_ids, grid=grid,
+        metadata=[{} for _ in range(n)], trajectory=out.trajectory, log_probs=out.log_probs,
+        rewards=rewards, advantages=adv,
+    )
+
+
+def ctx(policy, seed: int = 0, **kw) -> TrainContext:
+    return TrainContext(policy=policy, generator=torch.Generator().manual_seed(seed), step=0, **kw)
+
+
+def total(outputs) -> tuple[torch.Tensor, list[dict]]:
+    outs = list(outputs)
+    return sum(o.loss for o in outs), [o.metrics for o in outs]
+
+
+def perturb_(policy, scale: float = 0.05, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in policy.trainable_parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+# --------------------------------------------------------------------------- AWM
+
+
+def test_awm_weightings_closed_forms_in_float64():
+    m = torch.tensor([0.0, 0.3, 2.0], dtype=torch.float32)
+    t = torch.tensor([0.2, 0.5, 0.9])
+    assert awm_log_likelihood(m, t, "uniform").dtype == torch.float64
+    torch.testing.assert_close(awm_log_likelihood(m, t, "uniform"), -m.double())
+    torch.testing.assert_close(awm_log_likelihood(m, t, "t"), -(t * m).double())
+    torch.testing.assert_close(awm_log_likelihood(m, t, "t2"), -(t**2 * m).double())
+    # Generalised Huber: zero at m = 0, derivative -t (m + 1e-10)^(p - 1), and p = 1 is "t".
+    mm = m.double().clone().requires_grad_(True)
+    lp = awm_log_likelihood(mm, t, "huber", 0.25)
+    assert lp[0].item() == 0.0
+    (grad,) = torch.autograd.grad(lp.sum(), mm)
+    torch.testing.assert_close(grad, -t.double() * (m.double() + 1e-10) ** -0.75)
+    torch.testing.assert_close(awm_log_likelihood(m, t, "huber", 1.0), -(t * m).double(), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="unknown AWM weighting"):
+        awm_log_likelihood(m, t, "cubic")
+
+
+def test_clipped_policy_loss_is_ppo_and_stops_gradient_outside_the_clip():
+    log_ratio = torch.log(torch.tensor([1.0, 1.5, 0.5, 1.5, 0.5])).requires_grad_(True)
+    adv = torch.tensor([2.0, 1.0, 1.0, -1.0, -1.0])
+    loss, ratio = clipped_policy_loss(log_ratio, adv, 0.2)
+    torch.testing.assert_close(ratio.detach(), torch.tensor([1.0, 1.5, 0.5, 1.5, 0.5]))
+    # max(-A r, -A clip(r)): A>0, r=1.5 -> -1.2 (clipped, no grad); A>0, r=0.5 -> -0.5 (grad);
+    # A<0, r=1.5 -> 1.5 (grad); A<0, r=0.5 -> 0.8 (clipped, no grad).
+    torch.testing.assert_close(loss.detach(), torch.tensor([-2.0, -1.2, -0.5, 1.5, 0.8]))
+    (grad,) = torch.autograd.grad(loss.sum(), log_ratio)
+    torch.testing.assert_close(grad, torch.tensor([-2.0, 0.0, -0.5, 1.5, 0.0]))
+
+
+def test_awm_grid_range_scales_to_the_rollout_grid():
+    assert scaled_grid_range(14, 1, 11, 14) == (1, 11)
+    assert scaled_grid_range(10, 1, 11, 14) == (1, 8)
+    assert scaled_grid_range(2, 1, 11, 14) == (0, 1)
+
+
+def _awm_reference(policy, batch, seed, cfg):
+    """AWM's loss recomputed from scratch with the same generator draws."""
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = scaled_grid_range(len(batch.grid) - 1, cfg.timestep_low, cfg.timestep_high, cfg.reference_steps)
+    idx = stratified_grid_indices(cfg.num_timesteps, lo, hi, g)
+    adv = batch.advantages.clamp(-5, 5) / 5
+    out = 0.0
+    with torch.no_grad():
+        for i in idx.tolist():
+            t = torch.full((len(batch),), float(batch.grid[i]))
+            eps = torch.randn(batch.x0.shape, generator=g)
+            x_t = (1 - t[:, None]) * batch.x0 + t[:, None] * eps
+            v = policy.velocity(x_t, t)
+            with policy.reference():
+                v_ref = policy.velocity(x_t, t)
+            m = ((v - (eps - batch.x0)) ** 2).mean(1).double()
+            policy_term = adv.double() * 1.0  # ratio 1: -A * ratio = -A, minus sign below
+            reg = ((v - v_ref) ** 2).mean(1)
+            out = out + (-policy_term + cfg.beta * reg.double()).mean() / len(idx)
+            assert m.shape == (len(batch),)
+    return out
+
+
+def test_awm_on_policy_loss_matches_recomputation_and_ratio_is_one():
+    policy = make_policy()
+    batch = make_batch(policy)
+    perturb_(policy)  # theta != ref, so the beta term is not zero
+    cfg = AWM.Config(beta=0.5)
+    algo = AWM(cfg, policy)
+    loss, metrics = total(algo.losses(batch, ctx(policy, seed=3)))
+    assert len(metrics) == cfg.num_timesteps
+    assert all(m["stats/ratio_mean"] == 1.0 and m["stats/clipfrac"] == 0.0 for m in metrics)
+    assert all(m["loss/kl_ema"] == 0.0 for m in metrics)  # ema == theta at the start
+    expected = _awm_reference(policy, batch, 3, cfg)
+    torch.testing.assert_close(loss.double(), expected.double(), rtol=1e-5, atol=1e-6)
+
+
+def test_awm_off_policy_scores_old_with_the_same_draws():
+    policy = make_policy()
+    batch = make_batch(policy)
+    cfg = AWM.Config(policy_mode="off_policy", beta=0.0, beta_ema=0.0, weighting="t", clip_range=1e-4,
+                     num_timesteps=1)
+    algo = AWM(cfg, policy)
+    algo.begin_epoch(policy)
+    old = policy.snapshot()
+    (first,) = list(algo.losses(batch, ctx(policy, seed=4)))
+    assert first.metrics["stats/ratio_mean"] == 1.0
+    perturb_(policy, 0.1)
+    algo.after_step(policy, 0)
+    (out,) = list(algo.losses(batch, ctx(policy, seed=4)))
+    # Recompute LP_theta and LP_old at the same (t, eps) and check the ratio.
+    g = torch.Generator().manual_seed(4)
+    idx = algo.timestep_indices(batch.grid, g)
+    t = torch.full((len(batch),), float(batch.grid[int(idx[0])]))
+    eps = torch.randn(batch.x0.shape, generator=g)
+    x_t = (1 - t[:, None]) * batch.x0 + t[:, None] * eps
+    with torch.no_grad():
+        lp = awm_log_likelihood(((policy.velocity(x_t, t) - (eps - batch.x0)) ** 2).mean(1), t, "t")
+        with policy.use_parameters(old):
+            lp_old = awm_log_likelihood(((policy.velocity(x_t, t) - (eps - batch.x0)) ** 2).mean(1), t, "t")
+    ratio = torch.exp(lp - lp_old)
+    assert out.metrics["stats/ratio_mean"] == pytest.approx(float(ratio.mean()), rel=1e-6)
+    assert out.metrics["stats/ratio_mean"] != 1.0
+    assert out.metrics["stats/clipfrac"] == pytest.approx(float(((ratio - 1).abs() > 1e-4).double().mean()))
+
+
+def test_awm_ema_schedule_is_min_0p3_0p001_step():
+    algo = AWM(AWM.Config(), make_policy())
+    assert [algo.ema.schedule.decay(s) for s in (0, 100, 300, 5000)] == pytest.approx([0.0, 0.1, 0.3, 0.3])
+
+
+# --------------------------------------------------------------------------- Flow-GRPO
+
+
+def _sde_batch(policy, stochastic="sde", steps=10, window=None):
+    return make_batch(policy, steps=steps, stochastic=stochastic, noise_level=0.7, keep_trajectory=True,
+                      stochastic_steps=window)
+
+
+@pytest.mark.parametrize("stochastic", ["sde", "cps"])
+def test_flow_grpo_ratio_is_exactly_one_and_kl_exactly_zero_when_theta_old_ref_agree(stochastic):
+    policy = make_policy()
+    batch = _sde_batch(policy, stochastic)
+    algo = FlowGRPO(FlowGRPO.Config(stochastic=stochastic, beta=0.04), policy)
+    algo.sampler_request(0, torch.Generator().manual_seed(0))
+    loss, metrics = total(algo.losses(batch, ctx(policy)))
+    assert len(metrics) == 9  # int(0.99 * 10) trained steps
+    for m in metrics:
+        assert m["stats/ratio_mean"] == 1.0
+        assert m["stats/clipfrac"] == 0.0
+        assert m["loss/kl"] == 0.0
+    # With r = 1 the surrogate is -A at every step.
+    torch.testing.assert_close(loss, -batch.advantages.clamp(-5, 5).mean())
+
+
+def test_gaussian_kl_is_torch_distributions_kl():
+    g = torch.Generator().manual_seed(5)
+    mu, mu_ref = torch.randn(4, 3, 2, generator=g), torch.randn(4, 3, 2, generator=g)
+    std = 0.37
+    expected = torch.distributions.kl_divergence(
+        torch.distributions.Normal(mu, std), torch.distributions.Normal(mu_ref, std)
+    ).mean(dim=(1, 2))
+    torch.testing.assert_close(gaussian_kl(mu, mu_ref, torch.tensor(std**2)), expected)
+
+
+@pytest.mark.parametrize("without_step", [False, True])
+def test_flow_grpo_kl_and_ratio_after_theta_moves(without_step):
+    policy = make_policy()
+    batch = _sde_batch(policy)
+    perturb_(policy, 0.05)
+    cfg = FlowGRPO.Config(beta=0.04, clip_range=1e-4, kl_without_step_size=without_step)
+    algo = FlowGRPO(cfg, policy)
+    outs = list(algo.losses(batch, ctx(policy)))
+    grid = [float(s) for s in batch.grid]
+    for k, o in enumerate(outs):
+        x, x_next = batch.trajectory[:, k], batch.trajectory[:, k + 1]
+        t = torch.full((len(batch),), grid[k])
+        with torch.no_grad():
+            cur = sde_step(x, policy.velocity(x, t), grid[k], grid[k + 1], 0.7, s_first=grid[1], x_next=x_next)
+            with policy.reference():
+                ref = sde_step(x, policy.velocity(x, t), grid[k], grid[k + 1], 0.7, s_first=grid[1],
+                               x_next=x_next)
+        sig2 = (0.7 * math.sqrt(grid[k] / (1 - (grid[k] if k else grid[1])))) ** 2
+        var = sig2 if without_step else sig2 * (grid[k] - grid[k + 1])
+        kl = ((cur.mean - ref.mean) ** 2).mean(1) / (2 * var)
+        ratio = torch.exp(cur.log_prob - batch.log_probs[:, k])
+        assert o.metrics["loss/kl"] == pytest.approx(float(kl.mean()), rel=1e-4)
+        assert o.metrics["stats/ratio_mean"] == pytest.approx(float(ratio.mean()), rel=1e-5)
+        assert o.metrics["loss/kl"] > 0 and o.metrics["stats/clipfrac"] > 0
+
+
+def test_flow_grpo_fast_window_is_drawn_from_the_generator_and_only_it_is_trained():
+    policy = make_policy()
+    algo = FlowGRPO(FlowGRPO.Config(fast_window=2, fast_window_range=[0, 5], beta=0.0), policy)
+    reqs = [algo.sampler_request(e, torch.Generator().manual_seed(11)) for e in range(2)]
+    assert reqs[0].stochastic_steps == reqs[1].stochastic_steps  # same generator state, same window
+    lo, hi = reqs[0].stochastic_steps
+    assert hi - lo == 2 and 0 <= lo < 5 and reqs[0].keep_trajectory
+    state = algo.state_dict()
+    other = FlowGRPO(algo.cfg, policy)
+    starts = {other.sampler_request(0, torch.Generator().manual_seed(s)).stochastic_steps[0] for s in range(40)}
+    assert starts == set(range(5))
+    other.load_state_dict(state)
+    assert other.window == (lo, hi)
+    batch = _sde_batch(policy, window=(lo, hi))
+    assert algo.trained_steps(batch) == [lo, lo + 1]
+    assert len(list(algo.losses(batch, ctx(policy)))) == 2
+
+
+def test_flow_grpo_needs_a_trajectory_and_filters_zero_std_groups():
+    policy = make_policy()
+    assert FlowGRPO.drop_zero_std_groups is True
+    with pytest.raises(ValueError, match="trajectory"):
+        list(FlowGRPO(FlowGRPO.Config(), policy).losses(make_batch(policy), ctx(policy)))
+    rewards = torch.tensor([1.0, 1.0, 0.0, 1.0, 2.0, 2.0])
+    assert zero_std_ratio(rewards, torch.tensor([0, 0, 1, 1, 2, 2])) == pytest.approx(2 / 3)
+
+
+# --------------------------------------------------------------------------- DiffusionNFT
+
+
+def test_nft_optimality_probability_and_schedules():
+    adv = torch.tensor([-10.0, -5.0, 0.0, 2.5, 5.0, 7.0])
+    torch.testing.assert_close(optimality_probability(adv), torch.tensor([0.0, 0.0, 0.5, 0.75, 1.0, 1.0]))
+    default, ocr = EMA_SCHEDULES["default"], EMA_SCHEDULES["ocr"]
+    assert [default.decay(s) for s in (0, 10, 500, 900)] == pytest.approx([0.0, 0.01, 0.5, 0.5])
+    assert [ocr.decay(s) for s in (0, 74, 75, 175, 1000)] == pytest.approx([0.0, 0.0, 0.0, 0.75, 0.999])
+
+
+def test_nft_loss_on_policy_closed_form():
+    g = torch.Generator().manual_seed(6)
+    x0, eps = torch.randn(8, 3, generator=g), torch.randn(8, 3, generator=g)
+    t = torch.rand(8, generator=g)
+    x_t = (1 - t[:, None]) * x0 + t[:, None] * eps
+    v = torch.randn(8, 3, generator=g)
+    r = torch.rand(8, generator=g)
+    out = nft_loss(v, v, x_t, x0, t, r, beta=0.3, ref_weight=0.0)
+    # v+ = v- = v when theta = old: both terms equal the adaptive-weighted x0 error.
+    err = x_t - t[:, None] * v - x0
+    weighted = (err**2).mean(1) / err.abs().mean(1)
+    torch.testing.assert_close(out.policy, weighted / 0.3 * 5.0)
+    torch.testing.assert_close(out.positive, out.negative)
+
+
+def test_nft_timesteps_are_per_sample_permutations_of_the_grid():
+    policy = make_policy()
+    batch = make_batch(policy, steps=10)
+    algo = DiffusionNFT(DiffusionNFT.Config(), policy)
+    times = algo.timesteps(batch, torch.Generator().manual_seed(0))
+    assert times.shape == (9, len(batch))
+    grid_times = set(batch.grid[:-1].float().tolist())
+    for i in range(len(batch)):
+        col = times[:, i].tolist()
+        assert len(set(col)) == 9 and set(col) <= grid_times
+    assert not torch.equal(times[:, 0], times[:, 1])
+    assert algo.sampler_request(0, torch.Generator()).solver == "dpmpp_2m"
+
+
+def test_nft_class_loss_matches_recomputation():
+    policy = make_policy()
+    batch = make_batch(policy, steps=4)
+    perturb_(policy)
+    algo = DiffusionNFT(DiffusionNFT.Config(beta=0.5), policy)
+    loss, metrics = total(algo.losses(batch, ctx(policy, seed=7)))
+    assert len(metrics) == 3
+    g = torch.Generator().manual_seed(7)
+    times = algo.timesteps(batch, g)
+    r = optimality_probability(batch.advantages)
+    expected = 0.0
+    with torch.no_grad():
+        for t in times:
+            eps = torch.randn(batch.x0.shape, generator=g)
+            x_t = (1 - t[:, None]) * batch.x0 + t[:, None] * eps
+            v = policy.velocity(x_t, t)
+            with policy.reference():
+                v_ref = policy.velocity(x_t, t)
+            out = nft_loss(v, v, x_t, batch.x0, t, r, 0.5, v_ref=v_ref, ref_weight=1e-4)
+            expected = expected + out.loss.mean() / len(times)
+    torch.testing.assert_close(loss.detach(), expected)
+
+
+# --------------------------------------------------------------------------- EPG
+
+
+def test_elbo_surrogate_averages_draw_major_stacks():
+    g = torch.Generator().manual_seed(8)
+    v, u = torch.randn(3 * 5, 2, generator=g), torch.randn(3 * 5, 2, generator=g)
+    expected = torch.stack([-((v[k * 5:(k + 1) * 5] - u[k * 5:(k + 1) * 5]) ** 2).mean(1) for k in range(3)])
+    torch.testing.assert_close(elbo_surrogate(v, u, 3), expected.mean(0))
+
+
+def test_epg_rho_is_one_on_policy_and_exp_elbo_difference_after_a_step():
+    policy = make_policy()
+    batch = make_batch(policy)
+    algo = EPG(EPG.Config(num_draws=3, beta=0.1), policy)
+    algo.begin_epoch(policy)
+    (first,) = list(algo.losses(batch, ctx(policy, seed=9)))
+    assert first.metrics["stats/rho_mean"] == 1.0
+    assert first.metrics["loss/kl"] == 0.0  # theta == ref
+    old = policy.snapshot()
+    perturb_(policy)
+    algo.after_step(policy, 0)
+    (out,) = list(algo.losses(batch, ctx(policy, seed=9)))
+    g = torch.Generator().manual_seed(9)
+    t = torch.rand(3 * len(batch), generator=g)
+    x0 = batch.x0.repeat(3, 1)
+    eps = torch.randn(x0.shape, generator=g)
+    x_t = (1 - t[:, None]) * x0 + t[:, None] * eps
+    with torch.no_grad():
+        l_theta = elbo_surrogate(policy.velocity(x_t, t), eps - x0, 3)
+        with policy.use_parameters(old):
+            l_old = elbo_surrogate(policy.velocity(x_t, t), eps - x0, 3)
+        with policy.reference():
+            l_ref = elbo_surrogate(policy.velocity(x_t, t), eps - x0, 3)
+    rho = torch.exp(l_theta - l_old)
+    assert out.metrics["stats/rho_mean"] == pytest.approx(float(rho.mean()), rel=1e-5)
+    expected = (-rho * batch.advantages * l_theta + 0.1 * (l_theta - l_ref)).mean()
+    torch.testing.assert_close(out.loss.detach(), expected)
+
+
+# --------------------------------------------------------------------------- RAM
+
+
+def test_ram_loss_value_and_class_draws():
+    g = torch.Generator().manual_seed(10)
+    v, v_ref, u = (torch.randn(6, 2, generator=g) for _ in range(3))
+    adv = torch.randn(6, generator=g)
+    out = ram_loss(v, v_ref, u, adv, eta=3.0)
+    target = v_ref + 3.0 * adv[:, None] * (u - v)
+    torch.testing.assert_close(out.loss, ((v - target) ** 2).mean(1))
+    policy = make_policy()
+    batch = make_batch(policy)
+    (o,) = list(RAM(RAM.Config(eta=2.0), policy).losses(batch, ctx(policy)))
+    assert o.metrics["loss/kl"] == 0.0  # theta == ref
+    assert o.loss.requires_grad
+
+
+# --------------------------------------------------------------------------- DRaFT
+
+
+def smooth_reward() -> CompositeReward:
+    return CompositeReward({"toy2d_smooth": SmoothModeReward()}, {"toy2d_smooth": 1.0})
+
+
+def test_draft_k_reproduces_the_euler_rollout_and_its_reward():
+    policy = make_policy()
+    batch = make_batch(policy, keep_trajectory=True)
+    algo = DRaFT(DRaFT.Config(k=1), policy)
+    req = algo.sampler_request(0, torch.Generator())
+    assert req.keep_trajectory and req.solver == "euler" and DRaFT.requires_differentiable_reward
+    (out,) = list(algo.losses(batch, ctx(policy, reward=smooth_reward())))
+    expected = -SmoothModeReward()(batch.x0, [], []).mean()
+    torch.testing.assert_close(out.loss.detach(), expected, rtol=1e-5, atol=1e-6)
+    assert out.loss.requires_grad
+
+
+def _flat_grad(loss, policy):
+    return torch.cat([g.flatten() for g in torch.autograd.grad(loss, policy.trainable_parameters())])
+
+
+@pytest.mark.parametrize("variant", ["k", "lv"])
+def test_draft_checkpointing_gives_the_same_gradient(variant):
+    policy = make_policy()
+    batch = make_batch(policy, keep_trajectory=True)
+    grads = []
+    for ckpt in (False, True):
+        algo = DRaFT(DRaFT.Config(variant=variant, k=3, gradient_checkpointing=ckpt), policy)
+        (out,) = list(algo.losses(batch, ctx(policy, seed=2, reward=smooth_reward())))
+        grads.append(_flat_grad(out.loss, policy))
+    torch.testing.assert_close(grads[0], grads[1])
+    assert grads[0].abs().sum() > 0
+
+
+def test_draft_k_gradient_matches_finite_differences():
+    policy = make_policy()
+    batch = make_batch(policy, keep_trajectory=True, steps=4)
+    algo = DRaFT(DRaFT.Config(k=2), policy)
+    reward = smooth_reward()
+    (out,) = list(algo.losses(batch, ctx(policy, reward=reward)))
+    grad = _flat_grad(out.loss, policy)
+    direction = torch.randn(grad.shape, generator=torch.Generator().manual_seed(3))
+    direction = direction / direction.norm()
+
+    def loss_at(alpha: float) -> float:
+        params = policy.trainable_parameters()
+        base = policy.snapshot()
+        moved, offset = [], 0
+        for p in base:
+            moved.append(p + alpha * direction[offset:offset + p.numel()].reshape(p.shape))
+            offset += p.numel()
+        with torch.no_grad(), policy.use_parameters(moved):
+            (o,) = list(algo.losses(batch, ctx(policy, reward=reward)))
+        assert len(params) == len(moved)
+        return float(o.loss)
+
+    h = 1e-2
+    fd = (loss_at(h) - loss_at(-h)) / (2 * h)
+    assert float(grad @ direction) == pytest.approx(fd, rel=0.05, abs=1e-4)
+
+
+def test_draft_lv_averages_renoised_one_step_rewards():
+    policy = make_policy()
+    batch = make_batch(policy)
+    algo = DRaFT(DRaFT.Config(variant="lv", lv_samples=2), policy)
+    assert algo.sampler_request(0, torch.Generator()).keep_trajectory is False
+    (out,) = list(algo.losses(batch, ctx(policy, seed=4, reward=smooth_reward())))
+    g = torch.Generator().manual_seed(4)
+    s = float(batch.grid[-2])
+    t = torch.full((len(batch),), s)
+    scores = []
+    with torch.no_grad():
+        for _ in range(2):
+            eps = torch.randn(batch.x0.shape, generator=g)
+            x_s = (1 - s) * batch.x0 + s * eps
+            scores.append(SmoothModeReward()(x_s - s * policy.velocity(x_s, t), [], []))
+    torch.testing.assert_close(out.loss.detach(), -torch.stack(scores).mean())
+
+
+def test_draft_refuses_a_non_differentiable_reward():
+    policy = make_policy()
+    batch = make_batch(policy, keep_trajectory=True)
+    reward = CompositeReward({"toy2d_modes": ModeReward()}, {"toy2d_modes": 1.0})
+    with pytest.raises(ValueError, match="differentiable reward"):
+        list(DRaFT(DRaFT.Config(), policy).losses(batch, ctx(policy, reward=reward)))
