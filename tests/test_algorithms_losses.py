@@ -11,7 +11,12 @@ import torch
 from advantageflow.algorithms.awm import AWM, awm_log_likelihood, clipped_policy_loss, scaled_grid_range
 from advantageflow.algorithms.base import TrainContext
 from advantageflow.algorithms.common import stratified_grid_indices
-from advantageflow.algorithms.diffusion_nft import EMA_SCHEDULES, DiffusionNFT, nft_loss, optimality_probability
+from advantageflow.algorithms.diffusion_nft import (
+    EMA_SCHEDULES,
+    DiffusionNFT,
+    nft_loss,
+    optimality_probability,
+)
 from advantageflow.algorithms.draft import DRaFT
 from advantageflow.algorithms.epg import EPG, elbo_surrogate
 from advantageflow.algorithms.flow_grpo import FlowGRPO, gaussian_kl, zero_std_ratio
@@ -216,7 +221,8 @@ def test_flow_grpo_kl_and_ratio_after_theta_moves(without_step):
         x, x_next = batch.trajectory[:, k], batch.trajectory[:, k + 1]
         t = torch.full((len(batch),), grid[k])
         with torch.no_grad():
-            cur = sde_step(x, policy.velocity(x, t), grid[k], grid[k + 1], 0.7, s_first=grid[1], x_next=x_next)
+            cur = sde_step(x, policy.velocity(x, t), grid[k], grid[k + 1], 0.7, s_first=grid[1],
+                           x_next=x_next)
             with policy.reference():
                 ref = sde_step(x, policy.velocity(x, t), grid[k], grid[k + 1], 0.7, s_first=grid[1],
                                x_next=x_next)
@@ -238,7 +244,8 @@ def test_flow_grpo_fast_window_is_drawn_from_the_generator_and_only_it_is_traine
     assert hi - lo == 2 and 0 <= lo < 5 and reqs[0].keep_trajectory
     state = algo.state_dict()
     other = FlowGRPO(algo.cfg, policy)
-    starts = {other.sampler_request(0, torch.Generator().manual_seed(s)).stochastic_steps[0] for s in range(40)}
+    starts = {other.sampler_request(0, torch.Generator().manual_seed(s)).stochastic_steps[0]
+              for s in range(40)}
     assert starts == set(range(5))
     other.load_state_dict(state)
     assert other.window == (lo, hi)

@@ -147,7 +147,8 @@ class DRaFT:
                 scores.append(self._score(batch, ctx, x0))
             rewards = torch.stack(scores).mean(dim=0)
         loss = draft_loss(rewards)
-        yield LossOutput(loss, {"loss/policy": float(loss.detach()), "stats/reward_grad": float(rewards.detach().mean())})
+        metrics = {"loss/policy": float(loss.detach()), "stats/reward_grad": float(rewards.detach().mean())}
+        yield LossOutput(loss, metrics)
 
     def after_step(self, policy: Any, step: int) -> None:
         pass

@@ -212,10 +212,11 @@ class FlowGRPO:
                 cur.log_prob, batch.log_probs[:, k], adv, cfg.clip_range, kl=kl, beta=cfg.beta
             )
             clipped = ((ratio.detach() - 1.0).abs() > cfg.clip_range).float()
+            surrogate = loss.detach() - (cfg.beta * kl.detach() if kl is not None else 0.0)
             yield LossOutput(
                 loss.mean() / len(steps),
                 {
-                    "loss/policy": float((loss.detach() - (cfg.beta * kl.detach() if kl is not None else 0.0)).mean()),
+                    "loss/policy": float(surrogate.mean()),
                     "loss/kl": float(kl.detach().mean()) if kl is not None else 0.0,
                     "stats/ratio_mean": float(ratio.detach().mean()),
                     "stats/clipfrac": float(clipped.mean()),
