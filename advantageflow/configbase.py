@@ -27,7 +27,7 @@ def union_field(resolver: Callable[[str], type], default_name: str) -> Any:
     """A dataclass field whose type is picked by the ``name`` key of its dict."""
     return dataclasses.field(
         default_factory=lambda: resolver(default_name)(),
-        metadata={"union": resolver},
+        metadata={"union": resolver, "default_name": default_name},
     )
 
 
@@ -111,7 +111,7 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
             raise ConfigError(f"unknown config key '{path}'{more}")
         resolver = fields[key].metadata.get("union")
         if resolver is not None:
-            kwargs[key] = _from_union(resolver, value, path)
+            kwargs[key] = _from_union(resolver, value, path, fields[key].metadata["default_name"])
         else:
             kwargs[key] = coerce(value, hints[key], path)
     obj = cls(**kwargs)
@@ -124,11 +124,12 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     return obj
 
 
-def _from_union(resolver: Callable[[str], type], value: Any, path: str) -> Any:
+def _from_union(resolver: Callable[[str], type], value: Any, path: str, default_name: str) -> Any:
     if dataclasses.is_dataclass(value):
         return value
-    if not isinstance(value, dict) or "name" not in value:
-        raise ConfigError(f"'{path}' must be a mapping with a 'name' key, got {value!r}")
+    if not isinstance(value, dict):
+        raise ConfigError(f"'{path}' must be a mapping (with a 'name' key), got {value!r}")
+    value = {"name": default_name, **value}
     try:
         cls = resolver(value["name"])
     except KeyError as err:

@@ -290,8 +290,9 @@ def _evaluate(policy, task, reward, cfg, env, run_dir, tag) -> EvalResult | None
             raise
         if tag is not None:
             labels = [p.text for p in result.prompts]
-            save_samples(result.images[:64], run_dir / f"samples_{tag}.png", title=f"samples {tag}",
-                         labels=labels[:64] if any(labels) else None)
+            shown = result.images if result.images.dim() == 2 else result.images[:64]  # all points
+            save_samples(shown, run_dir / f"samples_{tag}.png", title=f"samples {tag}",
+                         labels=labels[: len(shown)] if any(labels) else None)
             with open(run_dir / f"eval_{tag}.json", "w", encoding="utf-8") as fh:
                 json.dump({"metrics": result.metrics, **_jsonable_details(result.details)}, fh, indent=1)
     env.barrier()

@@ -168,10 +168,10 @@ class AdvantageFlow:
             yield LossOutput(
                 loss,
                 {
-                    "loss/policy": float((adv * terms["fit"]).mean()),
-                    "loss/anchor_old": float(terms["anchor_old"].mean()),
-                    "loss/anchor_ref": float(terms["anchor_ref"].mean()),
-                    "stats/fm_mse": float(terms["fit"].mean()),
+                    "loss/policy": float((adv * terms["fit"]).mean().detach()),
+                    "loss/anchor_old": float(terms["anchor_old"].mean().detach()),
+                    "loss/anchor_ref": float(terms["anchor_ref"].mean().detach()),
+                    "stats/fm_mse": float(terms["fit"].mean().detach()),
                 },
             )
 

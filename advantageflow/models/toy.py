@@ -70,7 +70,7 @@ def pretrain_flow_matching(
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 

@@ -1,0 +1,53 @@
+"""Tiny policies for tests, written against the FlowPolicy protocol."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from advantageflow.models.base import PolicyBase
+
+
+class PerSamplePolicy(PolicyBase):
+    """``v(x, t)[i] = P[i]``: a prediction linear in its parameters, one row per sample.
+
+    Conditioning is the sample index ``(B,)`` so that micro-batches pick their rows.
+    Counts calls to ``velocity`` (``calls``) and remembers the last inputs.
+    """
+
+    def __init__(self, batch: int, dim: int, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.param = nn.Parameter(torch.randn(batch, dim, generator=gen, dtype=torch.float64))
+        self.ref_param = torch.randn(batch, dim, generator=gen, dtype=torch.float64)
+        self.sample_shape = (dim,)
+        self.device = torch.device("cpu")
+        self._use_ref = False
+        self.calls = 0
+        self.last_inputs: tuple[Tensor, Tensor] | None = None
+
+    def velocity(self, x: Tensor, t: Tensor, cond: Any = None, guidance_scale: float = 1.0) -> Tensor:
+        self.calls += 1
+        self.last_inputs = (x.detach(), t.detach())
+        rows = cond if cond is not None else torch.arange(x.shape[0])
+        return (self.ref_param if self._use_ref else self.param)[rows]
+
+    def encode(self, prompts: list[str]) -> Any:
+        return torch.arange(len(prompts))
+
+    def decode(self, x: Tensor) -> Tensor:
+        return x
+
+    def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [("param", self.param)]
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        self._use_ref = True
+        try:
+            yield
+        finally:
+            self._use_ref = False
