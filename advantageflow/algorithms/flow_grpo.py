@@ -69,22 +69,12 @@ def flow_grpo_step_loss(
     return policy, ratio
 
 
-def zero_std_ratio(rewards: Tensor, group_ids: Tensor) -> float:
-    """Fraction of groups (with at least two samples present) whose rewards are all equal."""
-    groups = [rewards[group_ids == g] for g in torch.unique(group_ids)]
-    groups = [r for r in groups if r.numel() >= 2]
-    if not groups:
-        return 0.0
-    return sum(float(torch.all(r == r[0])) for r in groups) / len(groups)
-
-
 class FlowGRPO:
     """Flow-GRPO (see the module docstring).
 
-    The trainer drops groups whose rewards are all equal (``drop_zero_std_groups``).
-    Metrics: ``loss/policy``, ``loss/kl``, ``stats/ratio_mean``, ``stats/clipfrac``,
-    ``stats/zero_std_ratio`` (over the groups present in the micro-batch, after the trainer's
-    filtering).
+    The trainer drops groups whose rewards are all equal (``drop_zero_std_groups``) and logs
+    their fraction over the epoch as ``stats/zero_std_ratio``.
+    Metrics: ``loss/policy``, ``loss/kl``, ``stats/ratio_mean``, ``stats/clipfrac``.
     """
 
     drop_zero_std_groups = True
@@ -195,7 +185,6 @@ class FlowGRPO:
         grid = [float(s) for s in batch.grid]
         adv = batch.advantages.clamp(-cfg.adv_clip, cfg.adv_clip)
         steps = self.trained_steps(batch)
-        zero_std = zero_std_ratio(batch.rewards, batch.group_ids) if batch.rewards is not None else 0.0
         for k in steps:
             x, x_next = batch.trajectory[:, k], batch.trajectory[:, k + 1]
             t = torch.full((len(batch),), grid[k], device=x.device, dtype=x.dtype)
@@ -220,7 +209,6 @@ class FlowGRPO:
                     "loss/kl": float(kl.detach().mean()) if kl is not None else 0.0,
                     "stats/ratio_mean": float(ratio.detach().mean()),
                     "stats/clipfrac": float(clipped.mean()),
-                    "stats/zero_std_ratio": zero_std,
                 },
             )
 
