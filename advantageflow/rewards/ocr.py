@@ -13,6 +13,7 @@ The authors recognise with PaddleOCR; this module runs Debian's ``tesseract`` co
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -73,6 +74,8 @@ class OcrReward:
             tesseract needs letters about 20+ pixels tall.
         timeout: seconds allowed per image.
         tesseract_cmd: the executable.
+        omp_threads: ``OMP_THREAD_LIMIT`` for each tesseract process (1: run several
+            processes instead of one multi-threaded one, which is faster for small images).
 
     The target may also be given per sample as ``metadata[i]["text"]``, which takes
     precedence over the prompt's quotes.
@@ -88,6 +91,7 @@ class OcrReward:
         upscale: int = 1,
         timeout: float = 30.0,
         tesseract_cmd: str = "tesseract",
+        omp_threads: int = 1,
     ) -> None:
         exe = shutil.which(tesseract_cmd)
         if exe is None:
@@ -101,6 +105,7 @@ class OcrReward:
         self.workers = int(workers)
         self.upscale = int(upscale)
         self.timeout = float(timeout)
+        self.env = {**os.environ, "OMP_THREAD_LIMIT": str(int(omp_threads))}
 
     def recognise(self, image: Image.Image) -> str:
         """Text tesseract reads in one PIL image."""
@@ -109,7 +114,8 @@ class OcrReward:
         buf = io.BytesIO()
         image.save(buf, format="PNG")
         try:
-            proc = subprocess.run(self.cmd, input=buf.getvalue(), capture_output=True, timeout=self.timeout)
+            proc = subprocess.run(self.cmd, input=buf.getvalue(), capture_output=True, timeout=self.timeout,
+                                  env=self.env)
         except subprocess.TimeoutExpired as err:
             raise RewardError(f"ocr reward: tesseract took more than {self.timeout} s") from err
         if proc.returncode != 0:
