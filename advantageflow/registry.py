@@ -19,7 +19,14 @@ class RegistryError(KeyError):
 
 def closest(name: str, options: list[str]) -> str | None:
     """The option most similar to ``name``, or ``None`` if nothing is close."""
-    match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    match = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+    if match:
+        return match[0]
+    lowered = name.lower()
+    contained = [o for o in options if len(o) > 1 and (o.lower() in lowered or lowered in o.lower())]
+    if contained:
+        return max(contained, key=len)
+    match = difflib.get_close_matches(name, options, n=1, cutoff=0.4)
     return match[0] if match else None
 
 
