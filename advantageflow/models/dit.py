@@ -1,0 +1,269 @@
+"""A tiny text-conditional pixel-space DiT for ShapesEval, and its policy adapter.
+
+The network (after DiT, Peebles & Xie 2023, adaLN-Zero blocks, Sec. 3.2) sees one joint
+sequence ``[prompt tokens; image patches]`` (in-context conditioning as in U-ViT / SD3's joint
+attention), so attributes and positions can bind through attention.  The prompt encoder is
+just learned embeddings of the grammar's words (:data:`VOCAB`) plus positions, refined by the
+same blocks.  Time enters through adaLN.  The state is the image in pixel space, scaled to
+``[-1, 1]``; ``decode`` maps it back to ``[0, 1]``.
+
+Classifier-free guidance (Ho & Salimans 2022) uses the learned embedding of the empty prompt
+(``<null>`` followed by padding), which pretraining shows for 10% of the samples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from advantageflow.models.base import PolicyBase, guided
+
+ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "shapes_dit"
+
+VOCAB: tuple[str, ...] = (
+    "<pad>", "<null>", "<unk>", "a", "an", "and", "of", "left", "right", "above", "below",
+    "one", "two", "three", "four", "red", "green", "blue", "yellow",
+    "circle", "square", "triangle", "circles", "squares", "triangles",
+)  # fmt: skip
+PAD, NULL, UNK = 0, 1, 2
+
+
+def tokenize(prompts: list[str], max_tokens: int, vocab: tuple[str, ...] = VOCAB) -> Tensor:
+    """Token ids ``(B, max_tokens)`` long: words -> ids, padded; ``""`` -> ``<null>``.
+
+    Unknown words map to ``<unk>``; prompts longer than ``max_tokens`` raise ``ValueError``.
+    """
+    index = {w: i for i, w in enumerate(vocab)}
+    out = torch.full((len(prompts), max_tokens), PAD, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        words = prompt.lower().replace(",", " ").replace(".", " ").split()
+        if len(words) > max_tokens:
+            raise ValueError(f"prompt '{prompt}' has {len(words)} words; the model reads at most {max_tokens}")
+        ids = [index.get(w, UNK) for w in words] or [NULL]
+        out[row, : len(ids)] = torch.tensor(ids)
+    return out
+
+
+@dataclass
+class DiTConfig:
+    """Architecture.  ``image_size`` / ``patch`` pixels; ``width`` channels; ``depth`` blocks."""
+
+    image_size: int = 32
+    channels: int = 3
+    patch: int = 4
+    width: int = 128
+    depth: int = 6
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    max_tokens: int = 12
+    vocab_size: int = len(VOCAB)
+
+
+def timestep_embedding(t: Tensor, dim: int) -> Tensor:
+    """Sinusoidal features ``(B, dim)`` of ``t`` ``(B,)`` in ``[0, 1]`` (scaled by 1000)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = 1000.0 * t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN: ``x * (1 + scale) + shift`` with ``(B, D)`` shift / scale over ``(B, N, D)``."""
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with adaLN-Zero modulation (DiT, Sec. 3.2)."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+        self.ada = nn.Linear(width, 6 * width)
+        nn.init.zeros_(self.ada.weight)
+        nn.init.zeros_(self.ada.bias)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        """``x`` ``(B, N, D)``, ``c`` ``(B, D)`` -> ``(B, N, D)``."""
+        s1, g1, a1, s2, g2, a2 = self.ada(F.silu(c)).chunk(6, dim=1)
+        b, n, d = x.shape
+        h = modulate(self.norm1(x), s1, g1)
+        q, k, v = self.qkv(h).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+        x = x + a1[:, None] * self.proj(h)
+        return x + a2[:, None] * self.mlp(modulate(self.norm2(x), s2, g2))
+
+
+class ShapesDiT(nn.Module):
+    """``v(x, t, tokens)``: ``(B, C, H, W), (B,), (B, L) long -> (B, C, H, W)``."""
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        if cfg.image_size % cfg.patch or cfg.width % cfg.heads:
+            raise ValueError("image_size must be divisible by patch and width by heads")
+        self.cfg = cfg
+        w, p = cfg.width, cfg.patch
+        self.grid = cfg.image_size // p
+        self.patch_embed = nn.Conv2d(cfg.channels, w, p, stride=p)
+        self.pos = nn.Parameter(torch.randn(1, self.grid * self.grid, w) * 0.02)
+        self.tok = nn.Embedding(cfg.vocab_size, w)
+        nn.init.normal_(self.tok.weight, std=0.02)
+        self.tok_pos = nn.Parameter(torch.randn(1, cfg.max_tokens, w) * 0.02)
+        self.t_mlp = nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, w))
+        self.text_pool = nn.Linear(w, w)
+        self.blocks = nn.ModuleList(Block(w, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.norm_out = nn.LayerNorm(w, elementwise_affine=False, eps=1e-6)
+        self.ada_out = nn.Linear(w, 2 * w)
+        self.out = nn.Linear(w, p * p * cfg.channels)
+        for layer in (self.ada_out, self.out):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: Tensor, t: Tensor, tokens: Tensor) -> Tensor:
+        b, ch, hh, ww = x.shape
+        p, g = self.cfg.patch, self.grid
+        img = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos  # (B, g*g, D)
+        txt = self.tok(tokens) + self.tok_pos[:, : tokens.shape[1]]  # (B, L, D)
+        c = self.t_mlp(timestep_embedding(t, self.cfg.width).to(x.dtype)) + self.text_pool(txt.mean(dim=1))
+        h = torch.cat([txt, img], dim=1)
+        for block in self.blocks:
+            h = block(h, c)
+        shift, scale = self.ada_out(F.silu(c)).chunk(2, dim=1)
+        h = self.out(modulate(self.norm_out(h[:, tokens.shape[1]:]), shift, scale))  # (B, g*g, p*p*C)
+        h = h.view(b, g, g, p, p, ch).permute(0, 5, 1, 3, 2, 4)
+        return h.reshape(b, ch, hh, ww)
+
+
+def load_asset(path: str | Path = "") -> tuple[ShapesDiT, dict]:
+    """The network and its ``config.json`` from an asset folder ('' = the shipped one)."""
+    from safetensors.torch import load_file
+
+    folder = Path(path) if path else ASSET_DIR
+    cfg_file, weights = folder / "config.json", folder / "model.safetensors"
+    if not cfg_file.exists() or not weights.exists():
+        raise FileNotFoundError(
+            f"no ShapesDiT checkpoint in '{folder}' (needs config.json and model.safetensors; "
+            f"make one with 'advantageflow pretrain shapes --out {folder}')"
+        )
+    meta = json.loads(cfg_file.read_text())
+    net = ShapesDiT(DiTConfig(**meta["model"]))
+    net.load_state_dict(load_file(str(weights)))
+    return net.eval(), meta
+
+
+def save_asset(net: ShapesDiT, meta: dict, path: str | Path) -> None:
+    """Write ``model.safetensors`` and ``config.json`` (``meta`` plus the architecture)."""
+    from safetensors.torch import save_file
+
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"))
+    meta = {**meta, "model": asdict(net.cfg), "vocab": list(VOCAB)}
+    (folder / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+class ShapesDiTPolicy(PolicyBase):
+    """The ShapesEval base model as a :class:`~advantageflow.models.base.FlowPolicy`.
+
+    Conditioning (from :meth:`encode`): ``{"tokens": (B, L) long, "null": (B, L) long}``;
+    the ``null`` rows are the empty prompt, used as the unconditional branch of CFG.
+    Full fine-tuning: every network parameter is trainable; :meth:`reference` switches to a
+    frozen copy of the loaded weights.
+    """
+
+    @dataclass
+    class Config:
+        """Attributes: path: asset folder with config.json + model.safetensors ('' = shipped)."""
+
+        name: str = "shapes_dit"
+        path: str = ""
+
+    sample_shape = (3, 32, 32)
+    differentiable_decode = True
+
+    def __init__(self, net: ShapesDiT, meta: dict | None = None, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.net = net.to(self.device)
+        self.meta = meta or {}
+        self.ref_net = copy.deepcopy(self.net).requires_grad_(False).eval()
+        self._active = self.net
+        c = net.cfg
+        self.sample_shape = (c.channels, c.image_size, c.image_size)
+        self.sampling = dict(self.meta.get("sampling", {}))
+
+    @classmethod
+    def from_config(cls, cfg: Config, device: str = "cpu") -> ShapesDiTPolicy:
+        net, meta = load_asset(cfg.path)
+        return cls(net, meta, device)
+
+    def encode(self, prompts: list[str]) -> dict[str, Tensor]:
+        tokens = tokenize(list(prompts), self.net.cfg.max_tokens).to(self.device)
+        null = tokenize([""], self.net.cfg.max_tokens).to(self.device).expand_as(tokens).clone()
+        return {"tokens": tokens, "null": null}
+
+    def velocity(self, x: Tensor, t: Tensor, cond: Any, guidance_scale: float = 1.0) -> Tensor:
+        """``(B, 3, H, W)`` velocity; CFG ``v_u + s (v_c - v_u)`` in one doubled batch."""
+        if not isinstance(cond, dict) or "tokens" not in cond:
+            raise TypeError("ShapesDiTPolicy.velocity needs the conditioning from encode()")
+        if t.dim() == 0:
+            t = t.expand(x.shape[0])
+        if guidance_scale == 1.0:
+            return self._active(x, t, cond["tokens"])
+        v = self._active(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond["tokens"], cond["null"]]))
+        v_c, v_u = v.chunk(2)
+        return guided(v_c, v_u, guidance_scale)
+
+    def decode(self, x: Tensor) -> Tensor:
+        """Pixel state in ``[-1, 1]`` -> images ``(B, 3, H, W)`` in ``[0, 1]`` (differentiable)."""
+        return ((x + 1) / 2).clamp(0, 1)
+
+    def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return list(self.net.named_parameters())
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        previous, self._active = self._active, self.ref_net
+        try:
+            yield
+        finally:
+            self._active = previous
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[str],
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
+    ) -> Tensor:
+        """Images ``(B, 3, H, W)`` in ``[0, 1]`` by Euler on the uniform grid.
+
+        ``steps`` / ``guidance_scale`` default to the asset's ``sampling`` section (eval
+        settings).  ``noise`` ``(B, 3, H, W)`` or draws from ``generator`` (on the CPU).
+        """
+        from advantageflow.sampling import bind_velocity, sample, time_grid
+
+        steps = steps or int(self.sampling.get("eval_steps", 20))
+        scale = float(self.sampling.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale)
+        if noise is None:
+            noise = torch.randn((len(prompts), *self.sample_shape), generator=generator)
+        noise = noise.to(self.device)
+        out = sample(bind_velocity(self, self.encode(prompts), scale), noise, time_grid(steps))
+        return self.decode(out.x0)

@@ -1,0 +1,176 @@
+"""``advantageflow pretrain shapes``: pretrain the ShapesEval base model by flow matching.
+
+Plain conditional flow matching (Lipman et al. 2023; rectified flow, Liu et al. 2023) on fresh
+renders: ``t ~ U(0, 1)``, ``x_t = (1 - t) x0 + t eps``, loss ``||v(x_t, t, c) - (eps - x0)||^2``
+with ``x0`` the render scaled to ``[-1, 1]``.  Prompts are drawn tag-uniformly from the whole
+grammar (:func:`~advantageflow.tasks.shapes.grammar.all_specs`, train and test specs alike:
+this is the "pretraining corpus"; the splits only separate RL prompts from evaluation
+prompts).  10% of prompts are replaced by the empty prompt, for classifier-free guidance.
+AdamW at a constant learning rate after a linear warm-up, and an EMA of the weights, which is
+what gets saved: the weights after ``K`` steps are therefore the same whether the run was
+asked for ``K`` steps or stopped there (``--save-every``), which is how the shipped length
+was chosen.
+
+Writes ``--out``: ``model.safetensors`` (EMA weights) and ``config.json`` (architecture,
+vocabulary, the recommended ``sampling`` settings, the pretraining arguments, wall time and
+losses, and the ShapesEval accuracy measured at the end unless ``--eval-samples 0``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from advantageflow.models.dit import DiTConfig, ShapesDiT, save_asset
+from advantageflow.tasks.shapes.grammar import specs_for_tag, to_prompt
+from advantageflow.tasks.shapes.scene import TAGS, render_specs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="advantageflow pretrain shapes",
+        description="Pretrain the ShapesEval text-to-image flow model (a tiny DiT) on CPU renders.",
+    )
+    p.add_argument("--out", default="pretrained/shapes_dit", help="asset folder to write")
+    p.add_argument("--steps", type=int, default=3000, help="optimizer steps")
+    p.add_argument("--minutes", type=float, default=30.0, help="wall-clock cap; stops early and saves")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=200, help="linear warm-up steps")
+    p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved weights")
+    p.add_argument("--cfg-dropout", type=float, default=0.1, help="fraction of empty prompts")
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--patch", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=0, help="also save snapshots OUT/step_K every K steps")
+    p.add_argument("--guidance", type=float, default=1.0, help="guidance_scale recorded in config.json")
+    p.add_argument("--rollout-steps", type=int, default=10, help="recommended RL rollout steps")
+    p.add_argument("--eval-steps", type=int, default=20, help="recommended evaluation steps")
+    p.add_argument("--eval-samples", type=int, default=4, help="samples per test prompt at the end (0: skip)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def sample_batch(rng: random.Random, batch: int, cfg_dropout: float) -> tuple[torch.Tensor, list[str]]:
+    """``(B, 3, 32, 32)`` renders in ``[-1, 1]`` and their prompts ('' for dropped ones)."""
+    specs = [rng.choice(_SPECS[rng.choice(TAGS)]) for _ in range(batch)]
+    images, _ = render_specs(specs, rng)
+    prompts = ["" if rng.random() < cfg_dropout else to_prompt(s) for s in specs]
+    return images * 2 - 1, prompts
+
+
+_SPECS = {tag: specs_for_tag(tag) for tag in TAGS}
+
+
+def _meta(args: argparse.Namespace, extra: dict) -> dict:
+    return {
+        "sampling": {
+            "solver": "euler",
+            "steps": args.rollout_steps,
+            "eval_steps": args.eval_steps,
+            "guidance_scale": args.guidance,
+            "shift": 1.0,
+        },
+        "pretrain": {**{k: v for k, v in vars(args).items() if k not in ("no_progress",)}, **extra},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run pretraining; returns a process exit code."""
+    args = build_parser().parse_args(argv)
+    from advantageflow.models.dit import tokenize
+
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    noise_gen = torch.Generator().manual_seed(args.seed + 1)
+    cfg = DiTConfig(patch=args.patch, width=args.width, depth=args.depth, heads=args.heads)
+    net = ShapesDiT(cfg)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / max(args.warmup, 1)))
+    n_params = sum(p.numel() for p in net.parameters())
+    print(f"ShapesDiT: {n_params / 1e6:.2f} M parameters; {args.steps} steps of {args.batch_size}; "
+          f"cap {args.minutes} min; writing {args.out}", flush=True)
+
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=args.steps, desc="pretrain shapes", unit="step", file=sys.stderr)
+    start, cpu_start = time.time(), time.process_time()
+    losses: list[float] = []
+    step = 0
+    for step in range(1, args.steps + 1):
+        x0, prompts = sample_batch(rng, args.batch_size, args.cfg_dropout)
+        tokens = tokenize(prompts, cfg.max_tokens)
+        eps = torch.randn(x0.shape, generator=noise_gen)
+        t = torch.rand(x0.shape[0], generator=noise_gen)
+        tb = t.view(-1, 1, 1, 1)
+        x_t = (1 - tb) * x0 + tb * eps
+        loss = ((net(x_t, t, tokens) - (eps - x0)) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), net.parameters()):
+                pe.lerp_(p, 1 - decay)
+        losses.append(float(loss.detach()))
+        if bar is not None:
+            bar.update(1)
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+        elif step % 100 == 0:
+            print(f"step {step} loss {sum(losses[-100:]) / 100:.4f} {time.time() - start:.0f}s", flush=True)
+        if args.save_every and step % args.save_every == 0:
+            # constant LR after warm-up: this snapshot is what '--steps {step}' would save
+            snap_args = argparse.Namespace(**{**vars(args), "steps": step, "save_every": 0})
+            snap = {"steps_done": step, "wall_s": round(time.time() - start, 1),
+                    "cpu_s": round(time.process_time() - cpu_start, 1), "snapshot_of_longer_run": True}
+            save_asset(ema, _meta(snap_args, snap), Path(args.out) / f"step_{step}")
+        if time.time() - start > args.minutes * 60:
+            print(f"time cap of {args.minutes} min reached after {step} steps; saving", flush=True)
+            break
+    if bar is not None:
+        bar.close()
+    wall = time.time() - start
+    tail = losses[-200:]
+    extra = {
+        "steps_done": step,
+        "wall_s": round(wall, 1),
+        "cpu_s": round(time.process_time() - cpu_start, 1),
+        "images_per_s": round(step * args.batch_size / max(wall, 1e-9), 1),
+        "final_loss": round(sum(tail) / max(len(tail), 1), 5),
+        "loss_curve": [round(sum(losses[i : i + 100]) / len(losses[i : i + 100]), 5)
+                       for i in range(0, len(losses), 100)],
+        "parameters": n_params,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    meta = _meta(args, extra)
+    save_asset(ema, meta, args.out)
+    print(f"saved {args.out} after {step} steps in {wall / 60:.1f} min (loss {extra['final_loss']})", flush=True)
+    if args.eval_samples > 0:
+        from advantageflow.tasks.shapes.evaluator import evaluate_checkpoint
+
+        result = evaluate_checkpoint(args.out, samples_per_prompt=args.eval_samples, seed=args.seed)
+        meta["eval"] = result
+        save_asset(ema, meta, args.out)
+        print(json.dumps(result, indent=2), flush=True)
+    return 0 if math.isfinite(extra["final_loss"]) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,74 @@
+"""The ShapesEval task: fixed train / test prompt splits and GenEval-style evaluation.
+
+See :mod:`advantageflow.tasks.shapes.grammar` for the prompts and splits and
+:mod:`advantageflow.tasks.shapes.evaluator` for the scoring.  Each :class:`Prompt` carries its
+scene spec (``SceneSpec.to_dict()``, JSON-able) as metadata; ``shapes_eval`` reads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from advantageflow.tasks.base import Prompt
+from advantageflow.tasks.shapes.evaluator import flow_matching_loss, sample_diversity, score, summarize
+from advantageflow.tasks.shapes.grammar import splits, to_prompt
+from advantageflow.tasks.shapes.reward import spec_of
+from advantageflow.tasks.shapes.scene import TAGS, SceneSpec
+
+
+def _prompts(specs: tuple[SceneSpec, ...], tags: list[str]) -> list[Prompt]:
+    return [Prompt(to_prompt(s), s.to_dict()) for s in specs if s.tag in tags]
+
+
+class ShapesTask:
+    """ShapesEval: 223 train prompts and 46 held-out test prompts over six GenEval tags."""
+
+    @dataclass
+    class Config:
+        """Attributes: tags: restrict both splits to these tags (empty = all six)."""
+
+        name: str = "shapes"
+        tags: list[str] = field(default_factory=lambda: list(TAGS))
+
+        def validate(self) -> None:
+            from advantageflow.configbase import ConfigError
+
+            unknown = [t for t in self.tags if t not in TAGS]
+            if unknown:
+                raise ConfigError(f"unknown shapes tags {unknown} (known: {', '.join(TAGS)})")
+            if not self.tags:
+                raise ConfigError("task.tags must name at least one tag")
+
+    def __init__(self, cfg: Config | None = None) -> None:
+        self.cfg = cfg or ShapesTask.Config()
+        self.cfg.validate()
+        self._train, self._test = splits()
+
+    def train_prompts(self) -> list[Prompt]:
+        return _prompts(self._train, self.cfg.tags)
+
+    def test_prompts(self) -> list[Prompt]:
+        return _prompts(self._test, self.cfg.tags)
+
+    def evaluate(self, images: Tensor, prompts: list[Prompt]) -> dict[str, Any]:
+        """Strict / partial accuracy overall (mean over tags) and per tag (``strict/<tag>``),
+        ``strict/images``, and ``diversity`` (within-prompt; prompts grouped by text).
+
+        ``images`` ``(B, 3, H, W)`` in ``[0, 1]``; ``prompts`` ``B`` :class:`Prompt`.
+        """
+        if images.shape[0] != len(prompts):
+            raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
+        specs = [spec_of(p.text, p.metadata) for p in prompts]
+        result: dict[str, Any] = summarize(score(images, specs))
+        ids: dict[str, int] = {}
+        groups = [ids.setdefault(p.text, len(ids)) for p in prompts]
+        if len(ids) < len(prompts):
+            result["diversity"] = sample_diversity(images, groups)
+        return result
+
+    # guards for `advantageflow eval --task shapes` (see the evaluator module)
+    sample_diversity = staticmethod(sample_diversity)
+    flow_matching_loss = staticmethod(flow_matching_loss)

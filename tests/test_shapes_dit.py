@@ -1,0 +1,148 @@
+"""The ShapesDiT policy: tokenizer, CFG, reference copy, decode, asset round trip, and the
+shipped checkpoint (loads, samples deterministically, beats chance, better FM loss than init)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from advantageflow.models import MODELS, FlowPolicy
+from advantageflow.models.dit import (
+    ASSET_DIR,
+    NULL,
+    PAD,
+    UNK,
+    VOCAB,
+    DiTConfig,
+    ShapesDiT,
+    ShapesDiTPolicy,
+    save_asset,
+    tokenize,
+)
+from advantageflow.tasks.shapes.evaluator import flow_matching_loss
+from advantageflow.tasks.shapes.grammar import all_specs, to_prompt
+
+
+@pytest.fixture(scope="module")
+def tiny_policy(tmp_path_factory):
+    torch.manual_seed(0)
+    net = ShapesDiT(DiTConfig(width=32, depth=2, heads=2))
+    with torch.no_grad():  # adaLN-Zero starts at zero output; give it a non-trivial field
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    folder = tmp_path_factory.mktemp("asset")
+    save_asset(net, {"sampling": {"eval_steps": 4, "guidance_scale": 2.0}}, folder)
+    return ShapesDiTPolicy.from_config(ShapesDiTPolicy.Config(path=str(folder)))
+
+
+def test_tokenizer_covers_the_grammar():
+    words = {w for s in all_specs() for w in to_prompt(s).split()}
+    assert words <= set(VOCAB)
+    ids = tokenize(["a red circle", "", "a mauve circle"], 12)
+    assert ids.shape == (3, 12) and ids.dtype == torch.long
+    assert ids[0, :3].tolist() == [VOCAB.index("a"), VOCAB.index("red"), VOCAB.index("circle")]
+    assert ids[0, 3:].eq(PAD).all() and ids[1, 0] == NULL and ids[2, 1] == UNK
+    with pytest.raises(ValueError, match="at most"):
+        tokenize(["a " * 13], 12)
+
+
+def test_registered_and_protocol(tiny_policy):
+    assert MODELS.get("shapes_dit") is ShapesDiTPolicy
+    assert isinstance(tiny_policy, FlowPolicy)
+    assert tiny_policy.sample_shape == (3, 32, 32)
+    cond = tiny_policy.encode(["a red circle", "two squares"])
+    assert cond["tokens"].shape == cond["null"].shape == (2, 12)
+    assert cond["null"][:, 0].eq(NULL).all()
+
+
+def test_cfg_matches_its_formula(tiny_policy):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 3, 32, 32, generator=gen)
+    t = torch.rand(3, generator=gen)
+    cond = tiny_policy.encode(["a red circle", "two squares", "a circle above a square"])
+    with torch.no_grad():
+        v_c = tiny_policy.net(x, t, cond["tokens"])
+        v_u = tiny_policy.net(x, t, cond["null"])
+        v1 = tiny_policy.velocity(x, t, cond, guidance_scale=1.0)
+        v3 = tiny_policy.velocity(x, t, cond, guidance_scale=3.0)
+    assert torch.allclose(v1, v_c, atol=1e-6)
+    assert torch.allclose(v3, v_u + 3.0 * (v_c - v_u), atol=1e-5)
+    assert not torch.allclose(v_c, v_u)
+
+
+def test_reference_is_a_frozen_copy(tiny_policy):
+    x = torch.randn(2, 3, 32, 32)
+    t = torch.full((2,), 0.5)
+    cond = tiny_policy.encode(["a circle", "a square"])
+    with torch.no_grad():
+        before = tiny_policy.velocity(x, t, cond)
+    snap = tiny_policy.snapshot()
+    with torch.no_grad():
+        for p in tiny_policy.trainable_parameters():
+            p.add_(0.1)
+    with torch.no_grad(), tiny_policy.reference():
+        ref = tiny_policy.velocity(x, t, cond)
+        assert all(not p.requires_grad for p in tiny_policy.ref_net.parameters())
+    with torch.no_grad():
+        moved = tiny_policy.velocity(x, t, cond)
+    assert torch.allclose(ref, before) and not torch.allclose(moved, before)
+    tiny_policy.load_trainable_state(dict(zip([n for n, _ in tiny_policy.trainable_named_parameters()], snap)))
+    with torch.no_grad():
+        assert torch.allclose(tiny_policy.velocity(x, t, cond), before)
+
+
+def test_decode_range_and_gradient(tiny_policy):
+    x = (torch.randn(2, 3, 32, 32) * 2).requires_grad_(True)
+    img = tiny_policy.decode(x)
+    assert float(img.detach().min()) >= 0 and float(img.detach().max()) <= 1
+    img.sum().backward()
+    inside = (x.detach().abs() < 1).float()
+    assert torch.allclose(x.grad, 0.5 * inside)  # d/dx of (x+1)/2 where not clamped
+
+
+def test_gradients_reach_every_trainable_parameter(tiny_policy):
+    x = torch.randn(2, 3, 32, 32)
+    cond = tiny_policy.encode(["a red circle", ""])
+    tiny_policy.velocity(x, torch.rand(2), cond, guidance_scale=2.0).pow(2).mean().backward()
+    names = [n for n, p in tiny_policy.trainable_named_parameters() if p.grad is None]
+    assert not names
+    for p in tiny_policy.trainable_parameters():
+        p.grad = None
+
+
+def test_missing_asset_has_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="pretrain shapes"):
+        ShapesDiTPolicy.from_config(ShapesDiTPolicy.Config(path=str(tmp_path)))
+
+
+# --------------------------------------------------------------------------- shipped model
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return ShapesDiTPolicy.from_config(ShapesDiTPolicy.Config())
+
+
+def test_shipped_asset_config_documents_sampling_and_training():
+    meta = json.loads((ASSET_DIR / "config.json").read_text())
+    assert {"steps", "eval_steps", "guidance_scale", "solver"} <= set(meta["sampling"])
+    assert meta["pretrain"]["steps_done"] > 0 and meta["pretrain"]["wall_s"] > 0
+    assert (ASSET_DIR / "model.safetensors").stat().st_size < 10 * 2**20
+
+
+def test_shipped_model_samples_deterministically(shipped):
+    prompts = ["a red circle", "two blue squares", "a green triangle left of a yellow circle"]
+    a = shipped.generate(prompts, steps=6, generator=torch.Generator().manual_seed(7))
+    b = shipped.generate(prompts, steps=6, generator=torch.Generator().manual_seed(7))
+    c = shipped.generate(prompts, steps=6, generator=torch.Generator().manual_seed(8))
+    assert a.shape == (3, 3, 32, 32) and float(a.min()) >= 0 and float(a.max()) <= 1
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_shipped_model_fits_renders_better_than_an_untrained_one(shipped):
+    trained = flow_matching_loss(shipped, num_images=32, times=2)
+    assert flow_matching_loss(shipped, num_images=32, times=2) == trained  # deterministic
+    untrained = ShapesDiTPolicy(ShapesDiT(DiTConfig(**json.loads((ASSET_DIR / "config.json").read_text())["model"])))
+    assert trained < 0.7 * flow_matching_loss(untrained, num_images=32, times=2)

@@ -1,0 +1,198 @@
+"""ShapesEval detector, clause semantics, the shapes_eval reward and the eval guards."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from advantageflow.rewards import build_reward
+from advantageflow.tasks.shapes.evaluator import (
+    check,
+    detect,
+    sample_diversity,
+    score,
+    summarize,
+)
+from advantageflow.tasks.shapes.grammar import all_specs, parse_prompt, to_prompt
+from advantageflow.tasks.shapes.scene import PlacedObject, Scene, render, render_specs
+from advantageflow.tasks.shapes.task import ShapesTask
+
+
+def _random_scenes(n: int, seed: int, distractors: int = 0, max_objects: int = 4):
+    rng = random.Random(seed)
+    pool = [
+        s for s in all_specs()
+        if sum(o.count for o in s.objects) + distractors <= max_objects
+        and (not distractors or len({o.shape for o in s.objects}) < 3)
+    ]
+    specs = [rng.choice(pool) for _ in range(n)]
+    images, scenes = render_specs(specs, rng, distractors=distractors)
+    return specs, images, scenes
+
+
+def _strict(images, specs) -> float:
+    return sum(v.strict for v in score(images, specs)) / len(specs)
+
+
+def _partial(images, specs) -> float:
+    return sum(v.partial for v in score(images, specs)) / len(specs)
+
+
+def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of ``(B, 3, H, W)`` images (replicate padding)."""
+    r = int(3 * sigma) + 1
+    k = torch.exp(-torch.arange(-r, r + 1, dtype=torch.float32) ** 2 / (2 * sigma**2))
+    k = k / k.sum()
+    b, c, h, w = x.shape
+    y = torch.nn.functional.pad(x.reshape(b * c, 1, h, w), (r, r, r, r), mode="replicate")
+    y = torch.nn.functional.conv2d(y, k.view(1, 1, 1, -1))
+    y = torch.nn.functional.conv2d(y, k.view(1, 1, -1, 1))
+    return y.reshape(b, c, h, w)
+
+
+@pytest.fixture(scope="module")
+def clean():
+    return _random_scenes(400, seed=0)
+
+
+def test_detector_finds_every_object_of_clean_renders(clean):
+    specs, images, scenes = clean
+    found = detect(images)
+    exact = 0
+    for scene, dets in zip(scenes, found):
+        truth = sorted((o.shape, o.color) for o in scene.objects)
+        exact += truth == sorted((d.shape, d.color) for d in dets)
+        for o in scene.objects:  # centres of mass within a pixel of the drawn ones
+            cy = o.cy + (o.size / 6 if o.shape == "triangle" else 0.0)  # a triangle's is 1/3 up
+            assert min(abs(d.cx - o.cx) + abs(d.cy - cy) for d in dets) < 1.0
+    assert exact / len(scenes) >= 0.995
+
+
+def test_evaluator_is_right_on_clean_renders(clean):
+    specs, images, _ = clean
+    assert _strict(images, specs) >= 0.995
+
+
+def test_evaluator_degrades_gracefully_with_noise_and_blur(clean):
+    specs, images, _ = clean
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(images.shape, generator=gen)
+    acc = {s: _strict((images + s * noise).clamp(0, 1), specs) for s in (0.05, 0.1, 0.2, 0.35)}
+    assert acc[0.05] >= 0.99 and acc[0.1] >= 0.97  # mild noise: still right
+    assert acc[0.05] >= acc[0.1] >= acc[0.2] >= acc[0.35]  # monotone, no cliff before 0.2
+    assert acc[0.2] >= 0.6
+    # heavy noise: partial credit still separates the clauses that hold from those that fail
+    assert _partial((images + 0.35 * noise).clamp(0, 1), specs) > acc[0.35]
+    blur = {s: _strict(_blur(images, s), specs) for s in (0.5, 0.8, 1.0, 2.0)}
+    assert blur[0.5] >= 0.99 and blur[0.8] >= 0.95 and blur[1.0] >= 0.9
+    assert blur[2.0] <= blur[1.0]
+
+
+def test_evaluator_ignores_distractors():
+    specs, images, scenes = _random_scenes(200, seed=3, distractors=1)
+    assert all(len(sc.objects) == sum(o.count for o in sp.objects) + 1 for sp, sc in zip(specs, scenes))
+    assert _strict(images, specs) >= 0.99
+    specs, images, _ = _random_scenes(100, seed=4, distractors=2)
+    assert _strict(images, specs) >= 0.98
+
+
+def _image(*objects: tuple) -> torch.Tensor:
+    """Render ``(shape, colour, cx, cy)`` objects of size 10 as one ``(1, 3, 32, 32)`` image."""
+    return render([Scene([PlacedObject(s, c, x, y, 10.0) for s, c, x, y in objects])])
+
+
+def _verdict(prompt: str, *objects: tuple):
+    return check(parse_prompt(prompt), detect(_image(*objects))[0])
+
+
+def test_counting_is_exact_and_colour_is_a_separate_clause():
+    v = _verdict("three red triangles", ("triangle", "red", 6, 8), ("triangle", "red", 20, 8),
+                 ("triangle", "red", 8, 24))
+    assert v.clauses == {"count[0]": True, "color[0]": True} and v.strict == 1
+    v = _verdict("three red triangles", ("triangle", "red", 6, 8), ("triangle", "red", 20, 8))
+    assert v.partial == 0 and v.strict == 0
+    v = _verdict("three red triangles", ("triangle", "red", 6, 8), ("triangle", "red", 20, 8),
+                 ("triangle", "blue", 8, 24))
+    assert v.clauses == {"count[0]": True, "color[0]": False} and v.partial == 0.5
+    v = _verdict("three red triangles", ("triangle", "red", 6, 8), ("triangle", "red", 20, 8),
+                 ("triangle", "red", 8, 24), ("triangle", "red", 24, 24))
+    assert v.clauses == {"count[0]": False, "color[0]": True} and v.strict == 0
+    # other tags only need "at least": a second circle does not hurt "a circle"
+    assert _verdict("a circle", ("circle", "red", 8, 8), ("circle", "blue", 24, 24)).strict == 1
+    assert _verdict("a circle", ("square", "red", 8, 8)).partial == 0
+
+
+def test_position_and_colour_attribution_semantics():
+    prompt = "a red circle left of a blue square"
+    assert _verdict(prompt, ("circle", "red", 8, 16), ("square", "blue", 24, 16)).strict == 1
+    v = _verdict(prompt, ("circle", "red", 24, 16), ("square", "blue", 8, 16))
+    assert v.clauses["position"] is False and v.partial == pytest.approx(4 / 5)
+    assert _verdict("a blue square right of a red circle", ("circle", "red", 8, 16),
+                    ("square", "blue", 24, 16)).strict == 1
+    assert _verdict("a circle above a square", ("circle", "green", 16, 7), ("square", "red", 16, 24)).strict == 1
+    assert _verdict("a circle below a square", ("circle", "green", 16, 7), ("square", "red", 16, 24)).strict == 0
+    # colour attribution: swapped colours keep the shapes' clauses only
+    v = _verdict("a red square and a green circle", ("square", "green", 8, 16), ("circle", "red", 24, 16))
+    assert v.clauses == {"count[0]": True, "color[0]": False, "count[1]": True, "color[1]": False}
+    assert v.partial == 0.5 and v.strict == 0
+    # an empty image satisfies nothing
+    assert check(parse_prompt("a red square and a green circle"), []).partial == 0
+
+
+def test_summary_is_mean_over_tags():
+    specs = [parse_prompt("a circle"), parse_prompt("two circles"), parse_prompt("two squares")]
+    images = torch.cat([
+        _image(("circle", "red", 8, 8)),
+        _image(("circle", "red", 8, 8), ("circle", "red", 24, 24)),
+        _image(("square", "red", 8, 8)),
+    ])
+    out = summarize(score(images, specs))
+    assert out["strict/single_object"] == 1 and out["strict/counting"] == 0.5
+    assert out["strict"] == pytest.approx(0.75) and out["strict/images"] == pytest.approx(2 / 3)
+    assert out["partial/counting"] == 0.5 and out["count/counting"] == 2
+
+
+def test_reward_reads_metadata_else_prompt_text(clean):
+    specs, images, _ = clean
+    specs, images = specs[:32], images[:32]
+    reward = build_reward("shapes_eval")
+    assert reward.differentiable is False
+    prompts = [to_prompt(s) for s in specs]
+    by_text = reward(images, prompts, [{} for _ in specs])
+    by_meta = reward(images, ["" for _ in specs], [s.to_dict() for s in specs])
+    assert set(by_text) == {"score", "strict"} and by_text["score"].shape == (32,)
+    assert torch.equal(by_text["score"], by_meta["score"]) and torch.equal(by_text["strict"], by_meta["strict"])
+    assert bool((by_text["strict"] <= by_text["score"]).all())
+    # metadata wins over the text: describe every image with another spec's prompt
+    wrong = reward(images, prompts[1:] + prompts[:1], [s.to_dict() for s in specs])
+    assert torch.equal(wrong["strict"], by_meta["strict"])
+    with pytest.raises(ValueError, match="prompts"):
+        reward(images, prompts[:3], None)
+
+
+def test_task_evaluate_reports_per_tag_keys_and_diversity(clean):
+    specs, images, _ = clean
+    task = ShapesTask()
+    prompts = [p for p in task.test_prompts()[:8] for _ in range(2)]
+    rng = random.Random(0)
+    imgs, _ = render_specs([parse_prompt(p.text) for p in prompts], rng)
+    out = task.evaluate(imgs, prompts)
+    assert out["strict"] == 1.0 and out["partial"] == 1.0
+    assert all(f"strict/{p.metadata['tag']}" in out for p in prompts)
+    assert out["diversity"] > 0.05
+
+
+def test_sample_diversity_zero_for_copies_positive_for_layouts():
+    rng = random.Random(0)
+    spec = parse_prompt("a red circle")
+    imgs, _ = render_specs([spec] * 4, rng)
+    assert sample_diversity(torch.cat([imgs[:1]] * 4), [0, 0, 0, 0]) == 0
+    d = sample_diversity(imgs, [0, 0, 0, 0])
+    # independent re-derivation: mean RMS distance over ordered pairs
+    pairs = [(i, j) for i in range(4) for j in range(4) if i != j]
+    expected = sum(float((imgs[i] - imgs[j]).pow(2).mean().sqrt()) for i, j in pairs) / len(pairs)
+    assert d == pytest.approx(expected, rel=1e-4)
+    with pytest.raises(ValueError):
+        sample_diversity(imgs, [0, 1, 2, 3])
