@@ -165,10 +165,15 @@ ALGO_KEYS = ("algo",)
 
 @dataclass
 class Config:
-    """Everything a run needs.  ``algorithm`` holds the typed section of ``algo``."""
+    """Everything a run needs.  ``algorithm`` holds the typed section of ``algo``.
+
+    ``device``: ``cpu``, ``cuda``, ``auto``.  ``dist_timeout_s``: how long a process waits
+    for the others in a collective before the run ends with an error (multi-process runs).
+    """
 
     seed: int = 0
     device: str = "cpu"
+    dist_timeout_s: float = 600.0
     algo: str = "advantageflow"
     algorithm: Any = None
     model: Any = union_field(_model_config, "toy_mlp")

@@ -84,7 +84,7 @@ def _mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
 
 def train(cfg: Config, run_dir: str | Path, resume: bool = False, env: DistEnv | None = None) -> TrainResult:
     """Run (or resume) the training described by ``cfg``, writing into ``run_dir``."""
-    env = env or DistEnv.from_environment(cfg.device)
+    env = env or DistEnv.from_environment(cfg.device, cfg.dist_timeout_s)
     run_dir = Path(run_dir)
     ckpt_root = run_dir / "checkpoints"
     if env.is_main:
@@ -254,7 +254,7 @@ def _optimizer_step(cfg, env, algo, policy, params, optimizer, reward, rollout, 
     grads_ok = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
     loss_total = env.all_reduce_sum(torch.tensor([sum(losses)])).item()
     grads_ok = not env.broadcast_flag(not (grads_ok and math.isfinite(loss_total)))
-    out = {**_mean_metrics(terms), "loss/total": loss_total}
+    out = {**_rank_mean(env, _mean_metrics(terms)), "loss/total": loss_total}
     if not grads_ok:
         optimizer.zero_grad(set_to_none=True)
         state.bad_updates += 1
@@ -269,6 +269,15 @@ def _optimizer_step(cfg, env, algo, policy, params, optimizer, reward, rollout, 
     state.consecutive_bad = 0
     out["stats/grad_norm"] = float(grad_norm)
     return out
+
+
+def _rank_mean(env: DistEnv, metrics: dict[str, float]) -> dict[str, float]:
+    """Average logged loss metrics over processes (every process logs the same keys)."""
+    if not env.active or not metrics:
+        return metrics
+    keys = sorted(metrics)
+    values = env.all_reduce_sum(torch.tensor([metrics[k] for k in keys], dtype=torch.float64))
+    return {k: float(v) / env.world_size for k, v in zip(keys, values)}
 
 
 def _stop_if_too_bad(state: LoopState, limit: int, what: str) -> None:

@@ -34,3 +34,23 @@ class NaNReward(ModeReward):
         self.calls += 1
         out = super().__call__(images, prompts, metadata)
         return torch.full_like(out, float("nan")) if self.calls >= self.bad_from else out
+
+
+class RankFaultReward(ModeReward):
+    """Raises (``mode="raise"``) or hangs (``mode="hang"``) on process ``rank`` at call ``at``."""
+
+    def __init__(self, rank: int = 1, at: int = 2, mode: str = "raise") -> None:
+        super().__init__()
+        self.rank, self.at, self.mode = rank, at, mode
+        self.calls = 0
+
+    def __call__(self, images, prompts, metadata):
+        import os
+        import time
+
+        self.calls += 1
+        if int(os.environ.get("RANK", "0")) == self.rank and self.calls >= self.at:
+            if self.mode == "hang":
+                time.sleep(3600)
+            raise RuntimeError(f"simulated failure on rank {self.rank}")
+        return super().__call__(images, prompts, metadata)
