@@ -135,6 +135,23 @@ def load_pipeline(pipeline_cls: Any, path: str, dtype: torch.dtype) -> Any:
     return pipe
 
 
+TINY_PREFIX = "tiny:"
+
+
+def resolve_path(path: str) -> str:
+    """``tiny:sd3`` / ``tiny:flux`` (optionally ``tiny:sd3:SEED``) build a tiny random pipeline
+    once per process (:mod:`advantageflow.testing.tiny_pipelines`); anything else is a hub id or
+    a folder, returned as is."""
+    if not path.startswith(TINY_PREFIX):
+        return path
+    from advantageflow.testing.tiny_pipelines import BUILDERS, tiny_pipeline_dir
+
+    kind, _, seed = path[len(TINY_PREFIX):].partition(":")
+    if kind not in BUILDERS or (seed and not seed.isdigit()):
+        raise ConfigError(f"model.path '{path}': expected tiny:sd3 or tiny:flux, optionally tiny:KIND:SEED")
+    return tiny_pipeline_dir(kind, int(seed or 0))
+
+
 def add_lora(transformer: nn.Module, lora: LoraOptions) -> None:
     """Attach a peft LoRA adapter named ``default``; only its weights stay trainable (float32)."""
     from peft import LoraConfig
@@ -216,7 +233,7 @@ class DiffusersPolicy(PolicyBase):
     def from_config(cls, cfg: Any, device: str = "cpu") -> DiffusersPolicy:
         """Load ``cfg.path`` (hub id or folder) and wrap it."""
         dev = torch.device(device)
-        pipe = load_pipeline(cls.pipeline_class(), cfg.path, torch_dtype(cfg.dtype, dev))
+        pipe = load_pipeline(cls.pipeline_class(), resolve_path(cfg.path), torch_dtype(cfg.dtype, dev))
         return cls(cfg, pipe, dev)
 
     # ------------------------------------------------------------------ parameters and reference
