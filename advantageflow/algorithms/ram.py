@@ -8,6 +8,12 @@ with ``x_t = (1 - t) x0 + t eps``, ``u = eps - x0`` and ``eta`` the "reward mult
 semigradient is that of ``||v_theta - v_ref||^2 + eta * A * ||v_theta - u||^2`` (tested): a
 pull to the reference plus the advantage-weighted flow-matching term the other forward-process
 methods share.  Needs final samples only.
+
+Per sample that objective is quadratic in ``v`` with curvature ``1 + eta A``: it has a
+minimiser only while ``eta A > -1``.  The paper's ``eta = 50`` goes with its advantage scale;
+with unit-std advantages (this library's default) pick ``eta < 1 / max|A|`` (the 2-D config
+uses 0.5) or the samples with negative advantage push ``v`` away from ``u`` without bound.
+``stats/nonconvex_frac`` logs the fraction of samples with ``eta A <= -1``.
 """
 
 from __future__ import annotations
@@ -57,7 +63,7 @@ class RAM:
     """Reinforce Adjoint Matching (see the module docstring).
 
     Metrics: ``loss/policy`` (the regression loss), ``loss/kl`` (``||v - v_ref||^2``),
-    ``stats/fm_mse``.
+    ``stats/fm_mse``, ``stats/nonconvex_frac`` (samples with ``eta A <= -1``).
     """
 
     @dataclass
@@ -65,7 +71,8 @@ class RAM:
         """Hyper-parameters.
 
         Attributes:
-            eta: reward multiplier (50 in the paper, for its advantage scale).
+            eta: reward multiplier (50 in the paper, for its advantage scale; keep
+                ``eta * A > -1``, see the module docstring).
             draws_per_sample: independent ``(t, eps)`` draws per sample and update.
             time_sampling, t_min, t_max: training times.
         """
@@ -107,13 +114,15 @@ class RAM:
             with torch.no_grad(), policy.reference():
                 v_ref = policy.velocity(x_t, t, batch.cond)
             v_theta = policy.velocity(x_t, t, batch.cond)
-            out = ram_loss(v_theta, v_ref, eps - x0, batch.advantages.to(x0.dtype), cfg.eta)
+            adv = batch.advantages.to(x0.dtype)
+            out = ram_loss(v_theta, v_ref, eps - x0, adv, cfg.eta)
             yield LossOutput(
                 out.loss.mean() / cfg.draws_per_sample,
                 {
                     "loss/policy": float(out.loss.detach().mean()),
                     "loss/kl": float(out.reg_ref.detach().mean()),
                     "stats/fm_mse": float(out.fm.detach().mean()),
+                    "stats/nonconvex_frac": float((cfg.eta * adv <= -1.0).float().mean()),
                 },
             )
 
