@@ -272,25 +272,38 @@ class DiffusersPolicy(PolicyBase):
         """
         if isinstance(prompts, str):
             prompts = [prompts]
-        self.cache_prompts(prompts)
+        self._ensure_cached(prompts)
         rows = [self._prompt_cache[p] for p in prompts]
         return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
 
-    def cache_prompts(self, prompts: list[str], release_text_encoders: bool = False) -> None:
-        """Encode the prompts not cached yet; optionally free the text encoders afterwards."""
-        todo = list(dict.fromkeys(p for p in prompts if p not in self._prompt_cache))
-        if todo:
-            if self._released:
-                raise RuntimeError(
-                    f"prompt {todo[0]!r} was not cached before the text encoders were released; "
-                    "cache every prompt first (policy.cache_prompts) or set model.release_text_encoders=false"
-                )
-            with torch.no_grad():
-                batch = self._encode_batch(todo)
-            for i, p in enumerate(todo):
-                self._prompt_cache[p] = {k: v[i].to(self.device) for k, v in batch.items()}
-        if release_text_encoders or self.cfg.release_text_encoders:
+    def cache_prompts(self, prompts: list[str], release_text_encoders: bool | None = None) -> None:
+        """Encode every prompt a run will use, then free the text encoders when
+        ``release_text_encoders`` (default: ``model.release_text_encoders``) is true.
+
+        Call it once with the train and test prompts; :meth:`encode` alone never releases.
+        """
+        self._ensure_cached(list(prompts) + self._extra_prompts())
+        release = self.cfg.release_text_encoders if release_text_encoders is None else release_text_encoders
+        if release:
             self.release_text_encoders()
+
+    def _extra_prompts(self) -> list[str]:
+        """Prompts every batch needs besides its own (the negative prompt under CFG)."""
+        return []
+
+    def _ensure_cached(self, prompts: list[str]) -> None:
+        todo = list(dict.fromkeys(p for p in prompts if p not in self._prompt_cache))
+        if not todo:
+            return
+        if self._released:
+            raise RuntimeError(
+                f"prompt {todo[0]!r} was not cached before the text encoders were released; "
+                "pass every prompt to policy.cache_prompts first, or set model.release_text_encoders=false"
+            )
+        with torch.no_grad():
+            batch = self._encode_batch(todo)
+        for i, p in enumerate(todo):
+            self._prompt_cache[p] = {k: v[i].to(self.device) for k, v in batch.items()}
 
     def release_text_encoders(self) -> None:
         """Drop the text encoders (prompts already cached keep working)."""

@@ -129,9 +129,8 @@ class FluxPolicy(DiffusersPolicy):
             cond["negative_pooled_prompt_embeds"] = neg["pooled_prompt_embeds"].expand(n, -1)
         return cond
 
-    def cache_prompts(self, prompts: list[str], release_text_encoders: bool = False) -> None:
-        extra = [self.cfg.negative_prompt] if self.cfg.true_cfg else []
-        super().cache_prompts(list(prompts) + extra, release_text_encoders)
+    def _extra_prompts(self) -> list[str]:
+        return [self.cfg.negative_prompt] if self.cfg.true_cfg else []
 
     def _no_cfg_message(self) -> str:
         return (
@@ -147,18 +146,19 @@ class FluxPolicy(DiffusersPolicy):
         if self.transformer.config.guidance_embeds:
             guidance = torch.full((n,), self.cfg.guidance, device=x.device, dtype=torch.float32)
         prompt_embeds = cond["prompt_embeds"]
-        txt_ids = torch.zeros(prompt_embeds.shape[1], 3, device=x.device, dtype=self.dtype)
+        dtype = self._active.dtype  # bf16 frozen base, or float32 for full fine-tuning
+        txt_ids = torch.zeros(prompt_embeds.shape[1], 3, device=x.device, dtype=dtype)
         # The pipeline hands the transformer (1000 sigma) / 1000 in float32; do the same arithmetic.
         timestep = (t.float() * 1000.0) / 1000.0
         with autocast(self.device, self.dtype):
             tokens = self._active(
-                hidden_states=pack_latents(x.to(self.dtype)),
+                hidden_states=pack_latents(x.to(dtype)),
                 timestep=timestep,
                 guidance=guidance,
-                pooled_projections=cond["pooled_prompt_embeds"].to(self.dtype),
-                encoder_hidden_states=prompt_embeds.to(self.dtype),
+                pooled_projections=cond["pooled_prompt_embeds"].to(dtype),
+                encoder_hidden_states=prompt_embeds.to(dtype),
                 txt_ids=txt_ids,
-                img_ids=self._img_ids,
+                img_ids=self._img_ids.to(dtype),
                 return_dict=False,
             )[0]
         return unpack_latents(tokens, h, w)

@@ -105,18 +105,18 @@ class SD3Policy(DiffusersPolicy):
             cond["negative_pooled_prompt_embeds"] = neg["pooled_prompt_embeds"].expand(n, -1)
         return cond
 
-    def cache_prompts(self, prompts: list[str], release_text_encoders: bool = False) -> None:
-        extra = [self.cfg.negative_prompt] if self.cfg.cfg else []
-        super().cache_prompts(list(prompts) + extra, release_text_encoders)
+    def _extra_prompts(self) -> list[str]:
+        return [self.cfg.negative_prompt] if self.cfg.cfg else []
 
     def _forward(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
         """One transformer pass: ``timestep = 1000 t`` as in the pipeline."""
+        dtype = self._active.dtype  # bf16 frozen base, or float32 for full fine-tuning
         with autocast(self.device, self.dtype):
             return self._active(
-                hidden_states=x.to(self.dtype),
+                hidden_states=x.to(dtype),
                 timestep=t.float() * 1000.0,
-                encoder_hidden_states=cond["prompt_embeds"].to(self.dtype),
-                pooled_projections=cond["pooled_prompt_embeds"].to(self.dtype),
+                encoder_hidden_states=cond["prompt_embeds"].to(dtype),
+                pooled_projections=cond["pooled_prompt_embeds"].to(dtype),
                 return_dict=False,
             )[0]
 
