@@ -341,9 +341,10 @@ def test_server_coalesces_concurrent_requests():
 
 
 def test_served_as_a_real_subprocess():
+    """``advantageflow serve-reward`` (the CLI wraps ``advantageflow.rewards.server.main``)."""
     env = dict(os.environ, ADVANTAGEFLOW_REWARD_TOKEN="tok")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "advantageflow.rewards.server", "jpeg_incompressibility", "--port", "0",
+        [sys.executable, "-m", "advantageflow", "serve-reward", "jpeg_incompressibility", "--port", "0",
          "--arg", "quality=80"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
