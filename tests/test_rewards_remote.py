@@ -390,3 +390,29 @@ def test_request_parser_fuzz(body):
     except BadRequest:
         return
     assert req.samples.shape[0] == len(req.prompts) == len(req.metadata)
+
+
+def test_shapes_eval_served_with_named_parts_and_metadata():
+    """The ShapesEval reward (dict output, JSON metadata) over the wire equals in-process."""
+    import random
+
+    from advantageflow.rewards.imageio import quantize
+    from advantageflow.tasks.shapes.grammar import all_specs, to_prompt
+    from advantageflow.tasks.shapes.scene import render, sample_scene
+
+    rng = random.Random(0)
+    specs = rng.sample(all_specs(), 6)
+    x = render([sample_scene(s, rng) for s in specs])
+    prompts, metadata = [to_prompt(s) for s in specs], [s.to_dict() for s in specs]
+    local = build_reward("shapes_eval")
+    server = serve("shapes_eval")
+    try:
+        for encoding, inputs in (("float32", x), ("png", quantize(x))):
+            expected = local(inputs, prompts, metadata)
+            got = build_reward("remote", {"url": server.url, "encoding": encoding})(x, prompts, metadata)
+            assert set(got) == set(expected) == {"score", "strict"}
+            for key in got:
+                assert torch.equal(got[key], expected[key].float()), (encoding, key)
+        assert expected["score"].mean() > 0.5  # rendered to spec: mostly right
+    finally:
+        server.shutdown()
