@@ -316,6 +316,28 @@ def test_client_rejects_garbage_responses(body, reason):
         httpd.server_close()
 
 
+class _CutShort(_Garbage):
+    def do_POST(self):  # noqa: N802
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Length", "1000")
+        self.end_headers()
+        self.wfile.write(b'{"scores": [1.0, ')  # then the connection closes
+
+
+def test_client_retries_a_reply_cut_short():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _CutShort)
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        client = build_reward("remote", {"url": f"http://127.0.0.1:{httpd.server_address[1]}",
+                                         "retries": 2, "backoff": 0.0})
+        with pytest.raises(RewardError, match="after 3 attempts.*cut short: 17 of 1000 bytes"):
+            client(images(2), ["", ""], [{}, {}])
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 def test_server_coalesces_concurrent_requests():
     reward = SumReward(delay=0.3)
     server = serve("sum", reward=reward, max_batch=64)

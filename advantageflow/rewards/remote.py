@@ -9,6 +9,7 @@ sample in ``scores`` and in each component.
 
 from __future__ import annotations
 
+import http.client
 import os
 import time
 import urllib.error
@@ -23,6 +24,7 @@ from advantageflow.rewards.wire import decode_response, encode_request, loads_st
 TOKEN_ENV = "ADVANTAGEFLOW_REWARD_TOKEN"
 # Answers that retrying cannot change: bad request, auth, route, size, media type.
 FATAL_STATUS = {400, 401, 403, 404, 405, 411, 413, 415}
+MAX_RESPONSE_BYTES = 64 * 2**20
 
 
 class RemoteReward:
@@ -72,7 +74,13 @@ class RemoteReward:
         req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
         self.attempts_made += 1
         with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-            return resp.read()
+            data = resp.read(MAX_RESPONSE_BYTES + 1)
+            announced = resp.headers.get("Content-Length")
+        if announced is not None and announced.isdigit() and len(data) < int(announced):
+            raise ValueError(f"response cut short: {len(data)} of {announced} bytes")
+        if len(data) > MAX_RESPONSE_BYTES:
+            raise ValueError(f"response larger than {MAX_RESPONSE_BYTES} bytes")
+        return data
 
     def __call__(self, images: Tensor, prompts: list[str], metadata: list[dict]) -> Any:
         batch = images.shape[0]
@@ -90,7 +98,7 @@ class RemoteReward:
                     raise RewardError(f"remote reward at {self.url} refused the request: "
                                       f"HTTP {err.code}: {detail}") from err
                 last = f"HTTP {err.code}: {detail}"
-            except OSError as err:  # URLError, timeouts, resets are all OSError
+            except (OSError, http.client.HTTPException) as err:  # refused, timeouts, resets, cut replies
                 reason = getattr(err, "reason", err)
                 last = f"{type(reason).__name__}: {reason}"
             except ValueError as err:  # invalid response body

@@ -208,7 +208,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self._send(415, {"error": f"Content-Type must be application/json, got '{ctype}'"})
             return
-        body = self.rfile.read(int(length))
+        try:
+            body = self.rfile.read(int(length))
+        except OSError:  # the client stalled past the timeout or went away
+            self.close_connection = True
+            return
         try:
             request = decode_request(body, self.server.max_batch_items, self.server.max_pixels)
         except BadRequest as err:
