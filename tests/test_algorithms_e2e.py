@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from advantageflow.config import load_config
+from advantageflow.runlog import read_metrics
 from advantageflow.trainer import TrainingError, train
 from tests.conftest import REPO
 
@@ -57,3 +58,39 @@ def test_shipped_configs_differ_only_in_the_algorithm_and_what_it_needs():
     assert dicts["epg"]["advantage"]["std"] == "none"
     assert dicts["draft"]["reward"]["name"] == "toy2d_smooth"
     assert dicts["awm"]["train"]["steps_per_epoch"] == dicts["diffusion_nft"]["train"]["steps_per_epoch"] == 1
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_switching_algo_on_the_command_line_trains(name, tmp_path, toy_overrides):
+    """``advantageflow train configs/toy2d_advantageflow.yaml algo=NAME`` runs every algorithm
+    with its defaults (DRaFT with the differentiable reward)."""
+    from advantageflow.cli import main
+
+    extra = ["reward.name=toy2d_smooth"] if name == "draft" else []
+    run_dir = tmp_path / "run"
+    main(["train", str(REPO / "configs" / "toy2d_advantageflow.yaml"), f"algo={name}", *toy_overrides, *extra,
+          "train.epochs=1", "eval.every=0", "--run-dir", str(run_dir)])
+    assert load_config(str(run_dir / "config.yaml")).algo == name
+    assert (run_dir / "summary.json").exists()
+
+
+def _train_rows(run_dir) -> list[dict]:
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    keep = ("reward/", "loss/", "stats/")
+    return [{k: v for k, v in r.items() if k.startswith(keep) or k in ("step", "epoch")}
+            for r in rows if "reward/mean" in r]
+
+
+@pytest.mark.parametrize("name,extra", [
+    ("awm", ["awm.num_timesteps=2"]),  # the lagged EMA copy (DiffusionNFT's old policy is the same class)
+    ("flow_grpo", ["flow_grpo.fast_window=2", "flow_grpo.fast_window_range=[0, 5]"]),  # the Fast window
+])
+def test_resumed_run_equals_uninterrupted_run(name, extra, tmp_path, toy_overrides):
+    """The algorithm's state (old / EMA policies, the Fast window) survives a checkpoint."""
+    config = str(REPO / "configs" / f"toy2d_{name}.yaml")
+    base = toy_overrides + extra + ["eval.every=0", "checkpoint.every=2", "checkpoint.keep=5"]
+    train(load_config(config, base + ["train.epochs=3"]), tmp_path / "full")
+    train(load_config(config, base + ["train.epochs=2"]), tmp_path / "resumed")
+    train(load_config(config, base + ["train.epochs=3"]), tmp_path / "resumed", resume=True)
+    full, resumed = _train_rows(tmp_path / "full"), _train_rows(tmp_path / "resumed")
+    assert len(full) == 3 and full == resumed
