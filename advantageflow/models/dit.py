@@ -77,6 +77,22 @@ def timestep_embedding(t: Tensor, dim: int) -> Tensor:
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
 
 
+def sincos_2d(grid: int, dim: int) -> Tensor:
+    """Fixed 2-D sin-cos position features ``(grid * grid, dim)``, row-major patches.
+
+    Half the channels encode the row and half the column, each as sines and cosines of
+    geometrically spaced frequencies (Vaswani et al. 2017, Sec. 3.5, per axis).
+    """
+    quarter = dim // 4
+    freqs = 1.0 / (100.0 ** (torch.arange(quarter, dtype=torch.float32) / quarter))
+    pos = torch.arange(grid, dtype=torch.float32)
+    ang = pos[:, None] * freqs[None]  # (grid, quarter)
+    axis = torch.cat([torch.sin(ang), torch.cos(ang)], dim=1)  # (grid, dim / 2)
+    rows = axis[:, None, :].expand(grid, grid, -1)
+    cols = axis[None, :, :].expand(grid, grid, -1)
+    return torch.cat([rows, cols], dim=-1).reshape(grid * grid, -1)
+
+
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """adaLN: ``x * (1 + scale) + shift`` with ``(B, D)`` shift / scale over ``(B, N, D)``."""
     return x * (1 + scale[:, None]) + shift[:, None]
@@ -120,7 +136,9 @@ class ShapesDiT(nn.Module):
         w, p = cfg.width, cfg.patch
         self.grid = cfg.image_size // p
         self.patch_embed = nn.Conv2d(cfg.channels, w, p, stride=p)
-        self.pos = nn.Parameter(torch.randn(1, self.grid * self.grid, w) * 0.02)
+        # fixed 2-D sin-cos positions (DiT, Sec. 3.2) plus a learned correction (zero at start)
+        self.register_buffer("pos_fixed", sincos_2d(self.grid, w)[None], persistent=False)
+        self.pos = nn.Parameter(torch.zeros(1, self.grid * self.grid, w))
         self.tok = nn.Embedding(cfg.vocab_size, w)
         nn.init.normal_(self.tok.weight, std=0.02)
         self.tok_pos = nn.Parameter(torch.randn(1, cfg.max_tokens, w) * 0.02)
@@ -137,7 +155,7 @@ class ShapesDiT(nn.Module):
     def forward(self, x: Tensor, t: Tensor, tokens: Tensor) -> Tensor:
         b, ch, hh, ww = x.shape
         p, g = self.cfg.patch, self.grid
-        img = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos  # (B, g*g, D)
+        img = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_fixed + self.pos  # (B, g*g, D)
         txt = self.tok(tokens) + self.tok_pos[:, : tokens.shape[1]]  # (B, L, D)
         c = self.t_mlp(timestep_embedding(t, self.cfg.width).to(x.dtype)) + self.text_pool(txt.mean(dim=1))
         h = torch.cat([txt, img], dim=1)

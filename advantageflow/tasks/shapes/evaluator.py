@@ -312,7 +312,8 @@ def evaluate_policy(
     """ShapesEval of a policy with ``generate`` (e.g. ``ShapesDiTPolicy``) on ``specs``.
 
     Defaults: the test split; steps / guidance from the policy's ``sampling`` settings.
-    Adds ``diversity`` (:func:`sample_diversity`).  Seeded: the same noise for every model.
+    Adds ``diversity`` (:func:`sample_diversity`) when ``samples_per_prompt > 1``.
+    Seeded: the same noise for every model.
     """
     from advantageflow.tasks.shapes.grammar import splits, to_prompt
 
@@ -328,7 +329,8 @@ def evaluate_policy(
                                       noise=noise[start : start + len(chunk)]).cpu())
     imgs = torch.cat(images)
     result = summarize(score(imgs, [s for _, s in rows]))
-    result["diversity"] = sample_diversity(imgs, [k for k, _ in rows])
+    if samples_per_prompt > 1:
+        result["diversity"] = sample_diversity(imgs, [k for k, _ in rows])
     return result
 
 
