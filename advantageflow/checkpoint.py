@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from advantageflow.faults import fault_point
+
 CKPT_RE = re.compile(r"^ckpt-(\d{6})$")
 
 
@@ -88,6 +90,7 @@ def save_checkpoint(
     for f in tmp.iterdir():
         _fsync_file(f)
     _fsync_dir(tmp)
+    fault_point("checkpoint")
     if final.exists():  # re-saving the same epoch (e.g. after a resume): replace it
         shutil.rmtree(final)
     os.replace(tmp, final)

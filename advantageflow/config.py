@@ -208,7 +208,9 @@ def build_config(data: dict) -> Config:
         algo_cls = ALGORITHMS.get(algo)
     except RegistryError as err:
         raise ConfigError(f"'algo': {err}") from None
-    section = data.pop(algo, None) or {}
+    # A user's algorithm given by dotted path may keep its options under its short name.
+    short = algo.rsplit(":", 1)[-1].rsplit(".", 1)[-1]
+    section = data.pop(algo, None) or (data.pop(short, None) if short != algo else None) or {}
     if "algorithm" in data:
         raise ConfigError(f"put the algorithm's options under '{algo}:', not 'algorithm:'")
     for other in ALGORITHMS.names():

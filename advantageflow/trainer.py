@@ -26,6 +26,7 @@ from advantageflow.checkpoint import latest_checkpoint, load_checkpoint, save_ch
 from advantageflow.config import Config
 from advantageflow.distributed import DistEnv
 from advantageflow.evaluation import EvalResult, evaluate_policy
+from advantageflow.faults import fault_point
 from advantageflow.rewards.base import RewardError, is_differentiable
 from advantageflow.rollouts import decode_and_score, generate, plan_epoch, seeded_generator
 from advantageflow.runlog import MetricsLogger, plot_curves, read_metrics, save_samples
@@ -111,10 +112,11 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, env: DistEnv |
     state = LoopState()
     logger = MetricsLogger(run_dir, cfg.log.tensorboard, enabled=env.is_main)
 
-    if resume:
-        path = latest_checkpoint(ckpt_root)
-        if path is None:
-            raise TrainingError(f"--resume: no complete checkpoint under '{ckpt_root}'")
+    path = latest_checkpoint(ckpt_root) if resume else None
+    if resume and path is None and env.is_main:
+        print(f"[advantageflow] --resume: no complete checkpoint under '{ckpt_root}' yet; starting fresh")
+        logger.truncate_after(-1)
+    if path is not None:
         ckpt = load_checkpoint(path, env.device)
         policy.load_trainable_state(ckpt.policy)
         optimizer.load_state_dict(ckpt.optimizer)
@@ -149,8 +151,10 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, env: DistEnv |
             [plan.group_of(r) for r in plan.rows], grid, request, cfg.sampler.solver,
             cfg.sampler.guidance_scale, cfg.sampler.batch_size,
         )
+        fault_point("rollout")
         # 2. Rewards, gathered over processes so that groups and the global std are complete.
         scored, _ = decode_and_score(policy, reward, rollout, cfg.sampler.batch_size)
+        fault_point("reward")
         t_rollout = time.perf_counter() - t0
         total = env.all_gather_cat(scored.total.float().cpu())
         components = {k: env.all_gather_cat(v.float().cpu()) for k, v in scored.components.items()}
@@ -264,6 +268,7 @@ def _optimizer_step(cfg, env, algo, policy, params, optimizer, reward, rollout, 
         return out
     grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
     optimizer.step()
+    fault_point("train")
     algo.after_step(policy, state.step)
     state.step += 1
     state.consecutive_bad = 0

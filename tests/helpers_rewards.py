@@ -54,3 +54,10 @@ class RankFaultReward(ModeReward):
                 time.sleep(3600)
             raise RuntimeError(f"simulated failure on rank {self.rank}")
         return super().__call__(images, prompts, metadata)
+
+
+class WrongShapeReward:
+    """Returns 5 scores whatever the batch."""
+
+    def __call__(self, images, prompts, metadata):
+        return torch.zeros(5)

@@ -102,7 +102,7 @@ def _factory_kwargs(factory: Any, args: dict, name: str) -> dict:
         if key not in valid:
             hint = closest(key, valid)
             more = f"; did you mean '{hint}'?" if hint else ""
-            raise ValueError(f"reward '{name}' has no argument '{key}'{more} (valid: {valid})")
+            raise ValueError(f"unknown argument '{key}'{more} (valid: {valid})")
     return args
 
 
