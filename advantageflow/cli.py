@@ -157,6 +157,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
             arr = (img.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8")
             Image.fromarray(arr).save(out_dir / f"sample_{i:03d}.png")
     print(f"[advantageflow] wrote {args.num} samples to {out_dir} ({grid_path.name})")
+    if args.export_lora:
+        from advantageflow.models.export import export_lora
+
+        export_lora(policy, args.export_lora)
+        print(f"[advantageflow] LoRA in diffusers format: {args.export_lora} (pipeline.load_lora_weights)")
     return 0
 
 
@@ -205,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=0, help="sampler steps (default sampler.eval_steps)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples", help="output folder")
+    p.add_argument("--export-lora", metavar="DIR", help="also save the LoRA in diffusers' format (diffusers models)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("pretrain", help="pretrain a shipped base model (shapes)")

@@ -127,6 +127,9 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, env: DistEnv |
             print(f"[advantageflow] resumed from {path} (epoch {state.epoch}, step {state.step})")
 
     train_prompts = task.train_prompts()
+    cache_prompts = getattr(policy, "cache_prompts", None)
+    if callable(cache_prompts):  # encode every prompt once; text encoders may then be released
+        cache_prompts(list(dict.fromkeys(p.text for p in train_prompts + task.test_prompts())))
     grid = time_grid_for(policy, cfg.sampler.steps, cfg.sampler.shift)
     tc = cfg.train
 
@@ -193,6 +196,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, env: DistEnv |
         state.samples += tc.samples_per_epoch
         wall = time.perf_counter() - t0
         state.wall_s += wall
+        metrics.update(memory_metrics(policy, env.device))
         metrics.update({"perf/rollout_s": t_rollout, "perf/epoch_s": wall,
                         "perf/samples_per_s": tc.samples_per_epoch / wall, "samples": state.samples})
         if cfg.eval.every > 0 and (state.epoch % cfg.eval.every == 0 or state.epoch == tc.epochs):
@@ -274,6 +278,18 @@ def _optimizer_step(cfg, env, algo, policy, params, optimizer, reward, rollout, 
     state.consecutive_bad = 0
     out["stats/grad_norm"] = float(grad_norm)
     return out
+
+
+def memory_metrics(policy: Any, device: torch.device) -> dict[str, float]:
+    """Peak memory of this process: the policy's own report, else CUDA peak or CPU max RSS."""
+    own = getattr(policy, "memory", None)
+    if callable(own):
+        return {k if k.startswith("perf/") else f"perf/{k}": float(v) for k, v in own().items()}
+    if device.type == "cuda":
+        return {"perf/max_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30}
+    import resource
+
+    return {"perf/max_memory_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
 
 
 def _rank_mean(env: DistEnv, metrics: dict[str, float]) -> dict[str, float]:
