@@ -12,8 +12,8 @@ incompressibility.  Three ways to process N batches:
 The three modes are run interleaved ``--reps`` times and the medians reported, so that a
 change of load on a shared machine hits them alike.
 
-Usage:  python benchmarks/async_reward.py [--batches 4] [--batch-size 16] [--steps 10] [--reps 2]
-            [--rewards ocr,jpeg_incompressibility]
+Usage:  python benchmarks/async_reward.py [--batches 4] [--batch-size 16] [--steps 10] [--reps 3]
+            [--threads 1] [--workers 2] [--rewards ocr,jpeg_incompressibility]
 """
 
 from __future__ import annotations
@@ -74,10 +74,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--reps", type=int, default=2, help="interleaved repetitions (medians reported)")
+    parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions (medians reported)")
     parser.add_argument("--workers", type=int, default=2, help="threads for the 'async xW' column")
     parser.add_argument("--rewards", default="ocr,jpeg_incompressibility")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads for sampling (on a small shared machine more threads than free "
+                             "cores makes OpenMP spin and sampling several times slower)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
 
     policy, what = make_policy()
     draw, prompts, metadata = sampler(policy, args.batch_size, args.steps)

@@ -10,9 +10,11 @@ sample in ``scores`` and in each component.
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import os
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any
 
@@ -34,7 +36,8 @@ class RemoteReward:
         url: the server, e.g. ``http://127.0.0.1:8000`` (``/score`` is appended unless given).
         token: bearer token; defaults to ``$ADVANTAGEFLOW_REWARD_TOKEN`` when unset, so configs
             need not hold secrets.
-        timeout: seconds per attempt (connect + score).
+        timeout: socket timeout of each attempt, in seconds (connecting, and each wait for
+            the server's answer).
         retries: extra attempts after the first for transient failures (connection refused or
             reset, timeouts, 5xx/429, unparsable or invalid responses).
         backoff: the first wait in seconds; doubled after each failure, capped at ``max_backoff``.
@@ -66,6 +69,10 @@ class RemoteReward:
         self.timeout, self.retries = float(timeout), int(retries)
         self.backoff, self.max_backoff, self.encoding = float(backoff), float(max_backoff), encoding
         self.attempts_made = 0  # total HTTP attempts, for tests and logs
+        host = urllib.parse.urlsplit(self.url).hostname or ""
+        # A server on this machine is never reached through $http_proxy.
+        local = host == "localhost" or _is_loopback(host)
+        self._opener = urllib.request.build_opener(*([urllib.request.ProxyHandler({})] if local else []))
 
     def _post(self, body: bytes) -> bytes:
         headers = {"Content-Type": "application/json"}
@@ -73,7 +80,7 @@ class RemoteReward:
             headers["Authorization"] = f"Bearer {self.token}"
         req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
         self.attempts_made += 1
-        with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+        with self._opener.open(req, timeout=self.timeout) as resp:
             data = resp.read(MAX_RESPONSE_BYTES + 1)
             announced = resp.headers.get("Content-Length")
         if announced is not None and announced.isdigit() and len(data) < int(announced):
@@ -119,3 +126,10 @@ def _error_detail(err: urllib.error.HTTPError) -> str:
         return str(obj.get("error", obj)) if isinstance(obj, dict) else str(obj)
     except Exception:  # noqa: BLE001 - best effort
         return err.reason if isinstance(err.reason, str) else "no detail"
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
