@@ -30,11 +30,17 @@ class EvalResult:
 
 
 def eval_prompts(task: Any, num_prompts: int, samples_per_prompt: int) -> list[Prompt]:
-    """The first ``num_prompts`` test prompts (cycled), each repeated per sample."""
+    """``num_prompts`` evenly spaced test prompts (cycled if fewer), each repeated per sample.
+
+    Evenly spaced rather than the first ones, so a split ordered by category is covered.
+    """
     test = task.test_prompts()
     if not test:
         raise ValueError("the task has no test prompts")
-    chosen = [test[i % len(test)] for i in range(num_prompts)]
+    if num_prompts <= len(test):
+        chosen = [test[(i * len(test)) // num_prompts] for i in range(num_prompts)]
+    else:
+        chosen = [test[i % len(test)] for i in range(num_prompts)]
     return [p for p in chosen for _ in range(samples_per_prompt)]
 
 

@@ -191,6 +191,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, env: DistEnv |
                     if row_metrics is not None:
                         step_rows.append(row_metrics)
             metrics.update(_mean_metrics(step_rows))
+            metrics["stats/zero_std_ratio"] = adv.zero_std_ratio  # the epoch-level value wins
             metrics["perf/train_s"] = time.perf_counter() - t1
         state.epoch = epoch + 1
         state.samples += tc.samples_per_epoch
