@@ -19,6 +19,7 @@ Usage:  python benchmarks/async_reward.py [--batches 4] [--batch-size 16] [--ste
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -92,7 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     t_sample = (time.perf_counter() - t) / 2
     print(f"policy: {what}; {args.batches} batches of {args.batch_size} images 32x32, {args.steps} Euler steps; "
           f"torch threads {torch.get_num_threads()}")
-    print(f"sampling alone: {t_sample:.2f} s/batch; medians of {args.reps} interleaved repetitions\n")
+    print(f"sampling alone: {t_sample:.2f} s/batch; medians of {args.reps} interleaved repetitions")
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start\n")
     print(f"| reward | score s/batch | serial s | async s | speed-up | async x{args.workers} s | speed-up |")
     print("|---|---|---|---|---|---|---|")
     for name in args.rewards.split(","):
@@ -117,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         serial, overlapped, wide = (statistics.median(times[k]) for k in ("serial", "async", "wide"))
         print(f"| {name} | {t_score:.2f} | {serial:.1f} | {overlapped:.1f} | {serial / overlapped:.2f}x "
               f"| {wide:.1f} | {serial / wide:.2f}x |", flush=True)
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
     print("\nScores are identical in the three modes (checked).  Ideal async time is about "
           "N * max(sample, score); serial is N * (sample + score).")
 
