@@ -228,7 +228,7 @@ def test_client_timeout_on_slow_server():
         start = time.monotonic()
         with pytest.raises(RewardError, match="(?i)timed out"):
             client(images(1), [""], [{}])
-        assert time.monotonic() - start < 0.75
+        assert time.monotonic() - start < 1.4  # two waits on the slow reward would take 1.6 s
         assert client.attempts_made == 2
     finally:
         server.shutdown()
