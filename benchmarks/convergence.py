@@ -1,0 +1,393 @@
+"""Who reaches the target first: every algorithm from the same base model, same prompts and seeds.
+
+For each method the benchmark (1) spends an equal, declared tuning budget: the same learning
+rate sweep (``--lr-factors`` times the method's own config lr) on a tuning seed that is not
+one of the reported seeds, picking the lr with the shortest time-to-target (then the best
+final value); (2) trains the chosen lr on every reported seed for the same wall-clock budget
+of training (``perf/epoch_s``: rollouts + rewards + updates; held-out evaluation excluded);
+(3) reads the held-out metric against training seconds and samples from ``metrics.jsonl``.
+
+Hyper-parameters are the authors' recommendations as scaled to the CPU in
+``configs/toy2d_<algo>.yaml``.  For ShapesEval the per-method configs are derived from the
+main job, ``configs/shapes_advantageflow.yaml``: its model, task, reward, sampler, batch and
+evaluation, with the algorithm's own section (and its advantage / steps-per-epoch convention)
+taken from ``configs/toy2d_<algo>.yaml``.  DRaFT needs a differentiable reward, so it runs on
+the 2-D task only (with its smooth reward; it is compared on the same task metric).
+
+    python benchmarks/convergence.py --task toy2d --quick
+    python benchmarks/convergence.py --task shapes --quick
+
+Writes ``benchmarks/results/convergence_<task>[_quick].md`` (table) and ``.png`` (curves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import (  # noqa: E402
+    RESULTS,
+    ROOT,
+    Curve,
+    command_line,
+    first_crossing,
+    git_commit,
+    machine_line,
+    markdown_table,
+    mean_std,
+    read_curve,
+    set_threads,
+    step_interp,
+    train_with_budget,
+)
+
+ALGOS = ("advantageflow", "awm", "diffusion_nft", "epg", "ram", "flow_grpo", "draft")
+BASELINE = "flow_grpo"
+
+
+@dataclass
+class TaskSpec:
+    """How one task is benchmarked.
+
+    Attributes: metric: the held-out key compared.  target_delta: target = mean base value
+    + this.  eval_every: epochs between evaluations.  extra: overrides for every run.
+    """
+
+    metric: str
+    target_delta: float
+    eval_every: int
+    algos: tuple[str, ...]
+    extra: list[str] = field(default_factory=list)
+
+
+TASKS = {
+    # 2-D task: base puts ~0.35 of its mass on the 3 rewarded modes (of 8); the target is
+    # base + 0.4, i.e. three quarters of the mass where the reward is.
+    "toy2d": TaskSpec("eval/rewarded_fraction", 0.4, 3, ALGOS, ["eval.samples_per_prompt=1024"]),
+    # ShapesEval: GenEval-style strict accuracy on the 46 held-out prompts; target base + 0.2.
+    "shapes": TaskSpec("eval/strict", 0.2, 4, tuple(a for a in ALGOS if a != "draft")),
+}
+
+
+def load_yaml(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+def algo_config_dict(task: str, algo: str) -> dict:
+    """The raw config of ``algo`` on ``task`` (see the module docstring for ShapesEval)."""
+    own = load_yaml(ROOT / "configs" / f"toy2d_{algo}.yaml")
+    if task == "toy2d":
+        return own
+    main_path = ROOT / "configs" / "shapes_advantageflow.yaml"
+    if not main_path.exists():
+        raise SystemExit(f"convergence: {main_path.relative_to(ROOT)} (the ShapesEval main job) does not exist yet")
+    data = load_yaml(main_path)
+    data.pop(data.get("algo", "advantageflow"), None)
+    data["algo"] = algo
+    data[algo] = own.get(algo, {})
+    # The authors' batch conventions that differ from AdvantageFlow's.
+    data.setdefault("advantage", {})["std"] = own.get("advantage", {}).get("std", "global")
+    base_steps = load_yaml(ROOT / "configs" / "toy2d_advantageflow.yaml")["train"]["steps_per_epoch"]
+    if own["train"]["steps_per_epoch"] != base_steps:
+        data.setdefault("train", {})["steps_per_epoch"] = own["train"]["steps_per_epoch"]
+    return data
+
+
+def build(task: str, algo: str, seed: int, lr: float | None, spec: TaskSpec, run_dir: Path,
+          extra: list[str] = ()):
+    from advantageflow.config import build_config
+    from advantageflow.configbase import apply_override, parse_override
+
+    data = algo_config_dict(task, algo)
+    overrides = [
+        f"seed={seed}", "train.epochs=1000000", f"eval.every={spec.eval_every}", "checkpoint.every=100000000",
+        "checkpoint.keep=1", "log.progress=false", "log.tensorboard=false", *spec.extra, *extra,
+    ]
+    if lr is not None:
+        overrides.append(f"train.lr={lr}")
+    for text in overrides:
+        keys, value = parse_override(text)
+        apply_override(data, keys, value)
+    return build_config(data)
+
+
+def run_one(task: str, algo: str, seed: int, lr: float | None, spec: TaskSpec, budget_s: float,
+            work: Path, keep: bool, extra: list[str] = ()) -> Curve:
+    run_dir = work / f"{algo}_seed{seed}_lr{lr}"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    cfg = build(task, algo, seed, lr, spec, run_dir, extra)
+    t0 = time.perf_counter()
+    ended = train_with_budget(cfg, run_dir, budget_s)
+    curve = read_curve(run_dir, spec.metric)
+    curve.ended = ended
+    print(f"  {algo:14s} seed {seed:4d} lr {cfg.train.lr:.2e}: {curve.epochs:4d} epochs, "
+          f"{spec.metric.split('/')[-1]} {curve.values[0]:.3f} -> {curve.values[-1]:.3f} "
+          f"(max {max(curve.values):.3f}), {time.perf_counter() - t0:.0f}s total, ended by {ended}", flush=True)
+    if not keep:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return curve
+
+
+def score_for_tuning(curve: Curve, target: float) -> tuple[float, float]:
+    """Sort key (smaller is better): time-to-target, then minus the final value."""
+    t = first_crossing(curve.seconds, curve.values, target)
+    return (t if t is not None else math.inf, -curve.values[-1])
+
+
+def fmt(mean: float, std: float, digits: int = 3) -> str:
+    if math.isnan(mean):
+        return "–"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def summarize(task: str, spec: TaskSpec, results: dict, lrs: dict, target: float, base: float,
+              budget_s: float, seeds: list[int]) -> tuple[str, dict]:
+    """Markdown table: final value, time- and samples-to-target, speed-ups over Flow-GRPO."""
+    per = {}
+    for algo, curves in results.items():
+        ttt = [first_crossing(c.seconds, c.values, target) for c in curves]
+        stt = [first_crossing([float(s) for s in c.samples], c.values, target) for c in curves]
+        per[algo] = {"ttt": ttt, "stt": stt, "final": [c.values[-1] for c in curves],
+                     "best": [max(c.values) for c in curves], "epoch_s": [c.epoch_s for c in curves],
+                     "epochs": [c.epochs for c in curves]}
+    base_ttt = per.get(BASELINE, {}).get("ttt")
+    base_stt = per.get(BASELINE, {}).get("stt")
+
+    def speedups(mine, theirs, cap):
+        """Per-seed ratio theirs / mine (same seed); a side that missed the target counts as
+        the budget ('>=' lower bound when only the baseline missed)."""
+        out, bound = [], False
+        for m, b in zip(mine, theirs):
+            if m is None:
+                continue
+            if b is None:
+                b, bound = cap, True
+            out.append(b / max(m, 1e-9))
+        return out, bound
+
+    header = ["method", "lr (chosen)", "s / epoch", f"final {spec.metric}", f"best {spec.metric}",
+              "reached", "stopped early", "time-to-target s", "samples-to-target", "speed-up vs Flow-GRPO (time)",
+              "speed-up (samples)"]
+    rows = []
+    for algo in results:
+        p = per[algo]
+        reached = sum(t is not None for t in p["ttt"])
+        ttt_m, ttt_s = mean_std([t for t in p["ttt"] if t is not None])
+        stt_m, stt_s = mean_std([t for t in p["stt"] if t is not None])
+        sp_cells = []
+        for mine, theirs, cap in ((p["ttt"], base_ttt, budget_s),
+                                  (p["stt"], base_stt, max(max(c.samples) for c in results[BASELINE])
+                                   if BASELINE in results else None)):
+            if theirs is None or cap is None:
+                sp_cells.append("–")
+                continue
+            ratios, bound = speedups(mine, theirs, cap)
+            if not ratios:
+                sp_cells.append("–")
+                continue
+            m, _ = mean_std(ratios)
+            sp_cells.append(f"{'≥' if bound else ''}{m:.2f}x [{min(ratios):.2f}–{max(ratios):.2f}]")
+        rows.append([
+            algo, f"{lrs[algo]:.1e}", f"{mean_std(p['epoch_s'])[0]:.3f}", fmt(*mean_std(p["final"])),
+            fmt(*mean_std(p["best"])), f"{reached}/{len(p['ttt'])}",
+            str(sum(c.ended.startswith("stopped") for c in results[algo])),
+            "–" if reached == 0 else f"{ttt_m:.1f} ± {ttt_s:.1f}",
+            "–" if reached == 0 else f"{stt_m:.0f} ± {stt_s:.0f}", *sp_cells,
+        ])
+    return markdown_table(header, rows), per
+
+
+def plot(results: dict, spec: TaskSpec, target: float, budget_s: float, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    grid_t = [budget_s * i / 200 for i in range(201)]
+    for algo, curves in results.items():
+        max_s = max(max(c.samples) for c in curves)
+        grid_s = [max_s * i / 200 for i in range(201)]
+        for ax, grid, xs_of in ((axes[0], grid_t, lambda c: c.seconds),
+                                (axes[1], grid_s, lambda c: [float(s) for s in c.samples])):
+            ys = [step_interp(xs_of(c), c.values, grid) for c in curves]
+            mean = [_nanmean([y[i] for y in ys]) for i in range(len(grid))]
+            lo = [_nanmin([y[i] for y in ys]) for i in range(len(grid))]
+            hi = [_nanmax([y[i] for y in ys]) for i in range(len(grid))]
+            (line,) = ax.plot(grid, mean, label=algo)
+            ax.fill_between(grid, lo, hi, color=line.get_color(), alpha=0.15)
+    for ax, xlabel in zip(axes, ("training wall-clock seconds (evaluation excluded)", "images sampled")):
+        ax.axhline(target, color="k", ls="--", lw=0.8, label="target")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"held-out {spec.metric}")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title + " (mean over seeds, band = min–max)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _nanmean(v):
+    v = [x for x in v if not math.isnan(x)]
+    return sum(v) / len(v) if v else math.nan
+
+
+def _nanmin(v):
+    v = [x for x in v if not math.isnan(x)]
+    return min(v) if v else math.nan
+
+
+def _nanmax(v):
+    v = [x for x in v if not math.isnan(x)]
+    return max(v) if v else math.nan
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--task", choices=sorted(TASKS), default="toy2d")
+    ap.add_argument("--quick", action="store_true", help="smaller budget / fewer seeds: fits in 15 minutes")
+    ap.add_argument("--seeds", type=int, default=None, help="reported seeds 0..N-1 (default 5, quick 3 / 2)")
+    ap.add_argument("--budget-s", type=float, default=None, help="training seconds per run")
+    ap.add_argument("--lr-factors", default=None,
+                    help="comma list multiplying each config's lr: the tuning sweep (default 0.3,1,3; quick: 1)")
+    ap.add_argument("--tuning-seed", type=int, default=1000)
+    ap.add_argument("--algos", default=None, help="comma list (default: all that apply to the task)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per run (runs are sequential)")
+    ap.add_argument("--target", type=float, default=None, help="absolute target (default: base + task delta)")
+    ap.add_argument("--out", default=None, help="output stem (default benchmarks/results/convergence_<task>)")
+    ap.add_argument("--work-dir", default=None, help="where runs are written (default: a temporary folder)")
+    ap.add_argument("--keep-runs", action="store_true")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra config override for every run (repeatable)")
+    ap.add_argument("--from-json", default=None,
+                    help="re-render the table and plot of a saved run (with --target: at another target)")
+    args = ap.parse_args(argv)
+    if args.from_json:
+        data = json.loads(Path(args.from_json).read_text())
+        note = ""
+        if args.target is not None:
+            data["target"] = args.target
+            note = f" Re-rendered at target {args.target} with `{command_line()}`."
+        print(write_report(data, Path(args.out) if args.out else Path(args.from_json).with_suffix(""), note))
+        return 0
+
+    spec = TASKS[args.task]
+    quick_defaults = {"toy2d": (3, 6.0), "shapes": (2, 45.0)}
+    full_defaults = {"toy2d": (5, 10.0), "shapes": (3, 240.0)}
+    n_seeds, budget = (quick_defaults if args.quick else full_defaults)[args.task]
+    n_seeds = args.seeds or n_seeds
+    budget_s = args.budget_s or budget
+    factors = [float(x) for x in (args.lr_factors or ("1" if args.quick else "0.3,1,3")).split(",")]
+    algos = tuple(args.algos.split(",")) if args.algos else spec.algos
+    unknown = [a for a in algos if a not in spec.algos]
+    if unknown:
+        raise SystemExit(f"convergence: {unknown} not benchmarked on {args.task} (choose from {list(spec.algos)})")
+    seeds = list(range(n_seeds))
+    set_threads(args.threads)
+    stem = Path(args.out) if args.out else RESULTS / f"convergence_{args.task}{'_quick' if args.quick else ''}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="af_conv_"))
+    work.mkdir(parents=True, exist_ok=True)
+    machine_start = machine_line()
+    t_start = time.perf_counter()
+    print(f"[convergence] {args.task}: {len(algos)} methods x {len(seeds)} seeds, {budget_s:.0f}s each, "
+          f"lr sweep x{factors} on seed {args.tuning_seed}; runs in {work}", flush=True)
+
+    # Target: mean base value over the reported seeds (the base model is shared; only the
+    # held-out noise depends on the seed), read from the first method's epoch-0 evaluation.
+    results: dict[str, list[Curve]] = {}
+    lrs: dict[str, float] = {}
+    target = args.target
+    tuning_log: list[str] = []
+    data = {"task": args.task, "quick": args.quick, "budget_s": budget_s, "seeds": seeds, "factors": factors,
+            "tuning_seed": args.tuning_seed, "command": command_line(), "commit": git_commit(),
+            "machine_start": machine_start, "eval_every": spec.eval_every}
+    for algo in algos:
+        cfg_lr = build(args.task, algo, 0, None, spec, work, args.set).train.lr
+        candidates = [cfg_lr * f for f in factors]
+        if len(candidates) > 1:
+            print(f"[convergence] tuning {algo}: lr in {[f'{c:.1e}' for c in candidates]}", flush=True)
+            tuned = [(c, run_one(args.task, algo, args.tuning_seed, c, spec, budget_s, work, args.keep_runs,
+                                   args.set))
+                     for c in candidates]
+            t_target = target if target is not None else tuned[0][1].values[0] + spec.target_delta
+            lrs[algo] = min(tuned, key=lambda tc: score_for_tuning(tc[1], t_target))[0]
+            tuning_log.append(f"{algo}: " + ", ".join(
+                f"lr {c:.1e} -> final {cv.values[-1]:.3f}" + (" (stopped)" if cv.ended.startswith("stopped") else "")
+                for c, cv in tuned) + f"; chose {lrs[algo]:.1e}")
+        else:
+            lrs[algo] = candidates[0]
+        print(f"[convergence] {algo} at lr {lrs[algo]:.1e} on seeds {seeds}", flush=True)
+        results[algo] = [run_one(args.task, algo, s, lrs[algo], spec, budget_s, work, args.keep_runs, args.set)
+                         for s in seeds]
+        if target is None:
+            target = sum(c.values[0] for c in results[algo]) / len(seeds) + spec.target_delta
+        # Saved after every method, so an interrupted benchmark still leaves its table.
+        data.update({"target": target, "lrs": lrs, "tuning_log": tuning_log, "machine_end": machine_line(),
+                     "elapsed_s": time.perf_counter() - t_start,
+                     "curves": {a: [vars(c) for c in cs] for a, cs in results.items()}})
+        with open(stem.with_suffix(".json"), "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=1)
+        text = write_report(data, stem)
+    print(text)
+    if not args.work_dir:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def write_report(data: dict, stem: Path, note: str = "") -> str:
+    """Markdown table + PNG from a benchmark's saved data (see ``--from-json``)."""
+    spec = TASKS[data["task"]]
+    results = {a: [Curve(**c) for c in cs] for a, cs in data["curves"].items()}
+    seeds, budget_s, target = data["seeds"], data["budget_s"], data["target"]
+    base = sum(c.values[0] for c in next(iter(results.values()))) / len(seeds)
+    table, _ = summarize(data["task"], spec, results, data["lrs"], target, base, budget_s, seeds)
+    title = f"{data['task']}: held-out {spec.metric}, {budget_s:.0f}s of training per run, seeds {seeds}"
+    plot(results, spec, target, budget_s, stem.with_suffix(".png"), title)
+    stops = [f"- {a} seed {s}: {c.ended} (after {c.epochs} epochs, {c.seconds[-1]:.1f}s)"
+             for a, cs in results.items() for s, c in zip(seeds, cs) if c.ended.startswith("stopped")]
+    stopped = ("Runs the trainer stopped before the budget (their last evaluation counts as final):\n"
+               + "\n".join(stops) + "\n") if stops else ""
+    tuning = ("\n".join(f"- {line}" for line in data["tuning_log"]) if data["tuning_log"] else
+              f"- none beyond each config's own lr (factors {data['factors']}): equal (zero) tuning for every method")
+    text = f"""# Convergence on {data['task']}{' (quick)' if data['quick'] else ''}
+
+Command: `{data['command']}` (commit {data['commit']}, {data['elapsed_s'] / 60:.1f} min in all).{note}
+Machine at start: {data['machine_start']}.
+Machine at end: {data['machine_end']}.
+
+Every method starts from the same base model and uses the same seeds {seeds} (prompts and
+noise are keyed by the seed), {budget_s:.0f} s of training each (rollouts + rewards + updates;
+held-out evaluation every {data['eval_every']} epochs is not counted).  Held-out metric:
+`{spec.metric}`; base {base:.3f} (mean over seeds); **target {target:.3f}**.  Time- and
+samples-to-target are at evaluation resolution, means ± std over the seeds that reached it;
+speed-ups are per-seed ratios Flow-GRPO / method (mean [min–max]); '≥' marks a lower bound
+where Flow-GRPO missed the target (its budget counted as its time).
+
+Tuning budget (equal for every method; tuning seed {data['tuning_seed']}, not reported):
+{tuning}
+
+{table}
+
+{stopped}
+![curves]({stem.with_suffix('.png').name})
+"""
+    stem.with_suffix(".md").write_text(text)
+    return text
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,65 @@
+"""Smoke tests of the benchmarks on the 2-D task with tiny sizes (a few seconds each)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks import convergence, throughput  # noqa: E402
+from benchmarks.common import first_crossing, read_curve, step_interp  # noqa: E402
+
+
+def test_curve_helpers():
+    assert first_crossing([0.0, 1.0, 2.0], [0.1, 0.5, 0.9], 0.5) == 1.0
+    assert first_crossing([0.0, 1.0], [0.1, 0.2], 0.5) is None
+    out = step_interp([0.0, 1.0, 2.0], [0.1, 0.5, 0.9], [0.0, 0.5, 1.0, 1.9, 2.5])
+    assert out[:4] == [0.1, 0.1, 0.5, 0.5] and math.isnan(out[4])
+
+
+def test_convergence_toy_budget_and_table(tmp_path, toy_cache):
+    stem = tmp_path / "conv"
+    work = tmp_path / "runs"
+    rc = convergence.main([
+        "--task", "toy2d", "--quick", "--seeds", "1", "--budget-s", "0.4", "--algos", "flow_grpo,awm",
+        "--out", str(stem), "--work-dir", str(work), "--keep-runs",
+        "--set", f"model.cache_dir={toy_cache}", "--set", "model.pretrain_steps=1500",
+        "--set", "eval.samples_per_prompt=128",
+    ])
+    assert rc == 0
+    table = stem.with_suffix(".md").read_text()
+    assert "| flow_grpo |" in table and "| awm |" in table and stem.with_suffix(".png").stat().st_size > 0
+    data = json.loads(stem.with_suffix(".json").read_text())
+    for algo in ("flow_grpo", "awm"):
+        curve = read_curve(work / f"{algo}_seed0_lr0.001", "eval/rewarded_fraction")
+        # the budget ended the run on the first epoch whose cumulative time reached it
+        assert data["curves"][algo][0]["ended"] == "budget"
+        rows = [json.loads(x) for x in (work / f"{algo}_seed0_lr0.001" / "metrics.jsonl").read_text().split("\n") if x]
+        spent = [r["perf/epoch_s"] for r in rows if "perf/epoch_s" in r]
+        assert sum(spent) >= 0.4 > sum(spent[:-1])
+        assert curve.seconds[0] == 0.0 and curve.samples[0] == 0 and curve.values == data["curves"][algo][0]["values"]
+
+
+def test_throughput_toy_counts_network_rows(tmp_path, toy_cache):
+    stem = tmp_path / "thr"
+    rc = throughput.main([
+        "--models", "toy_mlp", "--algos", "advantageflow,flow_grpo,diffusion_nft", "--memory", "none",
+        "--repeats", "1", "--steps", "6", "--out", str(stem),
+        "--toy-model", f"cache_dir={toy_cache}", "--toy-model", "pretrain_steps=1500",
+    ])
+    assert rc == 0
+    text = stem.with_suffix(".md").read_text()
+    rows = {line.split("|")[2].strip(): [c.strip() for c in line.split("|")[1:-1]]
+            for line in text.splitlines() if line.startswith("| toy_mlp |") and "x |" in line}
+    assert set(rows) == {"advantageflow", "flow_grpo", "diffusion_nft"}
+    for cells in rows.values():
+        assert float(cells[4]) == 6.0  # one network row per sampling step and image (Euler, SDE, DPM++2M)
+    # AdvantageFlow: one draw with gradient; its first step uses theta as the old policy and
+    # one no-grad pass of the reference (lambda_ref > 0).
+    assert float(rows["advantageflow"][7]) == 1.0 and float(rows["advantageflow"][8]) == 1.0
+    # Flow-GRPO trains on int(0.99 * 6) = 5 of its 6 SDE steps, each with a reference pass (beta > 0).
+    assert float(rows["flow_grpo"][7]) == 5.0 and float(rows["flow_grpo"][8]) == 5.0
