@@ -87,12 +87,15 @@ class RewardConfig:
 
     ``combine``: ``sum`` adds the weighted raw rewards before the advantage normalisation
     (the authors' code); ``per_reward`` normalises each component's advantage first.
+    ``async_scoring``: score each sampling chunk in a background thread while the next chunk
+    is sampled (``sampler.batch_size`` sets the chunk); results are identical.
     """
 
     name: str = ""
     args: dict = field(default_factory=dict)
     components: list[RewardTerm] = field(default_factory=list)
     combine: Literal["sum", "per_reward"] = "sum"
+    async_scoring: bool = False
 
     def validate(self) -> None:
         if self.name and self.components:

@@ -176,6 +176,41 @@ def generate(
 
 
 @torch.no_grad()
+def generate_and_score(
+    policy: Any,
+    reward: Any,
+    prompts: list[Prompt],
+    noise_keys: list[Any],
+    group_ids: list[int],
+    grid: Tensor,
+    request: SamplerRequest,
+    solver: str,
+    guidance_scale: float = 1.0,
+    chunk: int = 256,
+    scorer: Any = None,
+) -> tuple[Rollout, RewardResult]:
+    """Sample and score chunk by chunk; with an ``AsyncRewardScorer`` chunk ``k`` is scored in
+    the background while chunk ``k + 1`` is sampled.  Same results as sampling then scoring."""
+    parts, pending = [], []
+    for start in range(0, len(prompts), chunk):
+        sl = slice(start, start + chunk)
+        part = generate(policy, prompts[sl], noise_keys[sl], group_ids[sl], grid, request, solver,
+                        guidance_scale, chunk)
+        parts.append(part)
+        if scorer is not None:
+            pending.append(scorer.submit(policy.decode(part.x0), part.prompts, part.metadata))
+        else:
+            pending.append(decode_and_score(policy, reward, part, chunk)[0])
+    results = [p.result() if scorer is not None else p for p in pending]
+    rollout = parts[0] if len(parts) == 1 else Rollout.concat(parts)
+    if len(results) == 1:
+        return rollout, results[0]
+    total = torch.cat([r.total for r in results])
+    comps = {k: torch.cat([r.components[k] for r in results]) for k in results[0].components}
+    return rollout, RewardResult(total=total, components=comps, weights=results[0].weights)
+
+
+@torch.no_grad()
 def decode_and_score(policy: Any, reward: Any, rollout: Rollout, chunk: int = 256) -> tuple[RewardResult, Tensor]:
     """Decode final samples and score them; returns the result and the decoded samples."""
     results, images = [], []

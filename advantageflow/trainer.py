@@ -27,8 +27,9 @@ from advantageflow.config import Config
 from advantageflow.distributed import DistEnv
 from advantageflow.evaluation import EvalResult, evaluate_policy
 from advantageflow.faults import fault_point
+from advantageflow.rewards.async_scoring import AsyncRewardScorer
 from advantageflow.rewards.base import RewardError, is_differentiable
-from advantageflow.rollouts import decode_and_score, generate, plan_epoch, seeded_generator
+from advantageflow.rollouts import generate_and_score, plan_epoch, seeded_generator
 from advantageflow.runlog import MetricsLogger, plot_curves, read_metrics, save_samples
 
 
@@ -126,6 +127,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, env: DistEnv |
         if env.is_main:
             print(f"[advantageflow] resumed from {path} (epoch {state.epoch}, step {state.step})")
 
+    scorer = AsyncRewardScorer(reward) if cfg.reward.async_scoring else None
     train_prompts = task.train_prompts()
     cache_prompts = getattr(policy, "cache_prompts", None)
     if callable(cache_prompts):  # encode every prompt once; text encoders may then be released
@@ -149,16 +151,15 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, env: DistEnv |
                           cfg.seed, epoch, env.world_size, env.rank)
         request = algo.sampler_request(epoch, seeded_generator(cfg.seed, "sampler", epoch))
         policy_eval_mode(policy, True)
-        rollout = generate(
-            policy, [plan.prompt_of(r) for r in plan.rows], [(cfg.seed, "noise", epoch, r) for r in plan.rows],
-            [plan.group_of(r) for r in plan.rows], grid, request, cfg.sampler.solver,
-            cfg.sampler.guidance_scale, cfg.sampler.batch_size,
+        # 2. Rewards (scored in the background while the next chunk samples, if asked).
+        rollout, scored = generate_and_score(
+            policy, reward, [plan.prompt_of(r) for r in plan.rows],
+            [(cfg.seed, "noise", epoch, r) for r in plan.rows], [plan.group_of(r) for r in plan.rows],
+            grid, request, cfg.sampler.solver, cfg.sampler.guidance_scale, cfg.sampler.batch_size, scorer,
         )
-        fault_point("rollout")
-        # 2. Rewards, gathered over processes so that groups and the global std are complete.
-        scored, _ = decode_and_score(policy, reward, rollout, cfg.sampler.batch_size)
         fault_point("reward")
         t_rollout = time.perf_counter() - t0
+        # Gathered over processes so that groups and the global std are complete.
         total = env.all_gather_cat(scored.total.float().cpu())
         components = {k: env.all_gather_cat(v.float().cpu()) for k, v in scored.components.items()}
         group_ids = env.all_gather_cat(rollout.group_ids)
@@ -210,6 +211,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, env: DistEnv |
         if state.epoch % cfg.checkpoint.every == 0 or state.epoch == tc.epochs:
             _save(cfg, env, ckpt_root, policy, optimizer, algo, state)
     bar.close()
+    if scorer is not None:
+        scorer.shutdown()
     result = _finish(cfg, env, run_dir, state, logger)
     logger.close()
     return result

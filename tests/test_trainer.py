@@ -87,3 +87,10 @@ def test_unwritable_run_dir_fails_before_training(tmp_path, toy_overrides):
     cfg = load_config(TOY, toy_overrides + ["train.epochs=1"])
     with pytest.raises(TrainingError, match="not writable"):
         train(cfg, blocker / "run")
+
+
+def test_async_scoring_overlapping_sampling_gives_identical_runs(tmp_path, toy_overrides):
+    base = toy_overrides + ["train.epochs=3", "eval.every=0", "sampler.batch_size=32"]
+    train(load_config(TOY, base), tmp_path / "sync")
+    train(load_config(TOY, base + ["reward.async_scoring=true"]), tmp_path / "async")
+    assert _train_rows(tmp_path / "sync") == _train_rows(tmp_path / "async")
