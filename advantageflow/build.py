@@ -57,4 +57,7 @@ def time_grid_for(policy: Any, steps: int, shift: float) -> torch.Tensor:
 
 
 def build_components(cfg: Config, device: torch.device | str = "cpu") -> Components:
-    return Components(policy=build_policy(cfg, device), task=build_task(cfg), reward=build_reward_fn(cfg.reward))
+    # Cheap checks first: a bad prompt file or reward fails before a large model loads.
+    task = build_task(cfg)
+    reward = build_reward_fn(cfg.reward)
+    return Components(policy=build_policy(cfg, device), task=task, reward=reward)

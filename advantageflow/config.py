@@ -91,7 +91,7 @@ class RewardConfig:
     is sampled (``sampler.batch_size`` sets the chunk); results are identical.
     """
 
-    name: str = ""
+    name: str = "shapes_eval"
     args: dict = field(default_factory=dict)
     components: list[RewardTerm] = field(default_factory=list)
     combine: Literal["sum", "per_reward"] = "sum"
@@ -99,7 +99,7 @@ class RewardConfig:
 
     def validate(self) -> None:
         if self.name and self.components:
-            raise ConfigError("give either reward.name or reward.components, not both")
+            raise ConfigError("give either reward.name or reward.components, not both (set reward.name to '')")
 
     def terms(self) -> list[RewardTerm]:
         return self.components or ([RewardTerm(self.name, 1.0, self.args)] if self.name else [])
@@ -109,13 +109,13 @@ class RewardConfig:
 class TrainConfig:
     """The outer loop: rollouts per epoch, optimizer steps, and the optimizer."""
 
-    epochs: int = 40
-    prompts_per_epoch: int = 8
+    epochs: int = 60
+    prompts_per_epoch: int = 16
     group_size: int = 8
-    steps_per_epoch: int = 1
+    steps_per_epoch: int = 2
     inner_epochs: int = 1
     micro_batch_size: int = 64
-    lr: float = 3e-4
+    lr: float = 1e-4
     weight_decay: float = 1e-4
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     adam_eps: float = 1e-8
@@ -145,9 +145,9 @@ class TrainConfig:
 class EvalConfig:
     """Periodic evaluation on held-out prompts with the evaluation sampler."""
 
-    every: int = 10
-    num_prompts: int = 16
-    samples_per_prompt: int = 4
+    every: int = 20
+    num_prompts: int = 96
+    samples_per_prompt: int = 2
 
 
 @dataclass
@@ -170,6 +170,9 @@ ALGO_KEYS = ("algo",)
 class Config:
     """Everything a run needs.  ``algorithm`` holds the typed section of ``algo``.
 
+    The defaults are the main job (``configs/shapes_advantageflow.yaml``): AdvantageFlow on
+    ShapesEval from the shipped small DiT.
+
     ``device``: ``cpu``, ``cuda``, ``auto``.  ``dist_timeout_s``: how long a process waits
     for the others in a collective before the run ends with an error (multi-process runs).
     """
@@ -179,8 +182,8 @@ class Config:
     dist_timeout_s: float = 600.0
     algo: str = "advantageflow"
     algorithm: Any = None
-    model: Any = union_field(_model_config, "toy_mlp")
-    task: Any = union_field(_task_config, "toy2d")
+    model: Any = union_field(_model_config, "shapes_dit")
+    task: Any = union_field(_task_config, "shapes")
     reward: RewardConfig = field(default_factory=RewardConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)

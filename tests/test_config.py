@@ -10,6 +10,8 @@ from advantageflow.config import Config, load_config
 from advantageflow.configbase import ConfigError
 from tests.conftest import REPO
 
+TOY = str(REPO / "configs" / "toy2d_advantageflow.yaml")
+
 
 def test_unknown_key_suggests_closest(tmp_path):
     path = tmp_path / "c.yaml"
@@ -37,12 +39,12 @@ def test_algorithm_section_is_typed_and_tied_to_algo():
 
 
 def test_tagged_union_model_options():
-    cfg = load_config(None, ["model.hidden=64"])
+    cfg = load_config(TOY, ["model.hidden=64"])
     assert cfg.model.hidden == 64
     with pytest.raises(ConfigError, match=r"'model.name'.*unknown model 'toy_mpl'.*did you mean 'toy_mlp'"):
         load_config(None, ["model.name=toy_mpl"])
     with pytest.raises(ConfigError, match=r"unknown config key 'model.hiden'"):
-        load_config(None, ["model.hiden=3"])
+        load_config(TOY, ["model.hiden=3"])
 
 
 def test_impossible_combinations_rejected():
@@ -53,7 +55,7 @@ def test_impossible_combinations_rejected():
 
 
 def test_overrides_parse_yaml_values():
-    cfg = load_config(None, ["train.lr=1e-4", "log.tensorboard=false", "task.rewarded_modes=[1,2]"])
+    cfg = load_config(TOY, ["train.lr=1e-4", "log.tensorboard=false", "task.rewarded_modes=[1,2]"])
     assert cfg.train.lr == 1e-4 and cfg.log.tensorboard is False and cfg.task.rewarded_modes == [1, 2]
 
 
@@ -69,3 +71,8 @@ def test_round_trip_through_yaml(tmp_path):
 @pytest.mark.parametrize("path", sorted(glob.glob(str(REPO / "configs" / "*.yaml"))), ids=lambda p: p.split("/")[-1])
 def test_every_shipped_config_validates(path):
     load_config(path)
+
+
+def test_main_job_config_is_the_default():
+    """`advantageflow train` with no arguments runs exactly configs/shapes_advantageflow.yaml."""
+    assert load_config(str(REPO / "configs" / "shapes_advantageflow.yaml")).to_dict() == load_config(None).to_dict()
