@@ -74,7 +74,9 @@ TASKS = {
     # base + 0.4, i.e. three quarters of the mass where the reward is.
     "toy2d": TaskSpec("eval/rewarded_fraction", 0.4, 3, ALGOS, ["eval.samples_per_prompt=1024"]),
     # ShapesEval: GenEval-style strict accuracy on the 46 held-out prompts; target base + 0.2.
-    "shapes": TaskSpec("eval/strict", 0.2, 4, tuple(a for a in ALGOS if a != "draft")),
+    # Every held-out prompt twice per evaluation (92 images, ~10 s on one core).
+    "shapes": TaskSpec("eval/strict", 0.2, 3, tuple(a for a in ALGOS if a != "draft"),
+                       ["eval.num_prompts=46", "eval.samples_per_prompt=2"]),
 }
 
 
@@ -140,10 +142,13 @@ def run_one(task: str, algo: str, seed: int, lr: float | None, spec: TaskSpec, b
     return curve
 
 
-def score_for_tuning(curve: Curve, target: float) -> tuple[float, float]:
-    """Sort key (smaller is better): time-to-target, then minus the final value."""
+def score_for_tuning(curve: Curve, target: float) -> tuple[bool, bool, float, float]:
+    """Sort key (smaller is better): reach the target and stay there.  Runs the trainer
+    stopped (non-finite losses) come last, then runs that end below the target; then the
+    shortest time-to-target, then the best final value."""
     t = first_crossing(curve.seconds, curve.values, target)
-    return (t if t is not None else math.inf, -curve.values[-1])
+    return (curve.ended.startswith("stopped"), curve.values[-1] < target, t if t is not None else math.inf,
+            -curve.values[-1])
 
 
 def fmt(mean: float, std: float, digits: int = 3) -> str:
@@ -177,7 +182,8 @@ def summarize(task: str, spec: TaskSpec, results: dict, lrs: dict, target: float
             out.append(b / max(m, 1e-9))
         return out, bound
 
-    header = ["method", "lr (chosen)", "s / epoch", f"final {spec.metric}", f"best {spec.metric}",
+    header = ["method", "lr (chosen)", "epochs", "s / epoch", f"final {spec.metric}", "final − base",
+              f"best {spec.metric}",
               "reached", "stopped early", "time-to-target s", "samples-to-target", "speed-up vs Flow-GRPO (time)",
               "speed-up (samples)"]
     rows = []
@@ -200,7 +206,8 @@ def summarize(task: str, spec: TaskSpec, results: dict, lrs: dict, target: float
             m, _ = mean_std(ratios)
             sp_cells.append(f"{'≥' if bound else ''}{m:.2f}x [{min(ratios):.2f}–{max(ratios):.2f}]")
         rows.append([
-            algo, f"{lrs[algo]:.1e}", f"{mean_std(p['epoch_s'])[0]:.3f}", fmt(*mean_std(p["final"])),
+            algo, f"{lrs[algo]:.1e}", f"{mean_std(p['epochs'])[0]:.0f}", f"{mean_std(p['epoch_s'])[0]:.3f}",
+            fmt(*mean_std(p["final"])), fmt(*mean_std([c.values[-1] - c.values[0] for c in results[algo]])),
             fmt(*mean_std(p["best"])), f"{reached}/{len(p['ttt'])}",
             str(sum(c.ended.startswith("stopped") for c in results[algo])),
             "–" if reached == 0 else f"{ttt_m:.1f} ± {ttt_s:.1f}",
@@ -267,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--algos", default=None, help="comma list (default: all that apply to the task)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (runs are sequential)")
     ap.add_argument("--target", type=float, default=None, help="absolute target (default: base + task delta)")
+    ap.add_argument("--target-delta", type=float, default=None,
+                    help="target = base + this (default 0.4 on toy2d, 0.2 on shapes)")
     ap.add_argument("--out", default=None, help="output stem (default benchmarks/results/convergence_<task>)")
     ap.add_argument("--work-dir", default=None, help="where runs are written (default: a temporary folder)")
     ap.add_argument("--keep-runs", action="store_true")
@@ -285,8 +294,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     spec = TASKS[args.task]
-    quick_defaults = {"toy2d": (3, 6.0), "shapes": (2, 45.0)}
-    full_defaults = {"toy2d": (5, 10.0), "shapes": (3, 240.0)}
+    if args.target_delta is not None:
+        spec.target_delta = args.target_delta
+    quick_defaults = {"toy2d": (3, 6.0), "shapes": (1, 100.0)}
+    full_defaults = {"toy2d": (5, 10.0), "shapes": (3, 300.0)}
     n_seeds, budget = (quick_defaults if args.quick else full_defaults)[args.task]
     n_seeds = args.seeds or n_seeds
     budget_s = args.budget_s or budget
@@ -315,29 +326,37 @@ def main(argv: list[str] | None = None) -> int:
     data = {"task": args.task, "quick": args.quick, "budget_s": budget_s, "seeds": seeds, "factors": factors,
             "tuning_seed": args.tuning_seed, "command": command_line(), "commit": git_commit(),
             "machine_start": machine_start, "eval_every": spec.eval_every}
-    for algo in algos:
-        cfg_lr = build(args.task, algo, 0, None, spec, work, args.set).train.lr
-        candidates = [cfg_lr * f for f in factors]
-        if len(candidates) > 1:
-            print(f"[convergence] tuning {algo}: lr in {[f'{c:.1e}' for c in candidates]}", flush=True)
-            tuned = [(c, run_one(args.task, algo, args.tuning_seed, c, spec, budget_s, work, args.keep_runs,
-                                   args.set))
-                     for c in candidates]
-            t_target = target if target is not None else tuned[0][1].values[0] + spec.target_delta
-            lrs[algo] = min(tuned, key=lambda tc: score_for_tuning(tc[1], t_target))[0]
+    # Runs are interleaved (every method's run for one lr factor / seed, then the next), so a
+    # change of load on the shared machine hits every method alike.
+    tuned: dict[str, list[tuple[float, Curve]]] = {a: [] for a in algos}
+    base_lr = {a: build(args.task, a, 0, None, spec, work, args.set).train.lr for a in algos}
+    if len(factors) > 1:
+        for f in factors:
+            for algo in algos:
+                lr = base_lr[algo] * f
+                tuned[algo].append((lr, run_one(args.task, algo, args.tuning_seed, lr, spec, budget_s, work,
+                                                args.keep_runs, args.set)))
+        t_target = target if target is not None else tuned[algos[0]][0][1].values[0] + spec.target_delta
+        for algo in algos:
+            lrs[algo] = min(tuned[algo], key=lambda tc: score_for_tuning(tc[1], t_target))[0]
             tuning_log.append(f"{algo}: " + ", ".join(
                 f"lr {c:.1e} -> final {cv.values[-1]:.3f}" + (" (stopped)" if cv.ended.startswith("stopped") else "")
-                for c, cv in tuned) + f"; chose {lrs[algo]:.1e}")
-        else:
-            lrs[algo] = candidates[0]
-        print(f"[convergence] {algo} at lr {lrs[algo]:.1e} on seeds {seeds}", flush=True)
-        results[algo] = [run_one(args.task, algo, s, lrs[algo], spec, budget_s, work, args.keep_runs, args.set)
-                         for s in seeds]
-        if target is None:
-            target = sum(c.values[0] for c in results[algo]) / len(seeds) + spec.target_delta
-        # Saved after every method, so an interrupted benchmark still leaves its table.
-        data.update({"target": target, "lrs": lrs, "tuning_log": tuning_log, "machine_end": machine_line(),
-                     "elapsed_s": time.perf_counter() - t_start,
+                for c, cv in tuned[algo]) + f"; chose {lrs[algo]:.1e}")
+            print(f"[convergence] tuned {tuning_log[-1]}", flush=True)
+    else:
+        lrs.update({a: base_lr[a] * factors[0] for a in algos})
+    results = {a: [] for a in algos}
+    text = ""
+    for k, seed in enumerate(seeds):
+        for algo in algos:
+            results[algo].append(run_one(args.task, algo, seed, lrs[algo], spec, budget_s, work, args.keep_runs,
+                                         args.set))
+        done = seeds[: k + 1]
+        t = target if target is not None else (
+            sum(c.values[0] for c in results[algos[0]]) / len(done) + spec.target_delta)
+        # Saved after every seed, so an interrupted benchmark still leaves its table.
+        data.update({"target": t, "lrs": lrs, "tuning_log": tuning_log, "machine_end": machine_line(),
+                     "elapsed_s": time.perf_counter() - t_start, "seeds": done,
                      "curves": {a: [vars(c) for c in cs] for a, cs in results.items()}})
         with open(stem.with_suffix(".json"), "w", encoding="utf-8") as fh:
             json.dump(data, fh, indent=1)
@@ -370,8 +389,8 @@ Machine at start: {data['machine_start']}.
 Machine at end: {data['machine_end']}.
 
 Every method starts from the same base model and uses the same seeds {seeds} (prompts and
-noise are keyed by the seed), {budget_s:.0f} s of training each (rollouts + rewards + updates;
-held-out evaluation every {data['eval_every']} epochs is not counted).  Held-out metric:
+noise are keyed by the seed; runs interleaved over methods), {budget_s:.0f} s of training each
+(rollouts + rewards + updates; held-out evaluation every {data['eval_every']} epochs is not counted).  Held-out metric:
 `{spec.metric}`; base {base:.3f} (mean over seeds); **target {target:.3f}**.  Time- and
 samples-to-target are at evaluation resolution, means ± std over the seeds that reached it;
 speed-ups are per-seed ratios Flow-GRPO / method (mean [min–max]); '≥' marks a lower bound

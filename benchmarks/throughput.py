@@ -1,7 +1,8 @@
 """Rollout and training throughput of every algorithm against the bare network, and peak memory.
 
-For each model (the 2-D task's MLP, the ShapesEval DiT with random weights: only the
-architecture matters here) and each algorithm, with the real trainer pieces:
+For each model (the 2-D task's MLP; the ShapesEval DiT: the shipped base model, or the
+default architecture with random weights before it ships -- the cost is the same) and each
+algorithm, with the real trainer pieces:
 
 - **rollouts**: ``advantageflow.rollouts.generate`` with the algorithm's ``sampler_request``
   (SDE + log-probs for Flow-GRPO, a kept trajectory for DRaFT, DPM++2M for DiffusionNFT);
@@ -95,11 +96,15 @@ def make_setup(model: str, toy_options: dict | None = None) -> Setup:
 
         policy = ToyMLPPolicy.from_config(ToyMLPPolicy.Config(**(toy_options or {})))
         return Setup(model, policy, policy.net, [Prompt("")], SmoothModeReward())
-    from advantageflow.models.dit import DiTConfig, ShapesDiT, ShapesDiTPolicy
+    from advantageflow.models.dit import DiTConfig, ShapesDiT, ShapesDiTPolicy, load_asset
     from advantageflow.tasks.shapes.task import ShapesTask
 
-    torch.manual_seed(0)
-    policy = ShapesDiTPolicy(ShapesDiT(DiTConfig()), {}, "cpu")
+    try:  # the shipped base model; else the default architecture, randomly initialised
+        net, meta = load_asset()
+    except FileNotFoundError:
+        torch.manual_seed(0)
+        net, meta = ShapesDiT(DiTConfig()), {}
+    policy = ShapesDiTPolicy(net, meta, "cpu")
     return Setup(model, policy, policy.net, ShapesTask().train_prompts(), BrightnessReward())
 
 
@@ -362,10 +367,12 @@ def plot(rows: list[Row], mem: list[dict], path: Path) -> None:
     if mem:
         ax = axes[-1]
         for algo in dict.fromkeys(m["algo"] for m in mem):
-            pts = sorted((m["steps"], m["peak_delta_mb"]) for m in mem if m["algo"] == algo)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=algo)
+            pts = sorted((m["steps"], m["peak_delta_mb"], m["kept_mb"] + m["saved_mb"]) for m in mem
+                         if m["algo"] == algo)
+            (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=algo)
+            ax.plot([p[0] for p in pts], [p[2] for p in pts], ls="--", marker="x", color=line.get_color())
         ax.set_xlabel("sampling steps N")
-        ax.set_ylabel("peak RSS over one iteration, MB")
+        ax.set_ylabel("MB: peak RSS (solid), kept + saved tensors (dashed)")
         ax.set_title(f"memory ({mem[0]['model']})")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
