@@ -72,3 +72,13 @@ class ShapesTask:
     # guards for `advantageflow eval --task shapes` (see the evaluator module)
     sample_diversity = staticmethod(sample_diversity)
     flow_matching_loss = staticmethod(flow_matching_loss)
+
+    def guards(self, policy: Any, result: Any = None) -> dict[str, float]:
+        """Signs of reward hacking: within-prompt diversity (in the eval metrics) and the
+        flow-matching loss on real renders of the test split, tuned vs base (the policy's
+        reference).  A tuned model far above its base has forgotten what scenes look like."""
+        tuned = flow_matching_loss(policy)
+        with policy.reference():
+            base = flow_matching_loss(policy)
+        return {"guard/fm_loss_real": tuned, "guard/fm_loss_real_base": base,
+                "guard/fm_loss_ratio": tuned / base}
