@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from advantageflow.algorithms.base import SamplerRequest
+from advantageflow.faults import fault_point
 from advantageflow.rewards.base import RewardResult
 from advantageflow.sampling import bind_velocity, sample
 from advantageflow.tasks.base import Prompt
@@ -197,6 +198,7 @@ def generate_and_score(
         part = generate(policy, prompts[sl], noise_keys[sl], group_ids[sl], grid, request, solver,
                         guidance_scale, chunk)
         parts.append(part)
+        fault_point("rollout")
         if scorer is not None:
             pending.append(scorer.submit(policy.decode(part.x0), part.prompts, part.metadata))
         else:

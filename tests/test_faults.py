@@ -27,7 +27,7 @@ def _rows(run_dir) -> list[dict]:
 
 
 def test_kill9_at_ten_random_points_then_resume_matches_uninterrupted(tmp_path, toy_overrides):
-    args = [*toy_overrides, "train.epochs=8", "eval.every=4", "eval.samples_per_prompt=256",
+    args = [*toy_overrides, "train.epochs=16", "eval.every=8", "eval.samples_per_prompt=256",
             "checkpoint.every=1", "checkpoint.keep=2"]
     train(load_config(TOY, args), tmp_path / "full")  # also warms the toy model cache
 
