@@ -62,13 +62,24 @@ def command_line() -> str:
 def train_with_budget(cfg: Any, run_dir: Path, budget_s: float) -> str:
     """Train ``cfg`` into ``run_dir`` until ``train.epochs`` or ``budget_s`` seconds of training.
 
+    When the budget ends the run on an epoch without evaluation, the final policy is evaluated
+    here (same evaluation as the trainer's) and the row appended to ``metrics.jsonl``.
     Returns how the run ended: ``"budget"``, ``"epochs"``, or ``"stopped: <reason>"`` when the
     trainer gave up (e.g. non-finite losses); the rows logged until then stay usable.  The
     budget counts ``perf/epoch_s`` only, so held-out evaluation (which every method pays
     equally) does not eat into it.
     """
     from advantageflow import trainer
+    from advantageflow.evaluation import evaluate_policy
     from advantageflow.runlog import MetricsLogger
+
+    built = {}
+
+    def _build(*args, **kwargs):  # keep the run's policy, task and reward for the final evaluation
+        built["parts"] = original_build(*args, **kwargs)
+        return built["parts"]
+
+    original_build = trainer.build_components
 
     class _BudgetLogger(MetricsLogger):
         spent = 0.0
@@ -80,9 +91,21 @@ def train_with_budget(cfg: Any, run_dir: Path, budget_s: float) -> str:
                 raise BudgetReached(f"{self.spent:.1f}s")
 
     try:
-        with mock.patch.object(trainer, "MetricsLogger", _BudgetLogger):
+        with mock.patch.object(trainer, "MetricsLogger", _BudgetLogger), \
+                mock.patch.object(trainer, "build_components", _build):
             trainer.train(cfg, run_dir)
     except BudgetReached:
+        # The budget ended the run between two evaluations: evaluate the final policy too.
+        path = Path(run_dir) / "metrics.jsonl"
+        rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        if rows and not any(k.startswith("eval/") for k in rows[-1]):
+            parts = built["parts"]
+            trainer.policy_eval_mode(parts.policy, True)
+            result = evaluate_policy(parts.policy, parts.task, parts.reward, cfg)
+            with open(path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"step": rows[-1].get("step", 0), "epoch": rows[-1].get("epoch", 0),
+                                     "samples": rows[-1].get("samples", 0), "budget_end_eval": True,
+                                     **result.metrics}) + "\n")
         return "budget"
     except trainer.TrainingError as err:
         return f"stopped: {str(err).split(';')[0]}"
