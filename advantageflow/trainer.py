@@ -159,6 +159,9 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, env: DistEnv |
         )
         fault_point("reward")
         t_rollout = time.perf_counter() - t0
+        # A diverged model samples non-finite states; never train on them (their reward is NaN).
+        finite = torch.isfinite(rollout.x0.reshape(len(rollout), -1)).all(dim=1).to(scored.total.device)
+        scored.total = torch.where(finite, scored.total.float(), torch.full_like(scored.total.float(), float("nan")))
         # Gathered over processes so that groups and the global std are complete.
         total = env.all_gather_cat(scored.total.float().cpu())
         components = {k: env.all_gather_cat(v.float().cpu()) for k, v in scored.components.items()}
@@ -171,7 +174,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, env: DistEnv |
             state.bad_updates += 1
             state.consecutive_bad += 1
             metrics.update({"stats/nonfinite_rewards": bad, "stats/skipped_updates": state.bad_updates})
-            _stop_if_too_bad(state, tc.max_bad_steps, f"{bad} non-finite rewards")
+            _stop_if_too_bad(state, tc.max_bad_steps, f"{bad} non-finite rewards or samples")
         else:
             # 3. Advantages over the complete epoch, then this process's rows.
             adv = _advantages(cfg, total, components, scored.weights, group_ids)

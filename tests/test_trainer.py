@@ -73,7 +73,7 @@ def test_nonfinite_rewards_skip_updates_then_stop(tmp_path, toy_overrides):
         "train.epochs=10", "eval.every=0", "checkpoint.every=1", "train.max_bad_steps=3",
         "reward.name=tests.helpers_rewards:NaNReward", "reward.args={bad_from: 3}",
     ])
-    with pytest.raises(TrainingError, match="non-finite rewards in 3 consecutive"):
+    with pytest.raises(TrainingError, match="non-finite rewards or samples in 3 consecutive"):
         train(cfg, tmp_path / "run")
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r.get("stats/skipped_updates") for r in rows] == [None, None, 1, 2]
