@@ -325,8 +325,14 @@ def test_config_errors_are_one_line():
         from_dict(cls.Config, {"name": "sd3", "lora": {"rank": 0}}, "model")
     with pytest.raises(ConfigError, match="multiples of 2"):
         make_policy("sd3", height=17)
-    with pytest.raises(RuntimeError, match="cannot load"):
+    with pytest.raises(ConfigError, match="is not a folder"):
         MODELS.get("flux").from_config(make_cfg("flux", path="/nonexistent/flux"), "cpu")
+
+
+def test_corrupt_model_folder_is_one_line(tmp_path):
+    (tmp_path / "model_index.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="cannot load"):
+        MODELS.get("sd3").from_config(make_cfg("sd3", path=str(tmp_path)), "cpu")
 
 
 def test_memory_per_process_reports_gib():

@@ -121,8 +121,12 @@ def memory_per_process(device: torch.device | str | None = None) -> dict[str, fl
 
 def load_pipeline(pipeline_cls: Any, path: str, dtype: torch.dtype) -> Any:
     """``pipeline_cls.from_pretrained(path, torch_dtype=dtype)`` with a one-line error."""
+    import os
     import warnings
 
+    local = path.startswith(("/", ".", "~")) or os.sep in path.strip("/").split(os.sep, 1)[0]
+    if local and not os.path.isdir(os.path.expanduser(path)):
+        raise ConfigError(f"model.path '{path}' is not a folder (give a diffusers model folder or a hub id)")
     try:
         with warnings.catch_warnings():  # diffusers >= 0.41 prefers `dtype`; older ones need this
             warnings.filterwarnings("ignore", message=".*torch_dtype.*")
@@ -130,7 +134,7 @@ def load_pipeline(pipeline_cls: Any, path: str, dtype: torch.dtype) -> Any:
             pipe = pipeline_cls.from_pretrained(path, torch_dtype=dtype)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise RuntimeError(f"cannot load a {pipeline_cls.__name__} from '{path}': {first}") from err
+        raise ConfigError(f"cannot load a {pipeline_cls.__name__} from '{path}': {first}") from err
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
