@@ -205,11 +205,16 @@ def generate_and_score(
             pending.append(decode_and_score(policy, reward, part, chunk)[0])
     results = [p.result() if scorer is not None else p for p in pending]
     rollout = parts[0] if len(parts) == 1 else Rollout.concat(parts)
+    return rollout, concat_results(results)
+
+
+def concat_results(results: list[RewardResult]) -> RewardResult:
+    """One :class:`RewardResult` from the results of consecutive chunks."""
     if len(results) == 1:
-        return rollout, results[0]
+        return results[0]
     total = torch.cat([r.total for r in results])
     comps = {k: torch.cat([r.components[k] for r in results]) for k in results[0].components}
-    return rollout, RewardResult(total=total, components=comps, weights=results[0].weights)
+    return RewardResult(total=total, components=comps, weights=results[0].weights)
 
 
 @torch.no_grad()
@@ -221,11 +226,7 @@ def decode_and_score(policy: Any, reward: Any, rollout: Rollout, chunk: int = 25
         imgs = policy.decode(rollout.x0[sl])
         results.append(reward(imgs, rollout.prompts[sl], rollout.metadata[sl]))
         images.append(imgs)
-    if len(results) == 1:
-        return results[0], images[0]
-    total = torch.cat([r.total for r in results])
-    comps = {k: torch.cat([r.components[k] for r in results]) for k in results[0].components}
-    return RewardResult(total=total, components=comps, weights=results[0].weights), torch.cat(images)
+    return concat_results(results), torch.cat(images)
 
 
 __all__ = ["cat_cond", "decode_and_score", "derive_seed", "generate", "owned_rows", "plan_epoch"]

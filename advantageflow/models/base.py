@@ -128,6 +128,26 @@ class PolicyBase:
                 p.copy_(state[name].to(p.device, p.dtype))
 
 
+class FrozenCopyPolicy(PolicyBase):
+    """Full fine-tuning of one network ``self.net`` with a frozen copy ``self.ref_net`` as the
+    reference; ``self._active`` is the network ``velocity`` should call."""
+
+    net: nn.Module
+    ref_net: nn.Module
+    _active: nn.Module
+
+    def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return list(self.net.named_parameters())
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        previous, self._active = self._active, self.ref_net
+        try:
+            yield
+        finally:
+            self._active = previous
+
+
 def ema_update_(target: list[Tensor], source: list[Tensor], decay: float) -> None:
     """In place ``target = decay * target + (1 - decay) * source`` (tensors, no grad)."""
     with torch.no_grad():

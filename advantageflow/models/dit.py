@@ -13,11 +13,9 @@ Classifier-free guidance (Ho & Salimans 2022) uses the learned embedding of the 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from advantageflow.models.base import PolicyBase, guided
+from advantageflow.models.base import FrozenCopyPolicy, guided
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "shapes_dit"
 
@@ -196,7 +194,7 @@ def save_asset(net: ShapesDiT, meta: dict, path: str | Path) -> None:
     (folder / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
-class ShapesDiTPolicy(PolicyBase):
+class ShapesDiTPolicy(FrozenCopyPolicy):
     """The ShapesEval base model as a :class:`~advantageflow.models.base.FlowPolicy`.
 
     Conditioning (from :meth:`encode`): ``{"tokens": (B, L) long, "null": (B, L) long}``;
@@ -251,16 +249,6 @@ class ShapesDiTPolicy(PolicyBase):
         """Pixel state in ``[-1, 1]`` -> images ``(B, 3, H, W)`` in ``[0, 1]`` (differentiable)."""
         return ((x + 1) / 2).clamp(0, 1)
 
-    def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        return list(self.net.named_parameters())
-
-    @contextlib.contextmanager
-    def reference(self) -> Iterator[None]:
-        previous, self._active = self._active, self.ref_net
-        try:
-            yield
-        finally:
-            self._active = previous
 
     @torch.no_grad()
     def generate(

@@ -6,13 +6,11 @@ pretrained in-process by plain flow matching on the task's data and cached on di
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
 import math
 import os
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -20,7 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from advantageflow.models.base import PolicyBase
+from advantageflow.models.base import FrozenCopyPolicy
 
 
 def time_features(t: Tensor, dim: int) -> Tensor:
@@ -74,7 +72,7 @@ def pretrain_flow_matching(
     return losses
 
 
-class ToyMLPPolicy(PolicyBase):
+class ToyMLPPolicy(FrozenCopyPolicy):
     """Unconditional 2-D flow policy: conditioning is ``None``; ``decode`` is the identity."""
 
     @dataclass
@@ -130,13 +128,3 @@ class ToyMLPPolicy(PolicyBase):
     def decode(self, x: Tensor) -> Tensor:
         return x
 
-    def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        return list(self.net.named_parameters())
-
-    @contextlib.contextmanager
-    def reference(self) -> Iterator[None]:
-        previous, self._active = self._active, self.ref_net
-        try:
-            yield
-        finally:
-            self._active = previous
