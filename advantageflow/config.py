@@ -109,7 +109,7 @@ class RewardConfig:
 class TrainConfig:
     """The outer loop: rollouts per epoch, optimizer steps, and the optimizer."""
 
-    epochs: int = 60
+    epochs: int = 100
     prompts_per_epoch: int = 16
     group_size: int = 8
     steps_per_epoch: int = 2
