@@ -223,10 +223,13 @@ def plot(results: dict, spec: TaskSpec, target: float, budget_s: float, path: Pa
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    grid_t = [budget_s * i / 200 for i in range(201)]
+    t_max = max(max(c.seconds[-1] for c in cs) for cs in results.values())  # the last epoch overshoots
+    # the even grid plus every evaluation point, so each curve's last value is drawn
+    grid_t = sorted({t_max * i / 400 for i in range(401)} | {x for cs in results.values() for c in cs
+                                                              for x in c.seconds})
     for algo, curves in results.items():
         max_s = max(max(c.samples) for c in curves)
-        grid_s = [max_s * i / 200 for i in range(201)]
+        grid_s = sorted({max_s * i / 400 for i in range(401)} | {float(x) for c in curves for x in c.samples})
         for ax, grid, xs_of in ((axes[0], grid_t, lambda c: c.seconds),
                                 (axes[1], grid_s, lambda c: [float(s) for s in c.samples])):
             ys = [step_interp(xs_of(c), c.values, grid) for c in curves]
