@@ -163,6 +163,36 @@ class LogConfig:
     image_every: int = 0
 
 
+@dataclass
+class DistConfig:
+    """Many processes (``torchrun``); with one process every setting here is inert.
+
+    ``strategy``: how gradients meet (:mod:`advantageflow.parallel`):
+
+    - ``ddp``: DistributedDataParallel over the trained network (LoRA and small models);
+      bucketed all-reduce overlapped with the backward of each step's last micro-batch.
+    - ``fsdp``: FSDP2 ``fully_shard`` of the trained network (per block, then the root) and
+      of its frozen reference copy: full fine-tuning of models too large for one device.
+    - ``allreduce``: no wrapper; one flat all-reduce after accumulation (any policy).
+
+    ``timeout_s``: how long a process waits for the others in a collective before the run ends
+    with an error.  ``find_unused_parameters``: DDP's option, for networks whose forward skips
+    some trained parameters.  ``fsdp_reshard_after_forward``: free gathered weights after each
+    forward (less memory, one more all-gather in backward).  ``fsdp_param_dtype``: FSDP2 mixed
+    precision (``bfloat16`` on GPU: compute in bf16, gradients reduced in float32); '' = off.
+    """
+
+    strategy: Literal["ddp", "fsdp", "allreduce"] = "ddp"
+    timeout_s: float = 600.0
+    find_unused_parameters: bool = False
+    fsdp_reshard_after_forward: bool = True
+    fsdp_param_dtype: Literal["", "bfloat16", "float16", "float32"] = ""
+
+    def validate(self) -> None:
+        if self.timeout_s <= 0:
+            raise ConfigError("dist.timeout_s must be > 0")
+
+
 ALGO_KEYS = ("algo",)
 
 
@@ -173,13 +203,11 @@ class Config:
     The defaults are the main job (``configs/shapes_advantageflow.yaml``): AdvantageFlow on
     ShapesEval from the shipped small DiT.
 
-    ``device``: ``cpu``, ``cuda``, ``auto``.  ``dist_timeout_s``: how long a process waits
-    for the others in a collective before the run ends with an error (multi-process runs).
+    ``device``: ``cpu``, ``cuda``, ``auto``.  ``dist``: multi-process settings.
     """
 
     seed: int = 0
     device: str = "cpu"
-    dist_timeout_s: float = 600.0
     algo: str = "advantageflow"
     algorithm: Any = None
     model: Any = union_field(_model_config, "shapes_dit")
@@ -191,6 +219,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
     def to_dict(self) -> dict:
         """Plain dict in the YAML layout (the algorithm's section under its own name)."""
@@ -247,6 +276,7 @@ __all__ = [
     "CheckpointConfig",
     "Config",
     "ConfigError",
+    "DistConfig",
     "EvalConfig",
     "LogConfig",
     "RewardConfig",

@@ -2,15 +2,18 @@
 
 The trainer never branches on the world size: with one process every collective here is the
 identity.  Under ``torchrun`` (``WORLD_SIZE > 1``) the process group is initialised with gloo
-on CPU and NCCL on GPU.  Gradients are averaged with one all-reduce per step after
-accumulation (what DDP does, without bucketing), so any policy works unwrapped.
+on CPU and NCCL on GPU.  How gradients meet (DDP, FSDP2, one flat all-reduce) is
+:mod:`advantageflow.parallel`'s business; the tensor helpers at the end let the rest of the
+code treat FSDP2's sharded parameters (``DTensor``) like plain tensors where it must.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -59,13 +62,28 @@ class DistEnv:
         """
         if not self.active:
             return tensor
-        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
-        dist.all_gather(parts, tensor.contiguous())
-        return torch.cat(parts, dim=0)
+        local = tensor.contiguous().to(self.device)  # NCCL only moves tensors on the GPU
+        parts = [torch.empty_like(local) for _ in range(self.world_size)]
+        dist.all_gather(parts, local)
+        return torch.cat(parts, dim=0).to(tensor.device)
 
     def all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        """Sum over processes, in place (returns ``tensor``)."""
         if self.active:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            self._all_reduce(tensor, dist.ReduceOp.SUM)
+        return tensor
+
+    def all_reduce_max(self, value: int) -> int:
+        """The largest ``value`` over processes."""
+        if not self.active:
+            return value
+        return int(self._all_reduce(torch.tensor([float(value)]), dist.ReduceOp.MAX).item())
+
+    def _all_reduce(self, tensor: Tensor, op: Any) -> Tensor:
+        local = tensor.to(self.device)
+        dist.all_reduce(local, op=op)
+        if local is not tensor:
+            tensor.copy_(local)
         return tensor
 
     def sum_gradients(self, params: list[torch.nn.Parameter]) -> None:
@@ -98,13 +116,62 @@ class DistEnv:
         """True on every rank if ``flag`` is true on any rank."""
         if not self.active:
             return flag
-        t = torch.tensor([1.0 if flag else 0.0])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        t = self._all_reduce(torch.tensor([1.0 if flag else 0.0]), dist.ReduceOp.MAX)
         return bool(t.item() > 0)
 
     def shutdown(self) -> None:
         if self.active and dist.is_initialized():
             dist.destroy_process_group()
+
+
+@functools.cache
+def _dtensor_type() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without distributed tensors
+        return None
+    return DTensor
+
+
+def is_sharded(tensor: Any) -> bool:
+    """Whether ``tensor`` is a ``DTensor`` (a parameter sharded by FSDP2)."""
+    cls = _dtensor_type()
+    return cls is not None and isinstance(tensor, cls)
+
+
+def full_tensor(tensor: Tensor) -> Tensor:
+    """The whole value of a sharded tensor (a collective: every process must call it); other
+    tensors are returned as they are."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
+
+
+def local_tensor(tensor: Tensor) -> Tensor:
+    """This process's shard of a sharded tensor (no communication); else the tensor."""
+    return tensor.to_local() if is_sharded(tensor) else tensor
+
+
+def placed_like(value: Tensor, template: Tensor) -> Tensor:
+    """A whole tensor ``value`` on ``template``'s device and dtype, sharded like it when it is
+    sharded (every process holds the same ``value``, so each keeps its slice: no communication)."""
+    value = full_tensor(value)
+    if not is_sharded(template):
+        return value.to(template.device, template.dtype)
+    from torch.distributed.tensor import distribute_tensor
+
+    local = value.to(template.to_local().device, template.dtype)
+    return distribute_tensor(local, template.device_mesh, template.placements, src_data_rank=None)
+
+
+def full_tensors(obj: Any) -> Any:
+    """``obj`` (nested dicts / lists / tuples) with every sharded tensor made whole, in a fixed
+    traversal order (so the processes' collectives pair up)."""
+    if is_sharded(obj):
+        return obj.full_tensor()
+    if isinstance(obj, dict):
+        return {k: full_tensors(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(full_tensors(v) for v in obj)
+    return obj
 
 
 def _resolve_device(device: str, local_rank: int) -> torch.device:

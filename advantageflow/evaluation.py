@@ -11,6 +11,7 @@ from torch import Tensor
 from advantageflow.algorithms.base import SamplerRequest
 from advantageflow.build import time_grid_for
 from advantageflow.config import Config
+from advantageflow.distributed import DistEnv
 from advantageflow.rollouts import decode_and_score, generate
 from advantageflow.tasks.base import Prompt
 
@@ -44,21 +45,40 @@ def eval_prompts(task: Any, num_prompts: int, samples_per_prompt: int) -> list[P
     return [p for p in chosen for _ in range(samples_per_prompt)]
 
 
+def eval_stripe(total: int, world: int, rank: int) -> list[int]:
+    """Process ``rank``'s evaluation samples: a contiguous block of ``ceil(total / world)``
+    indices, the last block padded by repeating index ``total - 1`` so every process samples
+    as many (the gathered blocks, cut to ``total``, are the samples in order)."""
+    share = -(-total // world)
+    return [min(rank * share + j, total - 1) for j in range(share)]
+
+
 @torch.no_grad()
-def evaluate_policy(policy: Any, task: Any, reward: Any, cfg: Config) -> EvalResult:
-    """Sample the evaluation prompts with the evaluation sampler and score them."""
+def evaluate_policy(policy: Any, task: Any, reward: Any, cfg: Config, env: DistEnv | None = None) -> EvalResult:
+    """Sample the evaluation prompts with the evaluation sampler and score them.
+
+    With several processes (``env``) each samples and scores its stripe, and every process
+    returns the whole result; sample ``i``'s noise is keyed by ``i``, so the numbers equal the
+    single-process ones.
+    """
+    env = env or DistEnv()
     prompts = eval_prompts(task, cfg.eval.num_prompts, cfg.eval.samples_per_prompt)
     grid = time_grid_for(policy, cfg.sampler.eval_steps, cfg.sampler.shift)
-    keys = [(cfg.seed, "eval", i) for i in range(len(prompts))]
-    groups = [i // cfg.eval.samples_per_prompt for i in range(len(prompts))]
+    mine = eval_stripe(len(prompts), env.world_size, env.rank)
     rollout = generate(
-        policy, prompts, keys, groups, grid, SamplerRequest(), cfg.sampler.eval_solver,
+        policy, [prompts[i] for i in mine], [(cfg.seed, "eval", i) for i in mine],
+        [i // cfg.eval.samples_per_prompt for i in mine], grid, SamplerRequest(), cfg.sampler.eval_solver,
         cfg.sampler.guidance_scale, cfg.sampler.batch_size,
     )
     result, images = decode_and_score(policy, reward, rollout, cfg.sampler.batch_size)
-    metrics = {"eval/reward_mean": float(result.total.float().mean())}
+
+    def gathered(t: Tensor) -> Tensor:
+        return env.all_gather_cat(t.float().contiguous())[: len(prompts)]
+
+    total, images = gathered(result.total), gathered(images)
+    metrics = {"eval/reward_mean": float(total.mean())}
     for name, value in result.components.items():
-        metrics[f"eval/reward/{name}"] = float(value.float().mean())
+        metrics[f"eval/reward/{name}"] = float(gathered(value).mean())
     details: dict[str, Any] = {}
     task_eval = getattr(task, "evaluate", None)
     if callable(task_eval):

@@ -24,11 +24,12 @@ from advantageflow.algorithms.base import TrainContext
 from advantageflow.build import build_components, time_grid_for
 from advantageflow.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from advantageflow.config import Config
-from advantageflow.distributed import DistEnv
+from advantageflow.distributed import DistEnv, full_tensor
 from advantageflow.evaluation import EvalResult, evaluate_policy
 from advantageflow.faults import fault_point
+from advantageflow.parallel import finite_gradients, make_strategy
 from advantageflow.rewards.async_scoring import AsyncRewardScorer
-from advantageflow.rewards.base import RewardError, is_differentiable
+from advantageflow.rewards.base import is_differentiable
 from advantageflow.rollouts import generate_and_score, plan_epoch, seeded_generator
 from advantageflow.runlog import MetricsLogger, plot_curves, read_metrics, save_samples
 
@@ -86,7 +87,7 @@ def _mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
 
 def train(cfg: Config, run_dir: str | Path, resume: bool = False, env: DistEnv | None = None) -> TrainResult:
     """Run (or resume) the training described by ``cfg``, writing into ``run_dir``."""
-    env = env or DistEnv.from_environment(cfg.device, cfg.dist_timeout_s)
+    env = env or DistEnv.from_environment(cfg.device, cfg.dist.timeout_s)
     run_dir = Path(run_dir)
     ckpt_root = run_dir / "checkpoints"
     if env.is_main:
@@ -99,6 +100,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, env: DistEnv |
     torch.manual_seed(cfg.seed)
     parts = build_components(cfg, env.device)
     policy, task, reward = parts.policy, parts.task, parts.reward
+    strategy = make_strategy(cfg.dist, env)
+    strategy.wrap(policy)  # before anything holds the parameters (FSDP2 replaces them by shards)
     algo = ALGORITHMS.get(cfg.algo)(cfg.algorithm, policy)
     if getattr(algo, "requires_differentiable_reward", False) and not is_differentiable(reward):
         raise TrainingError(
@@ -120,7 +123,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, env: DistEnv |
     if path is not None:
         ckpt = load_checkpoint(path, env.device)
         policy.load_trainable_state(ckpt.policy)
-        optimizer.load_state_dict(ckpt.optimizer)
+        strategy.load_optimizer_state(optimizer, ckpt.optimizer)
         algo.load_state_dict(ckpt.algorithm)
         state = LoopState(**ckpt.trainer["loop"])
         logger.truncate_after(state.epoch)
@@ -190,8 +193,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, env: DistEnv |
             step_rows = []
             for inner in range(tc.inner_epochs):
                 for k in range(tc.steps_per_epoch):
-                    row_metrics = _optimizer_step(cfg, env, algo, policy, params, optimizer, reward, rollout,
-                                                  plan.rows, keep, state, k, inner)
+                    row_metrics = _optimizer_step(cfg, env, strategy, algo, policy, params, optimizer, reward,
+                                                  rollout, plan.rows, keep, state, k, inner)
                     if row_metrics is not None:
                         step_rows.append(row_metrics)
             metrics.update(_mean_metrics(step_rows))
@@ -212,7 +215,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, env: DistEnv |
         logger.log(state.step, metrics)
         bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}")
         if state.epoch % cfg.checkpoint.every == 0 or state.epoch == tc.epochs:
-            _save(cfg, env, ckpt_root, policy, optimizer, algo, state)
+            _save(cfg, env, strategy, ckpt_root, policy, optimizer, algo, state)
     bar.close()
     if scorer is not None:
         scorer.shutdown()
@@ -234,13 +237,15 @@ def _advantages(cfg: Config, total: torch.Tensor, components: dict, weights: dic
     return group_advantages(total, group_ids, a.std, a.clip, a.eps)
 
 
-def _optimizer_step(cfg, env, algo, policy, params, optimizer, reward, rollout, global_rows, keep, state, k, inner):
+def _optimizer_step(cfg, env, strategy, algo, policy, params, optimizer, reward, rollout, global_rows, keep, state,
+                    k, inner):
     """One optimizer step on step-batch ``k``: micro-batches, accumulation, clipping.
 
     Each micro-batch's loss is its mean over samples; it is weighted by its share of the
-    step's samples over all processes and the gradients are summed over processes, so the
-    update equals the single-process one on the same global batch.  The loss's random draws
-    are seeded by the micro-batch's first global sample, hence independent of the world size.
+    step's samples over all processes and the gradients are summed over processes (by the
+    strategy, :mod:`advantageflow.parallel`), so the update equals the single-process one on
+    the same global batch.  The loss's random draws are seeded by the micro-batch's first
+    global sample, hence independent of the world size.
     """
     tc = cfg.train
     per_step = len(rollout) // tc.steps_per_epoch
@@ -250,26 +255,35 @@ def _optimizer_step(cfg, env, algo, policy, params, optimizer, reward, rollout, 
     n_global = int(env.all_reduce_sum(torch.tensor([float(len(rows))])).item())
     if n_global == 0:
         return None
+    chunks = list(torch.split(rows, tc.micro_batch_size))
+    # Processes short of micro-batches (filtered groups) pad with zero-weight repeats of one row:
+    # under DDP / FSDP every process must run the same passes, and each must log the same keys.
+    n_chunks = max(1, env.all_reduce_max(len(chunks)) if strategy.lockstep else len(chunks))
     optimizer.zero_grad(set_to_none=True)
-    terms: list[dict[str, float]] = []
-    losses = []
-    for chunk in torch.split(rows, tc.micro_batch_size):
-        batch = rollout.select(chunk)
-        first_row = global_rows[int(chunk[0])]
+    metric_sums: dict[str, float] = {}
+    metric_counts: dict[str, int] = {}
+    loss_sum = 0.0
+    for i in range(n_chunks):
+        real = i < len(chunks)
+        chunk = chunks[i] if real else torch.tensor([k * per_step])
+        weight = len(chunk) / n_global if real else 0.0
         ctx = TrainContext(
             policy=policy,
-            generator=seeded_generator(cfg.seed, "loss", state.epoch, inner, first_row),
+            generator=seeded_generator(cfg.seed, "loss", state.epoch, inner, global_rows[int(chunk[0])]),
             step=state.step, reward=reward, guidance_scale=cfg.sampler.guidance_scale,
         )
-        for term in algo.losses(batch, ctx):
-            (term.loss * (len(chunk) / n_global)).backward()
-            losses.append(float(term.loss.detach()) * len(chunk) / n_global)
-            terms.append(term.metrics)
-    env.sum_gradients(params)
-    grads_ok = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
-    loss_total = env.all_reduce_sum(torch.tensor([sum(losses)])).item()
+        with strategy.accumulate(last=i == n_chunks - 1):
+            for term in algo.losses(rollout.select(chunk), ctx):
+                (term.loss * (weight * strategy.loss_scale)).backward()
+                loss_sum += float(term.loss.detach()) * weight
+                for key, value in term.metrics.items():
+                    metric_sums[key] = metric_sums.get(key, 0.0) + (value if real else 0.0)
+                    metric_counts[key] = metric_counts.get(key, 0) + int(real)
+    strategy.reduce_gradients(params)
+    grads_ok = finite_gradients(params)
+    loss_total = env.all_reduce_sum(torch.tensor([loss_sum])).item()
     grads_ok = not env.broadcast_flag(not (grads_ok and math.isfinite(loss_total)))
-    out = {**_rank_mean(env, _mean_metrics(terms)), "loss/total": loss_total}
+    out = {**_term_means(env, metric_sums, metric_counts), "loss/total": loss_total}
     if not grads_ok:
         optimizer.zero_grad(set_to_none=True)
         state.bad_updates += 1
@@ -277,7 +291,7 @@ def _optimizer_step(cfg, env, algo, policy, params, optimizer, reward, rollout, 
         out["stats/skipped_updates"] = state.bad_updates
         _stop_if_too_bad(state, tc.max_bad_steps, "a non-finite loss or gradient")
         return out
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+    grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf")))
     optimizer.step()
     fault_point("train")
     algo.after_step(policy, state.step)
@@ -299,13 +313,14 @@ def memory_metrics(policy: Any, device: torch.device) -> dict[str, float]:
     return {"perf/max_memory_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
 
 
-def _rank_mean(env: DistEnv, metrics: dict[str, float]) -> dict[str, float]:
-    """Average logged loss metrics over processes (every process logs the same keys)."""
-    if not env.active or not metrics:
-        return metrics
-    keys = sorted(metrics)
-    values = env.all_reduce_sum(torch.tensor([metrics[k] for k in keys], dtype=torch.float64))
-    return {k: float(v) / env.world_size for k, v in zip(keys, values)}
+def _term_means(env: DistEnv, sums: dict[str, float], counts: dict[str, int]) -> dict[str, float]:
+    """Loss-term metrics averaged over every real micro-batch of every process (each process
+    holds the same keys: padding micro-batches register them with count 0)."""
+    keys = sorted(sums)
+    if not keys:
+        return {}
+    totals = env.all_reduce_sum(torch.tensor([[sums[k], counts[k]] for k in keys], dtype=torch.float64))
+    return {k: float(s / n) for k, (s, n) in zip(keys, totals.tolist()) if n > 0}
 
 
 def _stop_if_too_bad(state: LoopState, limit: int, what: str) -> None:
@@ -316,15 +331,12 @@ def _stop_if_too_bad(state: LoopState, limit: int, what: str) -> None:
         )
 
 
-def _evaluate(policy, task, reward, cfg, env, run_dir, tag) -> EvalResult | None:
-    """Evaluate on process 0 (others wait); save a sample grid when ``tag`` is given."""
-    result = None
+def _evaluate(policy, task, reward, cfg, env, run_dir, tag) -> EvalResult:
+    """Evaluate (each process samples its stripe, all get the result); process 0 saves a
+    sample grid when ``tag`` is given."""
+    policy_eval_mode(policy, True)
+    result = evaluate_policy(policy, task, reward, cfg, env)
     if env.is_main:
-        policy_eval_mode(policy, True)
-        try:
-            result = evaluate_policy(policy, task, reward, cfg)
-        except RewardError:
-            raise
         if tag is not None:
             labels = [p.text for p in result.prompts]
             shown = result.images if result.images.dim() == 2 else result.images[:64]  # all points
@@ -347,11 +359,15 @@ def _jsonable_details(details: dict) -> dict:
     return out
 
 
-def _save(cfg, env, root, policy, optimizer, algo, state: LoopState) -> None:
+def _save(cfg, env, strategy, root, policy, optimizer, algo, state: LoopState) -> None:
+    # Every process takes part in gathering sharded tensors; process 0 writes.
+    policy_state, optimizer_state = policy.trainable_state(), strategy.optimizer_state(optimizer)
+    algo_state = algo.state_dict()
     if env.is_main:
         save_checkpoint(
-            root, state.epoch, policy.trainable_state(), optimizer.state_dict(), algo.state_dict(),
-            {"loop": asdict(state), "algo": cfg.algo, "world_size": env.world_size}, keep=cfg.checkpoint.keep,
+            root, state.epoch, policy_state, optimizer_state, algo_state,
+            {"loop": asdict(state), "algo": cfg.algo, "world_size": env.world_size,
+             "strategy": strategy.name}, keep=cfg.checkpoint.keep,
         )
     env.barrier()
 

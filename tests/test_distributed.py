@@ -79,7 +79,7 @@ def test_checkpoints_cross_world_sizes(tmp_path, toy_overrides, warm_cache):
 
 @pytest.mark.parametrize("mode", ["raise", "hang"])
 def test_failing_rank_ends_the_run(tmp_path, toy_overrides, warm_cache, mode):
-    args = _args(toy_overrides, "train.epochs=6", "dist_timeout_s=20",
+    args = _args(toy_overrides, "train.epochs=6", "dist.timeout_s=20",
                  "reward.name=tests.helpers_rewards:RankFaultReward", f"reward.args={{mode: {mode}, at: 4}}")
     start = time.time()
     out = _torchrun(args, tmp_path / "run", timeout=200)

@@ -11,6 +11,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from advantageflow.distributed import full_tensor, placed_like
 from advantageflow.models.base import ema_update_
 from advantageflow.types import expand_time
 
@@ -69,10 +70,11 @@ class LaggedPolicy:
             yield
 
     def state_dict(self) -> dict:
-        return {"params": [p.detach().cpu().clone() for p in self.params], "fresh": self.fresh}
+        """Whole CPU copies (sharded snapshots are gathered: every process must call this)."""
+        return {"params": [full_tensor(p.detach()).cpu().clone() for p in self.params], "fresh": self.fresh}
 
     def load_state_dict(self, state: dict) -> None:
-        self.params = [s.to(p.device, p.dtype) for s, p in zip(state["params"], self.params)]
+        self.params = [placed_like(s, p) for s, p in zip(state["params"], self.params)]
         self.fresh = bool(state["fresh"])
 
 

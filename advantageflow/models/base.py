@@ -21,10 +21,28 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
+
+from advantageflow.distributed import full_tensor, placed_like
+
+
+@dataclass
+class Networks:
+    """The modules a multi-process strategy wraps (:mod:`advantageflow.parallel`).
+
+    Attributes:
+        trained: the network holding the trainable parameters (the whole model, or the base
+            model carrying the LoRA adapter).
+        reference: its frozen copy for full fine-tuning (``None`` with LoRA, whose reference
+            is the same network with the adapter off).
+    """
+
+    trained: nn.Module
+    reference: nn.Module | None = None
 
 
 @runtime_checkable
@@ -107,7 +125,8 @@ class PolicyBase:
                     p.copy_(v)
 
     def trainable_state(self) -> dict[str, Tensor]:
-        return {name: p.detach().cpu().clone() for name, p in self.trainable_named_parameters()}
+        """Whole CPU copies (sharded parameters are gathered: every process must call this)."""
+        return {name: full_tensor(p.detach()).cpu().clone() for name, p in self.trainable_named_parameters()}
 
     def load_trainable_state(self, state: dict[str, Tensor]) -> None:
         named = dict(self.trainable_named_parameters())
@@ -125,7 +144,7 @@ class PolicyBase:
                         f"checkpoint tensor '{name}' has shape {tuple(state[name].shape)}, "
                         f"model expects {tuple(p.shape)}"
                     )
-                p.copy_(state[name].to(p.device, p.dtype))
+                p.copy_(placed_like(state[name], p))
 
 
 class FrozenCopyPolicy(PolicyBase):
@@ -138,6 +157,13 @@ class FrozenCopyPolicy(PolicyBase):
 
     def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return list(self.net.named_parameters())
+
+    def networks(self) -> Networks:
+        return Networks(trained=self.net, reference=self.ref_net)
+
+    def set_trained_forward(self, forward: nn.Module) -> None:
+        """Route the trained network's forward passes through ``forward`` (a DDP wrapper)."""
+        self._active = forward
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:

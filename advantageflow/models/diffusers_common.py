@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from advantageflow.configbase import ConfigError
-from advantageflow.models.base import PolicyBase, guided
+from advantageflow.models.base import Networks, PolicyBase, guided
 
 #: The authors' LoRA targets (Flow-GRPO, AWM, DiffusionNFT): every attention projection of
 #: the joint blocks, image stream (``to_*``) and text stream (``add_*``).
@@ -246,6 +246,18 @@ class DiffusersPolicy(PolicyBase):
         if self.cfg.lora.enabled:
             return lora_parameters(self.transformer)
         return list(self.transformer.named_parameters())
+
+    def networks(self) -> Networks:
+        return Networks(trained=self.transformer, reference=self.ref_transformer)
+
+    def set_trained_forward(self, forward: nn.Module) -> None:
+        """Route the trained transformer's forward passes through ``forward`` (a DDP wrapper)."""
+        self._active = forward
+
+    def _active_dtype(self) -> torch.dtype:
+        """The dtype of the network ``velocity`` calls (bf16 frozen base, or float32 weights for
+        full fine-tuning); seen through a DDP wrapper."""
+        return getattr(self._active, "module", self._active).dtype
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:

@@ -146,7 +146,7 @@ class FluxPolicy(DiffusersPolicy):
         if self.transformer.config.guidance_embeds:
             guidance = torch.full((n,), self.cfg.guidance, device=x.device, dtype=torch.float32)
         prompt_embeds = cond["prompt_embeds"]
-        dtype = self._active.dtype  # bf16 frozen base, or float32 for full fine-tuning
+        dtype = self._active_dtype()  # bf16 frozen base, or float32 for full fine-tuning
         txt_ids = torch.zeros(prompt_embeds.shape[1], 3, device=x.device, dtype=dtype)
         # The pipeline hands the transformer (1000 sigma) / 1000 in float32; do the same arithmetic.
         timestep = (t.float() * 1000.0) / 1000.0

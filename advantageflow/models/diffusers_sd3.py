@@ -110,7 +110,7 @@ class SD3Policy(DiffusersPolicy):
 
     def _forward(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
         """One transformer pass: ``timestep = 1000 t`` as in the pipeline."""
-        dtype = self._active.dtype  # bf16 frozen base, or float32 for full fine-tuning
+        dtype = self._active_dtype()  # bf16 frozen base, or float32 for full fine-tuning
         with autocast(self.device, self.dtype):
             return self._active(
                 hidden_states=x.to(dtype),
