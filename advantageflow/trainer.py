@@ -276,14 +276,15 @@ def _optimizer_step(cfg, env, strategy, algo, policy, params, optimizer, reward,
             for term in algo.losses(rollout.select(chunk), ctx):
                 (term.loss * (weight * strategy.loss_scale)).backward()
                 loss_sum += float(term.loss.detach()) * weight
-                for key, value in term.metrics.items():
-                    metric_sums[key] = metric_sums.get(key, 0.0) + (value if real else 0.0)
-                    metric_counts[key] = metric_counts.get(key, 0) + int(real)
+                for key, value in term.metrics.items():  # sample-weighted, so chunking does not matter
+                    metric_sums[key] = metric_sums.get(key, 0.0) + value * len(chunk) * real
+                    metric_counts[key] = metric_counts.get(key, 0) + len(chunk) * real
     strategy.reduce_gradients(params)
     grads_ok = finite_gradients(params)
-    loss_total = env.all_reduce_sum(torch.tensor([loss_sum])).item()
+    loss_total, padded = env.all_reduce_sum(torch.tensor([loss_sum, float(n_chunks - len(chunks))])).tolist()
     grads_ok = not env.broadcast_flag(not (grads_ok and math.isfinite(loss_total)))
-    out = {**_term_means(env, metric_sums, metric_counts), "loss/total": loss_total}
+    out = {**_term_means(env, metric_sums, metric_counts), "loss/total": loss_total,
+           "perf/padded_microbatches": padded}
     if not grads_ok:
         optimizer.zero_grad(set_to_none=True)
         state.bad_updates += 1
@@ -314,8 +315,8 @@ def memory_metrics(policy: Any, device: torch.device) -> dict[str, float]:
 
 
 def _term_means(env: DistEnv, sums: dict[str, float], counts: dict[str, int]) -> dict[str, float]:
-    """Loss-term metrics averaged over every real micro-batch of every process (each process
-    holds the same keys: padding micro-batches register them with count 0)."""
+    """Loss-term metrics averaged over the samples of every real micro-batch of every process
+    (each process holds the same keys: padding micro-batches register them with count 0)."""
     keys = sorted(sums)
     if not keys:
         return {}

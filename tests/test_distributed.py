@@ -1,7 +1,9 @@
-"""Two gloo processes under torchrun against one process with the same global batch."""
+"""Two gloo processes under torchrun against one process with the same global batch, for
+every strategy (DDP, FSDP2, flat all-reduce), algorithm and kind of model."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -9,11 +11,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from advantageflow.checkpoint import latest_checkpoint, load_checkpoint
 from advantageflow.config import load_config
 from advantageflow.runlog import read_metrics
 from advantageflow.trainer import train
 from tests.conftest import REPO
+from tests.dist_cases import ALGOS, run_cases
 
 TOY = str(REPO / "configs" / "toy2d_advantageflow.yaml")
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
@@ -54,27 +59,76 @@ def warm_cache(toy_cache):
     return toy_cache
 
 
-def test_two_processes_match_one(tmp_path, toy_overrides, warm_cache):
-    args = _args(toy_overrides, "train.epochs=4")
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "allreduce"])
+def test_two_processes_match_one(tmp_path, toy_overrides, warm_cache, strategy):
+    """The issue's 'done when': the CLI under torchrun logs the single-process metrics."""
+    args = _args(toy_overrides, "train.epochs=4", f"dist.strategy={strategy}")
     train(load_config(TOY, args), tmp_path / "one")
     out = _torchrun(args, tmp_path / "two")
     assert out.returncode == 0, out.stderr[-3000:]
     _assert_same(_rows(tmp_path / "one"), _rows(tmp_path / "two"))
 
 
-def test_checkpoints_cross_world_sizes(tmp_path, toy_overrides, warm_cache):
-    full = _args(toy_overrides, "train.epochs=4")
+# Every algorithm under DDP and FSDP2 on the 2-D task (Flow-GRPO filtering groups unevenly, so
+# processes pad with zero-weight micro-batches), the shipped DiT (blocks sharded one by one),
+# and the tiny SD3 pipeline: LoRA under DDP and FSDP2, full fine-tuning under FSDP2.
+MATRIX = [f"{a}-{s}" for a in ALGOS for s in ("ddp", "fsdp")] + [
+    "shapes-ddp", "shapes-fsdp", "sd3lora-ddp", "sd3lora-fsdp", "sd3full-fsdp"]
+
+
+def test_every_algorithm_and_model_trains_the_same_in_two_processes(tmp_path, warm_cache):
+    pytest.importorskip("diffusers")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "tests.dist_cases",
+           str(tmp_path / "two"), warm_cache, *MATRIX]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run_cases(tmp_path / "one", MATRIX, [f"model.cache_dir={warm_cache}", "model.pretrain_steps=1500"])
+    for case in MATRIX:
+        one, two = (load_checkpoint(latest_checkpoint(tmp_path / w / case / "checkpoints")) for w in ("one", "two"))
+        assert one.policy.keys() == two.policy.keys()
+        for name in one.policy:
+            assert torch.allclose(one.policy[name], two.policy[name], rtol=1e-4, atol=1e-5), (case, name)
+        rows_one, rows_two = (read_metrics(tmp_path / w / case / "metrics.jsonl") for w in ("one", "two"))
+        _assert_same(_comparable(rows_one), _comparable(rows_two))
+    padded = [r["perf/padded_microbatches"] for r in read_metrics(tmp_path / "two" / "flow_grpo-fsdp" / "metrics.jsonl")
+              if "perf/padded_microbatches" in r]
+    assert sum(padded) > 0, "the uneven case did not pad: the test lost its point"
+    # The strategies really wrapped: DDP routes the forward, FSDP2 halves what each process holds.
+    reports = [json.loads((tmp_path / "two" / f"wrapping-{r}.json").read_text()) for r in (0, 1)]
+    for rep in reports:
+        assert rep["ddp"]["ddp_forward"] and not rep["ddp"]["trained_sharded"]
+        assert rep["fsdp"]["trained_sharded"] and rep["fsdp"]["reference_sharded"]
+        assert rep["ddp"]["elements_here"] == rep["ddp"]["elements_total"]
+    assert sum(rep["fsdp"]["elements_here"] for rep in reports) == reports[0]["fsdp"]["elements_total"]
+    assert max(rep["fsdp"]["elements_here"] for rep in reports) < 0.51 * reports[0]["fsdp"]["elements_total"]
+
+
+def _comparable(rows: list[dict]) -> list[dict]:
+    """Metrics that must not depend on the number of processes (all but timings / memory)."""
+    return [{k: v for k, v in r.items() if not k.startswith("perf/") and k != "samples"} for r in rows]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_checkpoints_cross_world_sizes(tmp_path, toy_overrides, warm_cache, strategy):
+    full = _args(toy_overrides, "train.epochs=4", f"dist.strategy={strategy}")
+    half = _args(toy_overrides, "train.epochs=2", f"dist.strategy={strategy}")
     train(load_config(TOY, full), tmp_path / "ref")
-    # 2 processes write, 1 resumes
-    out = _torchrun(_args(toy_overrides, "train.epochs=2"), tmp_path / "a")
+    # 2 processes write (sharded under FSDP: the checkpoint holds whole tensors), 1 resumes
+    out = _torchrun(half, tmp_path / "a")
     assert out.returncode == 0, out.stderr[-3000:]
     train(load_config(TOY, full), tmp_path / "a", resume=True)
     _assert_same(_rows(tmp_path / "ref"), _rows(tmp_path / "a"))
     # 1 process writes, 2 resume
-    train(load_config(TOY, _args(toy_overrides, "train.epochs=2")), tmp_path / "b")
+    train(load_config(TOY, half), tmp_path / "b")
     out = _torchrun(full, tmp_path / "b", resume=True)
     assert out.returncode == 0, out.stderr[-3000:]
     _assert_same(_rows(tmp_path / "ref"), _rows(tmp_path / "b"))
+    final = [load_checkpoint(latest_checkpoint(tmp_path / r / "checkpoints")) for r in ("ref", "a", "b")]
+    for name in final[0].policy:
+        for other in final[1:]:
+            assert torch.allclose(final[0].policy[name], other.policy[name], rtol=1e-4, atol=1e-6)
+    assert final[2].trainer["world_size"] == 2 and final[2].trainer["strategy"] == strategy
 
 
 @pytest.mark.parametrize("mode", ["raise", "hang"])

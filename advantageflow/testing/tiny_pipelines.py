@@ -15,6 +15,7 @@ words with the ``tokenizers`` library, serving every tokenizer slot.  A folder i
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 import torch
@@ -226,7 +227,20 @@ def tiny_pipeline_dir(kind: str, seed: int = 0) -> str:
     import tempfile
 
     key = (kind, seed)
-    if key not in _SAVED:
+    if key in _SAVED:
+        return _SAVED[key]
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # transformers saves on rank 0 only once a process group exists: rank 0 builds the
+        # folder for the node (one folder per torchrun run), the others wait for it.
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID", "") + os.environ.get("MASTER_PORT", "")
+        folder = os.path.join(tempfile.gettempdir(), f"af-tiny-{kind}-{seed}-{run_id}")
+        if dist.get_rank() == 0 and not os.path.isdir(folder):
+            save_tiny_pipeline(kind, folder, seed)
+        dist.barrier()
+        _SAVED[key] = folder
+    else:
         _SAVED[key] = save_tiny_pipeline(kind, tempfile.mkdtemp(prefix=f"af-tiny-{kind}-"), seed)
     return _SAVED[key]
 
