@@ -32,6 +32,7 @@ import contextlib
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from advantageflow.config import DistConfig
@@ -162,6 +163,11 @@ class FSDP(Strategy):
         for net in (nets.trained, nets.reference):
             if net is None:
                 continue
+            # Every process must shard the same weights (DDP checks this by broadcasting; FSDP2
+            # does not): take process 0's, e.g. for a randomly initialised LoRA adapter.
+            with torch.no_grad():
+                for tensor in net.state_dict().values():
+                    dist.broadcast(tensor, src=0)
             for block in shard_units(net):
                 fully_shard(block, **options)
             fully_shard(net, **options)

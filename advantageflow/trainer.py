@@ -24,7 +24,7 @@ from advantageflow.algorithms.base import TrainContext
 from advantageflow.build import build_components, time_grid_for
 from advantageflow.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from advantageflow.config import Config
-from advantageflow.distributed import DistEnv, full_tensor
+from advantageflow.distributed import DistEnv, full_tensor, local_tensor
 from advantageflow.evaluation import EvalResult, evaluate_policy
 from advantageflow.faults import fault_point
 from advantageflow.parallel import finite_gradients, make_strategy
@@ -88,6 +88,12 @@ def _mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
 def train(cfg: Config, run_dir: str | Path, resume: bool = False, env: DistEnv | None = None) -> TrainResult:
     """Run (or resume) the training described by ``cfg``, writing into ``run_dir``."""
     env = env or DistEnv.from_environment(cfg.device, cfg.dist.timeout_s)
+    per_step = cfg.train.samples_per_epoch // cfg.train.steps_per_epoch
+    if per_step % env.world_size:
+        raise TrainingError(
+            f"{per_step} samples per optimizer step (train.prompts_per_epoch * train.group_size / "
+            f"train.steps_per_epoch) cannot be split evenly over {env.world_size} processes"
+        )
     run_dir = Path(run_dir)
     ckpt_root = run_dir / "checkpoints"
     if env.is_main:
@@ -109,6 +115,9 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, env: DistEnv |
             "differentiable; choose one that declares differentiable = True"
         )
     params = policy.trainable_parameters()
+    # What this process holds of them (its shards under FSDP2); gradients and AdamW's two
+    # moments add three times as much.
+    trainable_mb = sum(local_tensor(p).numel() * p.element_size() for p in params) / 2**20
     optimizer = torch.optim.AdamW(
         params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
         betas=tuple(cfg.train.adam_betas), eps=cfg.train.adam_eps,
@@ -205,6 +214,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, env: DistEnv |
         wall = time.perf_counter() - t0
         state.wall_s += wall
         metrics.update(memory_metrics(policy, env.device))
+        metrics["perf/trainable_mb"] = trainable_mb
         metrics.update({"perf/rollout_s": t_rollout, "perf/epoch_s": wall,
                         "perf/samples_per_s": tc.samples_per_epoch / wall, "samples": state.samples})
         if cfg.eval.every > 0 and (state.epoch % cfg.eval.every == 0 or state.epoch == tc.epochs):

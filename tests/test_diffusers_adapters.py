@@ -358,3 +358,15 @@ def test_gradient_checkpointing_gives_the_same_gradients(kind):
     assert any(g.abs().sum() > 0 for g in grads[1])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_building_a_tiny_pipeline_leaves_the_global_rng_alone(tmp_path):
+    """Models initialised after loading (LoRA) must not depend on whether this process built
+    the tiny pipeline first (under torchrun only process 0 builds it)."""
+    from advantageflow.testing.tiny_pipelines import save_tiny_pipeline
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    save_tiny_pipeline("sd3", str(tmp_path / "p"), seed=7)
+    assert torch.equal(torch.rand(3), expected)

@@ -202,7 +202,8 @@ def save_tiny_pipeline(kind: str, out_dir: str, seed: int = 0) -> str:
     """Build the tiny pipeline ``kind`` (``sd3`` or ``flux``) and ``save_pretrained`` it."""
     if kind not in BUILDERS:
         raise ValueError(f"unknown tiny pipeline '{kind}' (choose from {sorted(BUILDERS)})")
-    BUILDERS[kind](seed).save_pretrained(out_dir)
+    with torch.random.fork_rng(devices=[]):  # building seeds torch: leave the caller's RNG as it was
+        BUILDERS[kind](seed).save_pretrained(out_dir)
     return out_dir
 
 
