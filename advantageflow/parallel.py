@@ -45,15 +45,21 @@ class Strategy:
 
     Attributes:
         lockstep: every process must run the same number of micro-batches per step.
-        loss_scale: factor on each micro-batch loss (the world size when the wrapper averages).
+        averages: the wrapper averages gradients over processes (DDP, FSDP2) where the trainer
+            needs their sum.
     """
 
     name = "local"
     lockstep = False
-    loss_scale = 1.0
+    averages = False
 
     def __init__(self, env: DistEnv, cfg: DistConfig) -> None:
         self.env, self.cfg = env, cfg
+
+    @property
+    def loss_scale(self) -> float:
+        """Factor on each micro-batch loss: the world size when the wrapper averages."""
+        return float(self.env.world_size) if self.averages else 1.0
 
     def wrap(self, policy: Any) -> None:
         """Prepare ``policy`` (before its parameters are given to the optimizer or snapshot)."""
@@ -108,12 +114,8 @@ class DDP(Strategy):
     """``DistributedDataParallel`` over the trained network; see the module note."""
 
     name = "ddp"
-    lockstep = True
-
-    def __init__(self, env: DistEnv, cfg: DistConfig) -> None:
-        super().__init__(env, cfg)
-        self.loss_scale = float(env.world_size)
-        self.module: nn.parallel.DistributedDataParallel | None = None
+    lockstep = averages = True
+    module: nn.parallel.DistributedDataParallel | None = None
 
     def wrap(self, policy: Any) -> None:
         nets = _networks(policy, self.name)
@@ -139,11 +141,7 @@ class FSDP(Strategy):
     """FSDP2 ``fully_shard`` of the trained network and its frozen copy; see the module note."""
 
     name = "fsdp"
-    lockstep = True
-
-    def __init__(self, env: DistEnv, cfg: DistConfig) -> None:
-        super().__init__(env, cfg)
-        self.loss_scale = float(env.world_size)
+    lockstep = averages = True
 
     def wrap(self, policy: Any) -> None:
         try:

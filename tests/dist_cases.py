@@ -39,9 +39,12 @@ ALGOS = ("advantageflow", "awm", "flow_grpo", "diffusion_nft", "epg", "ram", "dr
 
 def case_config(name: str, toy_overrides: list[str]) -> tuple[str, list[str]]:
     """``(config file, overrides)`` of case ``name`` (``ALGO-STRATEGY`` on the 2-D task,
-    ``shapes-STRATEGY``, ``sd3full-STRATEGY`` or ``sd3lora-STRATEGY``)."""
+    ``shapes-STRATEGY``, ``sd3full-STRATEGY`` or ``sd3lora-STRATEGY``; STRATEGY ``fsdpbf16`` is
+    FSDP2 with bf16 mixed precision)."""
     what, strategy = name.rsplit("-", 1)
     dist = [f"dist.strategy={strategy}"]
+    if strategy == "fsdpbf16":  # FSDP2 mixed precision: bf16 compute, float32 reduction
+        dist = ["dist.strategy=fsdp", "dist.fsdp_param_dtype=bfloat16"]
     if what in ALGOS:
         return str(REPO / f"configs/toy2d_{what}.yaml"), [*toy_overrides, *TOY_SHORT,
                                                           *TOY_ALGO_EXTRA.get(what, []), *dist]
