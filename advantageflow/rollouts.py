@@ -8,7 +8,6 @@ the number of processes sharing the epoch (each process draws only its own sampl
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,18 +18,9 @@ from advantageflow.algorithms.base import SamplerRequest
 from advantageflow.faults import fault_point
 from advantageflow.rewards.base import RewardResult
 from advantageflow.sampling import bind_velocity, sample
+from advantageflow.seeding import derive_seed, seeded_generator
 from advantageflow.tasks.base import Prompt
 from advantageflow.types import Rollout, cat_cond, index_cond
-
-
-def derive_seed(*parts: Any) -> int:
-    """A 63-bit seed from any printable key (stable across runs and machines)."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def seeded_generator(*parts: Any) -> torch.Generator:
-    return torch.Generator().manual_seed(derive_seed(*parts))
 
 
 @dataclass

@@ -32,6 +32,7 @@ from advantageflow.rewards.async_scoring import AsyncRewardScorer
 from advantageflow.rewards.base import is_differentiable
 from advantageflow.rollouts import generate_and_score, plan_epoch, seeded_generator
 from advantageflow.runlog import MetricsLogger, plot_curves, read_metrics, save_samples
+from advantageflow.seeding import RowRandom
 
 
 class TrainingError(RuntimeError):
@@ -254,8 +255,9 @@ def _optimizer_step(cfg, env, strategy, algo, policy, params, optimizer, reward,
     Each micro-batch's loss is its mean over samples; it is weighted by its share of the
     step's samples over all processes and the gradients are summed over processes (by the
     strategy, :mod:`advantageflow.parallel`), so the update equals the single-process one on
-    the same global batch.  The loss's random draws are seeded by the micro-batch's first
-    global sample, hence independent of the world size.
+    the same global batch.  The loss's random draws are keyed by the step (draws shared by
+    its batch) and by each sample's global index (per-sample draws), hence independent of the
+    world size and of the micro-batch size.
     """
     tc = cfg.train
     per_step = len(rollout) // tc.steps_per_epoch
@@ -278,8 +280,8 @@ def _optimizer_step(cfg, env, strategy, algo, policy, params, optimizer, reward,
         chunk = chunks[i] if real else torch.tensor([k * per_step])
         weight = len(chunk) / n_global if real else 0.0
         ctx = TrainContext(
-            policy=policy,
-            generator=seeded_generator(cfg.seed, "loss", state.epoch, inner, global_rows[int(chunk[0])]),
+            policy=policy, generator=seeded_generator(cfg.seed, "loss", state.epoch, inner, k),
+            rows=RowRandom([(cfg.seed, "loss", state.epoch, inner, global_rows[int(r)]) for r in chunk]),
             step=state.step, reward=reward, guidance_scale=cfg.sampler.guidance_scale,
         )
         with strategy.accumulate(last=i == n_chunks - 1):

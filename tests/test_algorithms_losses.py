@@ -24,6 +24,7 @@ from advantageflow.algorithms.ram import RAM, ram_loss
 from advantageflow.models.toy import ToyMLPPolicy, VelocityMLP
 from advantageflow.rewards import CompositeReward
 from advantageflow.sampling import bind_velocity, sample, sde_step, time_grid
+from advantageflow.seeding import RowRandom
 from advantageflow.tasks.toy2d import ModeReward, SmoothModeReward
 from advantageflow.types import Rollout
 
@@ -48,8 +49,14 @@ def make_batch(policy, n: int = 16, steps: int = 10, seed: int = 0, **sampler) -
     )
 
 
-def ctx(policy, seed: int = 0, **kw) -> TrainContext:
-    return TrainContext(policy=policy, generator=torch.Generator().manual_seed(seed), step=0, **kw)
+def rows(seed: int, n: int = 16) -> RowRandom:
+    """The per-sample generators :func:`ctx` gives a loss (tests redraw from a fresh copy)."""
+    return RowRandom([("test-rows", seed, i) for i in range(n)])
+
+
+def ctx(policy, seed: int = 0, n: int = 16, **kw) -> TrainContext:
+    """A loss context: the step generator and ``n`` row generators, all seeded by ``seed``."""
+    return TrainContext(policy=policy, generator=torch.Generator().manual_seed(seed), step=0, rows=rows(seed, n), **kw)
 
 
 def total(outputs) -> tuple[torch.Tensor, list[dict]]:
@@ -104,8 +111,9 @@ def test_awm_grid_range_scales_to_the_rollout_grid():
 
 
 def _awm_reference(policy, batch, seed, cfg):
-    """AWM's loss recomputed from scratch with the same generator draws."""
-    g = torch.Generator().manual_seed(seed)
+    """AWM's loss recomputed from scratch with the same draws (timesteps from the step
+    generator, noise per sample)."""
+    g, r = torch.Generator().manual_seed(seed), rows(seed, len(batch))
     lo, hi = scaled_grid_range(len(batch.grid) - 1, cfg.timestep_low, cfg.timestep_high, cfg.reference_steps)
     idx = stratified_grid_indices(cfg.num_timesteps, lo, hi, g)
     adv = batch.advantages.clamp(-5, 5) / 5
@@ -113,7 +121,7 @@ def _awm_reference(policy, batch, seed, cfg):
     with torch.no_grad():
         for i in idx.tolist():
             t = torch.full((len(batch),), float(batch.grid[i]))
-            eps = torch.randn(batch.x0.shape, generator=g)
+            eps = r.randn(2)
             x_t = (1 - t[:, None]) * batch.x0 + t[:, None] * eps
             v = policy.velocity(x_t, t)
             with policy.reference():
@@ -157,7 +165,7 @@ def test_awm_off_policy_scores_old_with_the_same_draws():
     g = torch.Generator().manual_seed(4)
     idx = algo.timestep_indices(batch.grid, g)
     t = torch.full((len(batch),), float(batch.grid[int(idx[0])]))
-    eps = torch.randn(batch.x0.shape, generator=g)
+    eps = rows(4).randn(2)
     x_t = (1 - t[:, None]) * batch.x0 + t[:, None] * eps
     with torch.no_grad():
         lp = awm_log_likelihood(((policy.velocity(x_t, t) - (eps - batch.x0)) ** 2).mean(1), t, "t")
@@ -291,7 +299,7 @@ def test_nft_timesteps_are_per_sample_permutations_of_the_grid():
     policy = make_policy()
     batch = make_batch(policy, steps=10)
     algo = DiffusionNFT(DiffusionNFT.Config(), policy)
-    times = algo.timesteps(batch, torch.Generator().manual_seed(0))
+    times = algo.timesteps(batch, rows(0))
     assert times.shape == (9, len(batch))
     grid_times = set(batch.grid[:-1].float().tolist())
     for i in range(len(batch)):
@@ -308,13 +316,13 @@ def test_nft_class_loss_matches_recomputation():
     algo = DiffusionNFT(DiffusionNFT.Config(beta=0.5), policy)
     loss, metrics = total(algo.losses(batch, ctx(policy, seed=7)))
     assert len(metrics) == 3
-    g = torch.Generator().manual_seed(7)
-    times = algo.timesteps(batch, g)
+    draws = rows(7)
+    times = algo.timesteps(batch, draws)
     r = optimality_probability(batch.advantages)
     expected = 0.0
     with torch.no_grad():
         for t in times:
-            eps = torch.randn(batch.x0.shape, generator=g)
+            eps = draws.randn(2)
             x_t = (1 - t[:, None]) * batch.x0 + t[:, None] * eps
             v = policy.velocity(x_t, t)
             with policy.reference():
@@ -346,10 +354,11 @@ def test_epg_rho_is_one_on_policy_and_exp_elbo_difference_after_a_step():
     perturb_(policy)
     algo.after_step(policy, 0)
     (out,) = list(algo.losses(batch, ctx(policy, seed=9)))
-    g = torch.Generator().manual_seed(9)
-    t = torch.rand(3 * len(batch), generator=g)
+    # Draw-major stacks: draw d of sample i sits at d * n + i; sample i's draws are its own.
+    draws = rows(9)
+    t = draws.rand(3).T.reshape(-1)
     x0 = batch.x0.repeat(3, 1)
-    eps = torch.randn(x0.shape, generator=g)
+    eps = draws.randn(3, 2).transpose(0, 1).reshape(x0.shape)
     x_t = (1 - t[:, None]) * x0 + t[:, None] * eps
     with torch.no_grad():
         l_theta = elbo_surrogate(policy.velocity(x_t, t), eps - x0, 3)
@@ -449,13 +458,13 @@ def test_draft_lv_averages_renoised_one_step_rewards():
     algo = DRaFT(DRaFT.Config(variant="lv", lv_samples=2), policy)
     assert algo.sampler_request(0, torch.Generator()).keep_trajectory is False
     (out,) = list(algo.losses(batch, ctx(policy, seed=4, reward=smooth_reward())))
-    g = torch.Generator().manual_seed(4)
+    draws = rows(4)
     s = float(batch.grid[-2])
     t = torch.full((len(batch),), s)
     scores = []
     with torch.no_grad():
         for _ in range(2):
-            eps = torch.randn(batch.x0.shape, generator=g)
+            eps = draws.randn(2)
             x_s = (1 - s) * batch.x0 + s * eps
             scores.append(SmoothModeReward()(x_s - s * policy.velocity(x_s, t), [], []))
     torch.testing.assert_close(out.loss.detach(), -torch.stack(scores).mean())

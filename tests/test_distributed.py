@@ -25,7 +25,7 @@ TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 
 
 def _args(toy_overrides, *extra):
-    return [*toy_overrides, "eval.every=0", "train.micro_batch_size=16", "checkpoint.every=2", *extra]
+    return [*toy_overrides, "eval.every=0", "checkpoint.every=2", *extra]
 
 
 def _torchrun(args: list[str], run_dir: Path, resume: bool = False, timeout: float = 240):

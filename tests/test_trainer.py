@@ -94,3 +94,20 @@ def test_async_scoring_overlapping_sampling_gives_identical_runs(tmp_path, toy_o
     train(load_config(TOY, base), tmp_path / "sync")
     train(load_config(TOY, base + ["reward.async_scoring=true"]), tmp_path / "async")
     assert _train_rows(tmp_path / "sync") == _train_rows(tmp_path / "async")
+
+
+@pytest.mark.parametrize("algo", ["advantageflow", "awm", "epg"])
+def test_micro_batch_size_does_not_change_the_run(tmp_path, toy_overrides, algo):
+    """Per-sample draws are keyed by global sample index and shared draws by the step, so how
+    a step's batch is cut into micro-batches (or processes) changes nothing but rounding."""
+    base = str(REPO / "configs" / f"toy2d_{algo}.yaml")
+    runs = []
+    for size in (64, 16, 7):
+        args = toy_overrides + ["train.epochs=3", "eval.every=0", f"train.micro_batch_size={size}"]
+        train(load_config(base, args), tmp_path / str(size))
+        runs.append(_train_rows(tmp_path / str(size)))
+    for other in runs[1:]:
+        assert len(other) == len(runs[0])
+        for ra, rb in zip(runs[0], other):
+            for k in ra:
+                assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-7), (algo, ra["epoch"], k)

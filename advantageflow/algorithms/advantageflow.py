@@ -32,6 +32,7 @@ from advantageflow.algorithms.common import (
     scaled_advantages,
     x0_prediction,
 )
+from advantageflow.seeding import RowRandom
 from advantageflow.types import LossOutput, Rollout, mean_flat
 
 
@@ -128,23 +129,23 @@ class AdvantageFlow:
     def begin_epoch(self, policy: Any) -> None:
         self.old.begin_epoch(policy)
 
-    def _times(self, batch: Rollout, generator: torch.Generator) -> Tensor:
-        cfg, n = self.cfg, len(batch)
+    def _times(self, batch: Rollout, rows: RowRandom) -> Tensor:
+        """``(B,)`` training times, one per sample from its own generator."""
+        cfg = self.cfg
         if cfg.time_sampling == "grid":
             times = batch.grid[:-1]
-            idx = torch.randint(len(times), (n,), generator=generator)
-            return times[idx].to(batch.x0.device, batch.x0.dtype)
+            return times[rows.randint(len(times))].to(batch.x0.device, batch.x0.dtype)
         return sample_times(
-            n, generator, kind=cfg.time_sampling, t_min=cfg.t_min, t_max=cfg.t_max,
-            device=batch.x0.device,
+            rows, kind=cfg.time_sampling, t_min=cfg.t_min, t_max=cfg.t_max, device=batch.x0.device,
         ).to(batch.x0.dtype)
 
     def losses(self, batch: Rollout, ctx: TrainContext) -> Iterator[LossOutput]:
         cfg, policy = self.cfg, ctx.policy
         adv = scaled_advantages(batch.advantages, cfg.adv_clip).to(batch.x0.dtype)
+        rows = ctx.row_random(len(batch))
         for _ in range(cfg.draws_per_sample):
-            t = self._times(batch, ctx.generator)
-            eps = torch.randn(batch.x0.shape, generator=ctx.generator).to(batch.x0)
+            t = self._times(batch, rows)
+            eps = rows.randn(*batch.x0.shape[1:]).to(batch.x0)
             x_t = noised(batch.x0, t, eps)
             # Anchors first (no gradient), then theta's graph: see models/base.py.
             f_ref = None

@@ -211,7 +211,8 @@ class AWM:
             self.old.begin_epoch(policy)
 
     def timestep_indices(self, grid: Tensor, generator: torch.Generator) -> Tensor:
-        """``(K,)`` step indices into ``grid`` for one micro-batch."""
+        """``(K,)`` step indices into ``grid``, shared by the optimizer step's batch (drawn from
+        the step's generator, so every micro-batch and process trains the same timesteps)."""
         cfg = self.cfg
         lo, hi = scaled_grid_range(len(grid) - 1, cfg.timestep_low, cfg.timestep_high, cfg.reference_steps)
         return stratified_grid_indices(cfg.num_timesteps, lo, hi, generator)
@@ -220,9 +221,10 @@ class AWM:
         cfg, policy, x0 = self.cfg, ctx.policy, batch.x0
         adv = scaled_advantages(batch.advantages, cfg.adv_clip).to(x0.dtype)
         indices = self.timestep_indices(batch.grid, ctx.generator)
+        rows = ctx.row_random(len(batch))
         for idx in indices.tolist():
             t = torch.full((len(batch),), float(batch.grid[idx]), device=x0.device, dtype=x0.dtype)
-            eps = torch.randn(x0.shape, generator=ctx.generator).to(x0)
+            eps = rows.randn(*x0.shape[1:]).to(x0)
             x_t = noised(x0, t, eps)
             u = eps - x0
             # Constants first (no gradient), then theta's graph: see models/base.py.

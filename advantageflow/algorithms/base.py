@@ -28,6 +28,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
+from advantageflow.seeding import RowRandom
 from advantageflow.types import LossOutput, Rollout
 
 
@@ -56,7 +57,10 @@ class TrainContext:
 
     Attributes:
         policy: the policy being trained.
-        generator: the run's seeded generator; every random draw of a loss comes from it.
+        generator: draws shared by the whole optimizer step (e.g. AWM's timesteps): keyed by
+            the step, so every micro-batch of the step, on every process, draws the same.
+        rows: per-sample draws (training times, noise), keyed by each sample's global index:
+            see :meth:`row_random`.
         step: optimizer steps completed so far.
         reward: the configured reward (``reward(images, prompts, metadata) -> RewardResult``).
         guidance_scale: the rollout's CFG scale.
@@ -67,6 +71,17 @@ class TrainContext:
     step: int
     reward: Any = None
     guidance_scale: float = 1.0
+    rows: RowRandom | None = None
+
+    def row_random(self, batch_size: int) -> RowRandom:
+        """Per-sample draws for the batch: the trainer's (keyed by global sample index, so a
+        step's loss does not depend on micro-batch size or process count), or, for a context
+        made without them, rows seeded from :attr:`generator`."""
+        if self.rows is None:
+            self.rows = RowRandom.from_generator(self.generator, batch_size)
+        if len(self.rows) != batch_size:
+            raise ValueError(f"context has {len(self.rows)} row generators for a batch of {batch_size}")
+        return self.rows
 
 
 class Algorithm(Protocol):

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from advantageflow.distributed import full_tensor, placed_like
 from advantageflow.models.base import ema_update_
+from advantageflow.seeding import RowRandom
 from advantageflow.types import expand_time
 
 
@@ -79,19 +80,21 @@ class LaggedPolicy:
 
 
 def sample_times(
-    batch: int,
-    generator: torch.Generator,
+    rows: RowRandom,
     *,
     kind: Literal["uniform", "logit_normal"] = "uniform",
     t_min: float = 0.0,
     t_max: float = 1.0,
     device: torch.device | str = "cpu",
+    draws: int | None = None,
 ) -> Tensor:
-    """``(batch,)`` training times in ``[t_min, t_max]``: uniform or logit-normal (SD3)."""
+    """Training times in ``[t_min, t_max]``, uniform or logit-normal (SD3), one per row
+    ``(B,)`` or ``draws`` per row ``(B, draws)``, each row from its own generator."""
+    shape = () if draws is None else (draws,)
     if kind == "uniform":
-        u = torch.rand(batch, generator=generator)
+        u = rows.rand(*shape)
     elif kind == "logit_normal":
-        u = torch.sigmoid(torch.randn(batch, generator=generator))
+        u = torch.sigmoid(rows.randn(*shape))
     else:
         raise ValueError(f"unknown time sampling '{kind}'")
     return (t_min + (t_max - t_min) * u).to(device)

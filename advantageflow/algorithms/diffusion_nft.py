@@ -33,6 +33,7 @@ from torch import Tensor
 
 from advantageflow.algorithms.base import SamplerRequest, TrainContext
 from advantageflow.algorithms.common import EMASchedule, LaggedPolicy, noised, x0_prediction
+from advantageflow.seeding import RowRandom
 from advantageflow.types import LossOutput, Rollout, mean_flat
 
 EMA_SCHEDULES = {
@@ -159,21 +160,22 @@ class DiffusionNFT:
     def begin_epoch(self, policy: Any) -> None:
         pass
 
-    def timesteps(self, batch: Rollout, generator: torch.Generator) -> Tensor:
+    def timesteps(self, batch: Rollout, rows: RowRandom) -> Tensor:
         """``(T, B)`` times: per sample a random permutation of the grid's ``N`` step times,
         truncated to ``T = max(1, int(timestep_fraction * N))``."""
         times = batch.grid[:-1]
         n = len(times)
         count = max(1, int(self.cfg.timestep_fraction * n))
-        perms = torch.stack([torch.randperm(n, generator=generator) for _ in range(len(batch))], dim=1)
+        perms = rows.randperm(n).T  # (N, B)
         return times[perms[:count]].to(batch.x0.device, batch.x0.dtype)
 
     def losses(self, batch: Rollout, ctx: TrainContext) -> Iterator[LossOutput]:
         cfg, policy, x0 = self.cfg, ctx.policy, batch.x0
         r = optimality_probability(batch.advantages, cfg.adv_clip).to(x0.dtype)
-        all_t = self.timesteps(batch, ctx.generator)
+        rows = ctx.row_random(len(batch))
+        all_t = self.timesteps(batch, rows)
         for t in all_t:
-            eps = torch.randn(x0.shape, generator=ctx.generator).to(x0)
+            eps = rows.randn(*x0.shape[1:]).to(x0)
             x_t = noised(x0, t, eps)
             v_ref = None
             if cfg.ref_weight > 0:

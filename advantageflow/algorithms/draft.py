@@ -137,8 +137,9 @@ class DRaFT:
             s_last = grid[n - 1]
             t = torch.full((len(batch),), s_last, device=batch.x0.device, dtype=batch.x0.dtype)
             scores = []
+            rows = ctx.row_random(len(batch))
             for _ in range(cfg.lv_samples):
-                eps = torch.randn(batch.x0.shape, generator=ctx.generator).to(batch.x0)
+                eps = rows.randn(*batch.x0.shape[1:]).to(batch.x0)
                 x_s = noised(batch.x0, t, eps)
                 x0 = euler_chain(
                     policy, x_s, grid[n - 1 :], batch.cond,

@@ -113,12 +113,14 @@ class EPG:
     def losses(self, batch: Rollout, ctx: TrainContext) -> Iterator[LossOutput]:
         cfg, policy, x0 = self.cfg, ctx.policy, batch.x0
         k, n = cfg.num_draws, len(batch)
+        rows = ctx.row_random(n)
+        # Draw-major stacks (draw d of sample i at d * n + i), each sample from its own generator.
         t = sample_times(
-            k * n, ctx.generator, kind=cfg.time_sampling, t_min=cfg.t_min, t_max=cfg.t_max, device=x0.device
-        ).to(x0.dtype)
+            rows, kind=cfg.time_sampling, t_min=cfg.t_min, t_max=cfg.t_max, device=x0.device, draws=k
+        ).T.reshape(k * n).to(x0.dtype)
         x0_rep = x0.repeat(k, *([1] * (x0.dim() - 1)))
         cond = index_cond(batch.cond, torch.arange(n).repeat(k))
-        eps = torch.randn(x0_rep.shape, generator=ctx.generator).to(x0)
+        eps = rows.randn(k, *x0.shape[1:]).transpose(0, 1).reshape(x0_rep.shape).to(x0)
         x_t, u = noised(x0_rep, t, eps), eps - x0_rep
         l_ref = None
         if cfg.beta > 0:

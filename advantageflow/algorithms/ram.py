@@ -104,12 +104,12 @@ class RAM:
 
     def losses(self, batch: Rollout, ctx: TrainContext) -> Iterator[LossOutput]:
         cfg, policy, x0 = self.cfg, ctx.policy, batch.x0
+        rows = ctx.row_random(len(batch))
         for _ in range(cfg.draws_per_sample):
             t = sample_times(
-                len(batch), ctx.generator, kind=cfg.time_sampling, t_min=cfg.t_min, t_max=cfg.t_max,
-                device=x0.device,
+                rows, kind=cfg.time_sampling, t_min=cfg.t_min, t_max=cfg.t_max, device=x0.device,
             ).to(x0.dtype)
-            eps = torch.randn(x0.shape, generator=ctx.generator).to(x0)
+            eps = rows.randn(*x0.shape[1:]).to(x0)
             x_t = noised(x0, t, eps)
             with torch.no_grad(), policy.reference():
                 v_ref = policy.velocity(x_t, t, batch.cond)
