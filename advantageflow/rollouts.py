@@ -47,19 +47,21 @@ class EpochPlan:
 
 
 def owned_rows(total: int, steps: int, world: int, rank: int) -> list[int]:
-    """Global rows of process ``rank``: a ``1 / world`` stripe of each optimizer step's batch.
+    """Global rows of process ``rank``: every ``world``-th row of each optimizer step's batch.
 
-    With ``total`` samples split into ``steps`` consecutive step batches, process ``r`` owns
-    rows ``[k b + r b / W, k b + (r + 1) b / W)`` of step ``k`` (``b = total / steps``), so the
-    union over processes of each step's rows is the single-process step batch.
+    With ``total`` samples split into ``steps`` consecutive step batches of ``b = total / steps``
+    rows, process ``r`` owns rows ``k b + r, k b + r + W, ...`` of step ``k``.  A group's ``G``
+    consecutive rows are thus spread over the processes (as the peers' repeat samplers do), which
+    balances groups that Flow-GRPO filters out; the union over processes of each step's rows is
+    the single-process step batch, and rewards are gathered before advantages, so where a
+    sample lives changes nothing in the maths.
     """
     per_step = total // steps
     if per_step * steps != total or per_step % world:
         raise ValueError(
             f"{total} samples per epoch in {steps} steps cannot be split over {world} processes"
         )
-    share = per_step // world
-    return [k * per_step + rank * share + j for k in range(steps) for j in range(share)]
+    return [k * per_step + j for k in range(steps) for j in range(rank, per_step, world)]
 
 
 def plan_epoch(

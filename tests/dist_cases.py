@@ -22,9 +22,10 @@ QUIET = ["log.tensorboard=false", "log.progress=false"]
 TOY_SHORT = ["train.epochs=2", "train.micro_batch_size=16", "eval.every=2", "eval.samples_per_prompt=64",
              "checkpoint.every=2", *QUIET]
 TOY_ALGO_EXTRA = {
-    # groups of 2 with a 0/1 reward: many zero-std groups, filtered unevenly over the processes,
-    # so the process with fewer rows pads with zero-weight micro-batches.
-    "flow_grpo": ["train.group_size=2", "train.prompts_per_epoch=64", "train.micro_batch_size=4"],
+    # groups of 3 with a 0/1 reward: many zero-std groups; a group's members are spread 2 + 1
+    # over the 2 processes, so filtering is uneven and the process with fewer rows pads with
+    # zero-weight micro-batches.
+    "flow_grpo": ["train.group_size=3", "train.prompts_per_epoch=64", "train.micro_batch_size=4"],
 }
 TINY_SD3 = ["model.path=tiny:sd3", "model.height=16", "model.width=16", "model.max_sequence_length=8",
             "model.lora.rank=2", "model.lora.alpha=4", "sampler.steps=2", "sampler.eval_steps=2",

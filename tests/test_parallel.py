@@ -14,6 +14,7 @@ from advantageflow.evaluation import eval_stripe
 from advantageflow.models.dit import ShapesDiTPolicy
 from advantageflow.models.toy import ToyMLPPolicy, VelocityMLP
 from advantageflow.parallel import DDP, FSDP, Local, finite_gradients, make_strategy, shard_units
+from tests.conftest import REPO
 
 
 @pytest.mark.parametrize("total", [1, 5, 192, 193])
@@ -82,3 +83,27 @@ def test_dist_section_is_validated_with_suggestions():
     with pytest.raises(ConfigError, match="dist.timeout_s"):
         load_config(None, ["dist.timeout_s=0"])
     assert load_config(None, ["dist.strategy=fsdp"]).dist.strategy == "fsdp"
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_each_group_is_spread_over_the_processes_and_steps_are_covered_exactly(world):
+    from advantageflow.rollouts import owned_rows
+
+    total, steps, group = 128, 2, 8
+    owned = [owned_rows(total, steps, world, r) for r in range(world)]
+    per_step = total // steps
+    for k in range(steps):  # each step's batch is the union of the processes' rows of step k
+        step_rows = sorted(i for rows in owned for i in rows[k * per_step // world:(k + 1) * per_step // world])
+        assert step_rows == list(range(k * per_step, (k + 1) * per_step))
+    for g in range(total // group):  # every process holds group / world members of every group
+        members = range(g * group, (g + 1) * group)
+        assert all(sum(i in set(rows) for i in members) == group // world for rows in owned)
+
+
+def test_a_world_size_that_does_not_divide_the_step_batch_is_a_clear_error_before_anything_runs(tmp_path):
+    from advantageflow.trainer import TrainingError, train
+
+    cfg = load_config(str(REPO / "configs" / "toy2d_advantageflow.yaml"))  # 64 samples per step
+    with pytest.raises(TrainingError, match="64 samples per optimizer step .* over 3 processes"):
+        train(cfg, tmp_path / "run", env=DistEnv(rank=0, world_size=3))
+    assert not (tmp_path / "run").exists()
