@@ -87,21 +87,13 @@ class DistEnv:
         return tensor
 
     def sum_gradients(self, params: list[torch.nn.Parameter]) -> None:
-        """Sum ``.grad`` over ranks (the trainer pre-scales each rank's loss)."""
-        self._reduce_gradients(params, average=False)
-
-    def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
-        """Average ``.grad`` over ranks (one flat all-reduce)."""
-        self._reduce_gradients(params, average=True)
-
-    def _reduce_gradients(self, params: list[torch.nn.Parameter], average: bool) -> None:
+        """Sum ``.grad`` over ranks with one flat all-reduce (the trainer pre-scales each
+        rank's loss)."""
         if not self.active:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        if average:
-            flat /= self.world_size
         offset = 0
         for p, g in zip(params, grads):
             n = g.numel()

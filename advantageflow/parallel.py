@@ -47,11 +47,14 @@ class Strategy:
         lockstep: every process must run the same number of micro-batches per step.
         averages: the wrapper averages gradients over processes (DDP, FSDP2) where the trainer
             needs their sum.
+        shards: parameters and optimizer state are sharded, so making them whole for a
+            checkpoint takes every process.
     """
 
     name = "local"
     lockstep = False
     averages = False
+    shards = False
 
     def __init__(self, env: DistEnv, cfg: DistConfig) -> None:
         self.env, self.cfg = env, cfg
@@ -141,7 +144,7 @@ class FSDP(Strategy):
     """FSDP2 ``fully_shard`` of the trained network and its frozen copy; see the module note."""
 
     name = "fsdp"
-    lockstep = averages = True
+    lockstep = averages = shards = True
 
     def wrap(self, policy: Any) -> None:
         try:

@@ -373,9 +373,10 @@ def _jsonable_details(details: dict) -> dict:
 
 
 def _save(cfg, env, strategy, root, policy, optimizer, algo, state: LoopState) -> None:
-    # Every process takes part in gathering sharded tensors; process 0 writes.
-    policy_state, optimizer_state = policy.trainable_state(), strategy.optimizer_state(optimizer)
-    algo_state = algo.state_dict()
+    # Process 0 writes; gathering sharded tensors (FSDP2) needs every process.
+    if env.is_main or strategy.shards:
+        policy_state, optimizer_state = policy.trainable_state(), strategy.optimizer_state(optimizer)
+        algo_state = algo.state_dict()
     if env.is_main:
         save_checkpoint(
             root, state.epoch, policy_state, optimizer_state, algo_state,

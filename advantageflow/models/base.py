@@ -89,7 +89,8 @@ class PolicyBase:
     """Helpers shared by adapters: snapshots, parameter swaps and trainable state.
 
     Subclasses provide ``velocity``, ``encode``, ``decode``, ``reference``,
-    ``trainable_named_parameters`` and the attributes of :class:`FlowPolicy`.
+    ``trainable_named_parameters``, the attributes of :class:`FlowPolicy` and ``_active``
+    (the network ``velocity`` calls).
     """
 
     differentiable_decode: bool = True
@@ -99,6 +100,11 @@ class PolicyBase:
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for _, p in self.trainable_named_parameters()]
+
+    def set_trained_forward(self, forward: nn.Module) -> None:
+        """Route the trained network's forward passes (``self._active``, which
+        :meth:`reference` swaps out and back) through ``forward``, a DDP wrapper."""
+        self._active = forward
 
     def snapshot(self) -> list[Tensor]:
         """Detached copies of the trainable parameters, in :meth:`trainable_parameters` order."""
@@ -160,10 +166,6 @@ class FrozenCopyPolicy(PolicyBase):
 
     def networks(self) -> Networks:
         return Networks(trained=self.net, reference=self.ref_net)
-
-    def set_trained_forward(self, forward: nn.Module) -> None:
-        """Route the trained network's forward passes through ``forward`` (a DDP wrapper)."""
-        self._active = forward
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:

@@ -250,10 +250,6 @@ class DiffusersPolicy(PolicyBase):
     def networks(self) -> Networks:
         return Networks(trained=self.transformer, reference=self.ref_transformer)
 
-    def set_trained_forward(self, forward: nn.Module) -> None:
-        """Route the trained transformer's forward passes through ``forward`` (a DDP wrapper)."""
-        self._active = forward
-
     def _active_dtype(self) -> torch.dtype:
         """The dtype of the network ``velocity`` calls (bf16 frozen base, or float32 weights for
         full fine-tuning); seen through a DDP wrapper."""
