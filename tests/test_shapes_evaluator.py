@@ -196,3 +196,112 @@ def test_sample_diversity_zero_for_copies_positive_for_layouts():
     assert d == pytest.approx(expected, rel=1e-4)
     with pytest.raises(ValueError):
         sample_diversity(imgs, [0, 1, 2, 3])
+
+
+# --------------------------------------------------------------------------- v2: eight shapes
+
+
+@pytest.mark.parametrize("condition", ["clean", "noise 0.1", "noise 0.15", "blur 0.8", "blur 1.0"])
+def test_every_shape_is_told_apart_under_noise_and_blur(condition):
+    """Each of the eight shapes alone, 40 random sizes / places / colours per shape."""
+    from advantageflow.tasks.shapes.scene import COLORS, MAX_SIZE, MIN_SIZE, SHAPES
+
+    rng = random.Random(7)
+    scenes = [Scene([PlacedObject(s, rng.choice(list(COLORS)), rng.uniform(8, 24), rng.uniform(8, 24),
+                                  rng.uniform(MIN_SIZE, MAX_SIZE))]) for s in SHAPES for _ in range(40)]
+    images = render(scenes)
+    kind, level = condition.split()[0], float(condition.split()[1]) if " " in condition else 0.0
+    if kind == "noise":
+        images = (images + level * torch.randn(images.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+    elif kind == "blur":
+        images = _blur(images, level)
+    found = detect(images)
+    right = [len(f) == 1 and f[0].shape == sc.objects[0].shape and f[0].color == sc.objects[0].color
+             for f, sc in zip(found, scenes)]
+    per_shape = {s: sum(right[i * 40:(i + 1) * 40]) / 40 for i, s in enumerate(SHAPES)}
+    assert min(per_shape.values()) >= (1.0 if condition == "clean" else 0.975), per_shape
+
+
+def _break_one_clause(spec, rng: random.Random):
+    """A spec that differs from ``spec`` in exactly one checked clause, and which clause.
+
+    wrong count (counting: one more or one fewer), wrong colour (a named colour replaced),
+    swapped relation (position: the opposite direction), missing object (one mentioned object
+    left out; a lone object replaced by another shape)."""
+    from advantageflow.tasks.shapes.grammar import infer_tag
+    from advantageflow.tasks.shapes.scene import COLORS, RELATIONS, SHAPES, ObjectSpec, Relation, SceneSpec
+
+    objs = list(spec.objects)
+    options = ["missing object"]
+    if spec.tag == "counting":
+        options.append("wrong count")
+    if any(o.color for o in objs):
+        options.append("wrong colour")
+    if spec.relation is not None:
+        options.append("swapped relation")
+    kind = rng.choice(options)
+    if kind == "wrong count":
+        o = objs[0]
+        n = o.count + 1 if o.count < 4 and (o.count == 2 or rng.random() < 0.5) else o.count - 1
+        objs[0] = ObjectSpec(o.shape, o.color, n)
+    elif kind == "wrong colour":
+        i = rng.choice([k for k, o in enumerate(objs) if o.color])
+        o = objs[i]
+        objs[i] = ObjectSpec(o.shape, rng.choice([c for c in COLORS if c != o.color]), o.count)
+        return SceneSpec(spec.tag, tuple(objs), spec.relation), kind
+    elif kind == "swapped relation":
+        opposite = dict(zip(RELATIONS, ("right of", "left of", "below", "above")))
+        return SceneSpec(spec.tag, tuple(objs), Relation(opposite[spec.relation.kind])), kind
+    elif len(objs) == 1:  # missing object: draw another shape instead of the only one asked for
+        o = objs[0]
+        objs[0] = ObjectSpec(rng.choice([s for s in SHAPES if s != o.shape]), o.color, o.count)
+    else:
+        objs.pop(rng.randrange(len(objs)))
+        return SceneSpec(infer_tag(tuple(objs), None), tuple(objs)), kind
+    return SceneSpec(spec.tag, tuple(objs), spec.relation), kind
+
+
+def test_negative_controls_renders_that_break_one_clause_are_rejected():
+    """False-positive rate <= 0.01 on renders that break exactly one clause of a test prompt.
+
+    Unnamed colours are drawn at random, so a render may satisfy the original spec by luck only
+    when the broken clause is one that a random colour can restore: never, since a wrong
+    colour replaces a *named* colour and the renderer draws exactly the objects of the spec."""
+    from advantageflow.tasks.shapes.grammar import eval_slots
+
+    rng = random.Random(11)
+    originals, broken, kinds = [], [], []
+    for spec in list(eval_slots()) * 12:
+        bad, kind = _break_one_clause(spec, rng)
+        originals.append(spec)
+        broken.append(bad)
+        kinds.append(kind)
+    images, _ = render_specs(broken, rng)
+    verdicts = score(images, originals)
+    for kind in sorted(set(kinds)):
+        mine = [v.strict for v, k in zip(verdicts, kinds) if k == kind]
+        assert len(mine) >= 40 and sum(mine) / len(mine) <= 0.01, (kind, sum(mine), len(mine))
+    # and the same renders judged against the spec they were drawn from are right
+    assert sum(v.strict for v in score(images, broken)) / len(broken) >= 0.99
+
+
+def test_strict_standard_error_matches_an_independent_computation():
+    import numpy as np
+
+    from advantageflow.tasks.shapes.evaluator import Verdict, strict_standard_error
+
+    rng = random.Random(3)
+    tags = ["single_object", "counting", "position"]
+    verdicts = [Verdict(t, {"c": rng.random() < p}) for t, p, n in zip(tags, (0.9, 0.3, 0.5), (20, 50, 7))
+                for _ in range(n)]
+    per_tag = [np.array([v.strict for v in verdicts if v.tag == t]) for t in tags]
+    expected = np.sqrt(sum(x.var(ddof=1) / len(x) for x in per_tag)) / len(tags)
+    assert strict_standard_error(verdicts) == pytest.approx(expected, rel=1e-12)
+    assert summarize(verdicts)["strict_se"] == pytest.approx(expected, rel=1e-12)
+    # the main job's evaluation (96 slots x 9 samples = 144 images per tag) resolves 0.015 at
+    # any accuracy: the worst case p = 0.5 on every tag gives sqrt(6 * 0.25 / 143) / 6
+    worst = [Verdict(t, {"c": k % 2 == 0}) for t in TAGS_ALL for k in range(144)]
+    assert strict_standard_error(worst) <= 0.0171
+
+
+TAGS_ALL = ("single_object", "two_object", "counting", "colors", "position", "color_attr")

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from advantageflow.tasks.shapes.grammar import (
+    EVAL_SLOTS_PER_TAG,
     all_specs,
     canonical,
+    eval_slots,
     parse_prompt,
     specs_for_tag,
     splits,
@@ -33,7 +35,7 @@ from advantageflow.tasks.shapes.task import ShapesTask
 
 
 def test_grammar_size_meets_the_brief():
-    assert len(COLORS) >= 4 and len(SHAPES) == 3 and len(RELATIONS) == 4
+    assert len(COLORS) == 6 and len(SHAPES) == 8 and len(RELATIONS) == 4
     assert {o.count for s in all_specs() for o in s.objects} == {1, 2, 3, 4}
     assert {s.tag for s in all_specs()} == set(TAGS)
 
@@ -58,6 +60,9 @@ def test_round_trip_spec_prompt_spec_for_every_spec():
         ("a yellow square left of a blue circle", "position"),
         ("a square below a triangle", "position"),
         ("a red square and a green circle", "color_attr"),
+        ("four purple diamonds", "counting"),
+        ("a white ring above a frame", "position"),
+        ("a bar and a pillar", "two_object"),
     ],
 )
 def test_parse_examples_of_each_tag(text, tag):
@@ -67,7 +72,7 @@ def test_parse_examples_of_each_tag(text, tag):
     assert parse_prompt("  " + text.upper() + ". ") == spec  # case, spaces, final full stop
 
 
-@pytest.mark.parametrize("bad", ["a purple circle", "three circle", "a circle and", "two red", "", "a hexagon"])
+@pytest.mark.parametrize("bad", ["a orange circle", "three circle", "a crosses", "a circle and", "two red", "", "a hexagon"])
 def test_parse_rejects_non_grammar_prompts(bad):
     with pytest.raises(ValueError):
         parse_prompt(bad)
@@ -98,13 +103,37 @@ def test_splits_are_disjoint_fixed_and_cover_every_tag():
     test_keys = {canonical(s) for s in test}
     assert not train_keys & test_keys
     assert not {to_prompt(s) for s in train} & {to_prompt(s) for s in test}
-    assert {s.tag for s in train} == {s.tag for s in test} == set(TAGS)
+    assert {s.tag for s in test} == set(TAGS)
+    assert {s.tag for s in train} == set(TAGS) - {"single_object"}  # all 8 single objects are held out
     assert len(test) == len(test_keys)  # one phrasing per test constraint
     # fixed: a pinned prefix of each split (changing the split silently would break results)
     assert [to_prompt(s) for s in test[:3]] == [to_prompt(s) for s in splits.__wrapped__()[1][:3]]
     task = ShapesTask()
-    assert [p.text for p in task.test_prompts()] == [to_prompt(s) for s in test]
+    assert [p.text for p in task.test_prompts()] == [to_prompt(s) for s in eval_slots()]
     assert all(SceneSpec.from_dict(p.metadata) == parse_prompt(p.text) for p in task.train_prompts())
+
+
+def test_every_tag_has_eight_held_out_prompts_and_equal_evaluation_slots():
+    """The v2 brief: >= 8 held-out prompts per tag; every tag weighs the same in evaluation."""
+    train, test = splits()
+    for tag in TAGS:
+        held_out = {to_prompt(s) for s in test if s.tag == tag}
+        assert len(held_out) >= 8, tag
+        slots = [s for s in eval_slots() if s.tag == tag]
+        assert len(slots) == EVAL_SLOTS_PER_TAG and {to_prompt(s) for s in slots} == held_out
+    # single objects: all eight shapes are held out, so the train split has none of that tag
+    assert {s.objects[0].shape for s in test if s.tag == "single_object"} == set(SHAPES)
+    assert not [s for s in train if s.tag == "single_object"]
+    # every shape and colour still occurs among the train prompts
+    assert {o.shape for s in train for o in s.objects} == set(SHAPES)
+    assert {o.color for s in train for o in s.objects if o.color} == set(COLORS)
+
+
+def test_the_model_vocabulary_covers_the_grammar():
+    from advantageflow.models.dit import VOCAB
+
+    words = {w for s in all_specs() for w in to_prompt(s).split()}
+    assert words <= set(VOCAB), sorted(words - set(VOCAB))
 
 
 def test_task_tag_filter():
@@ -147,7 +176,7 @@ def test_render_range_colours_and_area():
     images = render(scenes)
     assert images.shape == (2, 3, 32, 32) and images.dtype == torch.float32
     assert float(images.min()) >= 0 and float(images.max()) <= 1
-    # the painted area matches the analytic one (square side 0.85 * size, discs pi r^2)
+    # the painted area matches the analytic one (square side 1.7 * half-size, discs pi r^2)
     from advantageflow.tasks.shapes.scene import BACKGROUND
 
     bg = torch.tensor(BACKGROUND).view(3, 1, 1)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from advantageflow.models.dit import ShapesDiTPolicy
-from advantageflow.tasks.shapes.pretrain import main
+from advantageflow.tasks.shapes.pretrain import lr_factor, main
 
 TINY = ["--width", "32", "--depth", "1", "--heads", "2", "--batch-size", "4", "--warmup", "2",
         "--eval-samples", "0", "--no-progress"]
@@ -21,25 +22,57 @@ def test_help_exits_cleanly(capsys):
     assert "--minutes" in capsys.readouterr().out
 
 
-def test_writes_a_loadable_asset_and_snapshots_equal_shorter_runs(tmp_path):
-    long_dir, short_dir = tmp_path / "long", tmp_path / "short"
-    assert main(["--steps", "4", "--save-every", "2", "--out", str(long_dir), *TINY]) == 0
-    assert main(["--steps", "2", "--out", str(short_dir), *TINY]) == 0
-    meta = json.loads((long_dir / "config.json").read_text())
+def test_writes_a_loadable_asset_with_snapshots(tmp_path):
+    out = tmp_path / "run"
+    assert main(["--steps", "4", "--save-every", "2", "--out", str(out), *TINY]) == 0
+    meta = json.loads((out / "config.json").read_text())
     assert meta["pretrain"]["steps_done"] == 4 and meta["model"]["width"] == 32
+    assert meta["pretrain"]["command"].startswith("advantageflow pretrain shapes --steps 4")
     assert {"steps", "eval_steps", "guidance_scale"} <= set(meta["sampling"])
-    snap_meta = json.loads((long_dir / "step_2" / "config.json").read_text())
-    assert snap_meta["pretrain"]["steps"] == 2
-    # constant learning rate after warm-up: the snapshot at step 2 is what --steps 2 saves
-    snap = load_file(str(long_dir / "step_2" / "model.safetensors"))
-    short = load_file(str(short_dir / "model.safetensors"))
-    final = load_file(str(long_dir / "model.safetensors"))
-    assert all((snap[k] == short[k]).all() for k in short)
-    assert any((final[k] != short[k]).any() for k in short)
-    policy = ShapesDiTPolicy.from_config(ShapesDiTPolicy.Config(path=str(long_dir)))
+    assert json.loads((out / "step_2" / "config.json").read_text())["pretrain"]["steps_done"] == 2
+    assert not (out / "resume.pt").exists()  # removed once finished
+    policy = ShapesDiTPolicy.from_config(ShapesDiTPolicy.Config(path=str(out)))
     assert policy.generate(["a red circle"], steps=2).shape == (1, 3, 32, 32)
 
 
+def test_learning_rate_warms_up_then_decays_by_a_cosine():
+    assert lr_factor(0, 10, 110, 0.1) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 110, 0.1) == pytest.approx(1.0)
+    assert lr_factor(10, 10, 110, 0.1) == pytest.approx(1.0)
+    assert lr_factor(60, 10, 110, 0.1) == pytest.approx(0.55)  # halfway down the cosine
+    assert lr_factor(110, 10, 110, 0.1) == pytest.approx(0.1)
+
+
+def test_a_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    import advantageflow.tasks.shapes.pretrain as pretrain
+
+    args = ["--steps", "6", "--resume-every", "2", *TINY]
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    calls = {"n": 0}
+    real = pretrain.sample_batch
+
+    def dies_at_step_5(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt  # the process is killed during step 5
+        return real(*a, **k)
+
+    monkeypatch.setattr(pretrain, "sample_batch", dies_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        main([*args, "--out", str(tmp_path / "killed")])
+    assert (tmp_path / "killed" / "resume.pt").exists()
+    monkeypatch.setattr(pretrain, "sample_batch", real)
+    # other weight-changing arguments are refused, not silently mixed
+    with pytest.raises(SystemExit, match="--lr 0.001 -> 0.002"):
+        main([*args, "--lr", "0.002", "--out", str(tmp_path / "killed")])
+    assert main([*args, "--out", str(tmp_path / "killed")]) == 0
+    whole = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    resumed = load_file(str(tmp_path / "killed" / "model.safetensors"))
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    meta = json.loads((tmp_path / "killed" / "config.json").read_text())
+    assert meta["pretrain"]["resumed"] is True and meta["pretrain"]["steps_done"] == 6
+
+
 def test_time_cap_stops_early_and_still_saves(tmp_path):
-    assert main(["--steps", "1000", "--minutes", "0", "--out", str(tmp_path), *TINY]) == 0
+    assert main(["--steps", "1000", "--minutes", "1e-9", "--out", str(tmp_path), *TINY]) == 0
     assert json.loads((tmp_path / "config.json").read_text())["pretrain"]["steps_done"] == 1

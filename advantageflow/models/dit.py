@@ -30,8 +30,9 @@ ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "shapes_dit"
 
 VOCAB: tuple[str, ...] = (
     "<pad>", "<null>", "<unk>", "a", "an", "and", "of", "left", "right", "above", "below",
-    "one", "two", "three", "four", "red", "green", "blue", "yellow",
-    "circle", "square", "triangle", "circles", "squares", "triangles",
+    "one", "two", "three", "four", "red", "green", "blue", "yellow", "purple", "white",
+    "circle", "square", "triangle", "diamond", "ring", "frame", "bar", "pillar",
+    "circles", "squares", "triangles", "diamonds", "rings", "frames", "bars", "pillars",
 )  # fmt: skip
 PAD, NULL, UNK = 0, 1, 2
 
@@ -222,6 +223,10 @@ class ShapesDiTPolicy(FrozenCopyPolicy):
         c = net.cfg
         self.sample_shape = (c.channels, c.image_size, c.image_size)
         self.sampling = dict(self.meta.get("sampling", {}))
+        # the words the asset was trained on (its config.json), so ids match its embeddings
+        self.vocab = tuple(self.meta.get("vocab", VOCAB))
+        if len(self.vocab) != c.vocab_size:
+            raise ValueError(f"the asset's vocabulary has {len(self.vocab)} words, its network {c.vocab_size}")
 
     @classmethod
     def from_config(cls, cfg: Config, device: str = "cpu") -> ShapesDiTPolicy:
@@ -229,8 +234,8 @@ class ShapesDiTPolicy(FrozenCopyPolicy):
         return cls(net, meta, device)
 
     def encode(self, prompts: list[str]) -> dict[str, Tensor]:
-        tokens = tokenize(list(prompts), self.net.cfg.max_tokens).to(self.device)
-        null = tokenize([""], self.net.cfg.max_tokens).to(self.device).expand_as(tokens).clone()
+        tokens = tokenize(list(prompts), self.net.cfg.max_tokens, self.vocab).to(self.device)
+        null = tokenize([""], self.net.cfg.max_tokens, self.vocab).to(self.device).expand_as(tokens).clone()
         return {"tokens": tokens, "null": null}
 
     def velocity(self, x: Tensor, t: Tensor, cond: Any, guidance_scale: float = 1.0) -> Tensor:

@@ -6,7 +6,8 @@ Detection, per image ``(3, H, W)`` in ``[0, 1]`` (numpy; no learned parts):
    to speckle noise), thresholded at :data:`FG_THRESHOLD`;
 2. 4-connected components; components smaller than :data:`MIN_AREA` pixels are noise;
 3. colour: the mean RGB of the component's core pixels, nearest palette colour (none when
-   farther than :data:`MAX_COLOR_DIST`);
+   farther than :data:`MAX_COLOR_DIST` from every palette colour diluted with the background
+   down to :data:`MIN_COLOR_MIX`);
 4. shape, from rotation-free moment features of the component's pixels (see
    :func:`shape_features`): vertical skewness (upright triangles have their mass low) and the
    ratio of fourth moments along the diagonals to those along the axes (4/3 for a square,
@@ -41,10 +42,14 @@ from advantageflow.tasks.shapes.scene import BACKGROUND, COLORS, SHAPES, TAGS, S
 FG_THRESHOLD = 0.3
 MIN_AREA = 12
 MAX_AREA = 220
-MAX_COLOR_DIST = 0.45
+MAX_COLOR_DIST = 0.3
+MIN_COLOR_MIX = 0.5  # a core colour may be diluted with the background down to half strength
 POSITION_MARGIN = 2.0
-TRIANGLE_SKEW = -0.22  # vertical skewness below this: an upright triangle (ideal -0.57)
-SQUARE_EXCESS = 0.1  # diagonal minus axis fourth moments above this: a square (ideal 0.3)
+TRIANGLE_SKEW = -0.25  # vertical skewness below this: an upright triangle (ideal -0.56)
+ELONGATED = 0.9  # |log variance ratio| above this: a bar or a pillar (ideal 1.8)
+HOLLOW = 0.5  # centre emptier than this: a ring or a frame (ideal 1)
+SQUARE_EXCESS = 0.1  # diagonal minus axis fourth moments above this: a square or frame (ideal 0.29 / 0.25)
+DIAMOND_EXCESS = -0.1  # below this: a diamond (ideal -0.29)
 
 _PALETTE_NAMES = list(COLORS)
 _PALETTE = np.asarray([COLORS[c] for c in _PALETTE_NAMES], dtype=np.float32)
@@ -89,15 +94,36 @@ def connected_components(mask: np.ndarray) -> np.ndarray:
     return np.where(mask, labels, 0)
 
 
-def shape_features(ys: np.ndarray, xs: np.ndarray, weights: np.ndarray) -> tuple[float, float]:
-    """``(skew_y, diag_excess)`` of a weighted pixel set (coordinates and weights ``(n,)``).
+@dataclass
+class ShapeFeatures:
+    """Moment features of one weighted pixel set (:func:`shape_features`), invariant to
+    translation and scale.  Ideal values of clean renders in brackets.
 
-    With centred ``x, y`` and ``u, w = (x +- y) / sqrt 2`` (weighted means ``E``):
-    ``skew_y = E[y^3] / E[y^2]^1.5`` and
-    ``diag_excess = (E[u^4] + E[w^4] - E[x^4] - E[y^4]) / (E[x^2] + E[y^2])^2``.
-    A uniform square has ``diag_excess = (a^4/120) / (a^2/6)^2 = 0.3``, a disc 0, and an
-    upright triangle ``skew_y = -0.57``.  An isotropic blur adds the same terms to the axis and
-    diagonal fourth moments, so the numerator of ``diag_excess`` survives blurring.
+    Attributes:
+        skew_y: vertical skewness ``E[y^3] / E[y^2]^1.5`` (upright triangle -0.56, others 0).
+        elongation: ``log(E[x^2] / E[y^2])`` (bar +1.8, pillar -1.8, others within +-0.3).
+        diag_excess: ``(E[u^4] + E[w^4] - E[x^4] - E[y^4]) / (E[x^2] + E[y^2])^2`` with
+            ``u, w = (x +- y) / sqrt 2``: fourth moments along the diagonals minus along the
+            axes (square +0.29, frame +0.25, disc and ring 0, diamond -0.29).
+        hollow: ``1 -`` foreground strength near the centroid / the component's core strength
+            (ring and frame 1, filled shapes 0).
+    """
+
+    skew_y: float
+    elongation: float
+    diag_excess: float
+    hollow: float
+
+
+def shape_features(ys: np.ndarray, xs: np.ndarray, weights: np.ndarray, centre_strength: float | None = None,
+                   core_strength: float | None = None) -> ShapeFeatures:
+    """Features of a weighted pixel set (pixel-centre coordinates and weights ``(n,)``).
+
+    An isotropic blur of variance ``s^2`` adds ``6 s^2 E[x^2] + 3 s^4`` to ``E[x^4]`` and the
+    matching terms to the other three fourth moments; they cancel in ``diag_excess``'s
+    numerator because ``u^2 + w^2 = x^2 + y^2``, so blur only shrinks it through the
+    denominator (a square's 0.29 becomes 0.22 at blur sigma 1 px).  ``hollow`` is 0 unless
+    ``centre_strength`` and ``core_strength`` are given.
     """
     w = weights / weights.sum()
     x = xs - (w * xs).sum()
@@ -106,19 +132,51 @@ def shape_features(ys: np.ndarray, xs: np.ndarray, weights: np.ndarray) -> tuple
     skew = float((w * y**3).sum()) / (var_y + 1e-6) ** 1.5
     u, v = (x + y) / math.sqrt(2), (x - y) / math.sqrt(2)
     excess = float((w * (u**4 + v**4 - x**4 - y**4)).sum()) / ((var_x + var_y) ** 2 + 1e-6)
-    return skew, excess
+    hollow = 0.0
+    if centre_strength is not None and core_strength:
+        hollow = float(np.clip(1.0 - centre_strength / core_strength, 0.0, 1.0))
+    return ShapeFeatures(skew, math.log((var_x + 1e-6) / (var_y + 1e-6)), excess, hollow)
 
 
-def classify_shape(skew: float, excess: float) -> str:
-    """Shape name from :func:`shape_features`."""
-    if skew < TRIANGLE_SKEW:
+def classify_shape(f: ShapeFeatures) -> str:
+    """Shape name from :class:`ShapeFeatures`: a fixed decision list with thresholds about
+    halfway between the shapes' values (checked on noisy and blurred renders in the tests)."""
+    if f.hollow > HOLLOW:
+        return "frame" if f.diag_excess > SQUARE_EXCESS else "ring"
+    if f.elongation > ELONGATED:
+        return "bar"
+    if f.elongation < -ELONGATED:
+        return "pillar"
+    if f.skew_y < TRIANGLE_SKEW:
         return "triangle"
-    return "square" if excess > SQUARE_EXCESS else "circle"
+    if f.diag_excess > SQUARE_EXCESS:
+        return "square"
+    if f.diag_excess < DIAMOND_EXCESS:
+        return "diamond"
+    return "circle"
+
+
+def _centre_strength(raw: np.ndarray, gy: np.ndarray, gx: np.ndarray, weight: np.ndarray) -> float:
+    """Mean foreground strength (minus the 0.05 floor) of the pixels within 1.5 px of the
+    weighted centroid of a component: low for a ring's hole."""
+    cy = float((weight * (gy + 0.5)).sum() / weight.sum())
+    cx = float((weight * (gx + 0.5)).sum() / weight.sum())
+    h, w = raw.shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    near = (yy + 0.5 - cy) ** 2 + (xx + 0.5 - cx) ** 2 <= 1.5**2
+    return float(np.clip(raw[near] - 0.05, 0.0, None).mean()) if near.any() else 0.0
 
 
 def classify_color(rgb: np.ndarray) -> str | None:
-    """Nearest palette colour of a mean RGB ``(3,)``, or ``None`` when none is close."""
-    dist = np.sqrt(((_PALETTE - rgb[None]) ** 2).sum(axis=1))
+    """Nearest palette colour of a mean RGB ``(3,)``, or ``None`` when none is close.
+
+    A thin or blurred object's core pixels are a mix ``bg + a (c - bg)`` of its colour ``c``
+    and the background, so each palette colour is compared at its best mixing weight ``a`` in
+    ``[MIN_COLOR_MIX, 1]`` (the distance from ``rgb`` to that segment)."""
+    bg = np.asarray(BACKGROUND, dtype=np.float32)
+    offset = _PALETTE - bg[None]  # (K, 3)
+    mix = np.clip((offset @ (rgb - bg)) / (offset * offset).sum(axis=1), MIN_COLOR_MIX, 1.0)
+    dist = np.sqrt((((bg[None] + mix[:, None] * offset) - rgb[None]) ** 2).sum(axis=1))
     k = int(dist.argmin())
     return _PALETTE_NAMES[k] if dist[k] <= MAX_COLOR_DIST else None
 
@@ -155,7 +213,9 @@ def detect(images: Tensor | np.ndarray) -> list[list[Detection]]:
             weight = np.clip(raw[i, gy, gx] - 0.05, 0.0, None)
             shape = None
             if area <= MAX_AREA and weight.sum() > 0:
-                shape = classify_shape(*shape_features(gy + 0.5, gx + 0.5, weight))
+                core_strength = float(np.clip(raw[i, ys[core], xs[core]] - 0.05, 0.0, None).mean())
+                shape = classify_shape(shape_features(
+                    gy + 0.5, gx + 0.5, weight, _centre_strength(raw[i], gy, gx, weight), core_strength))
             found.append(Detection(shape, classify_color(rgb), float(xs.mean()) + 0.5,
                                    float(ys.mean()) + 0.5, int(area)))
         out.append(found)
@@ -212,8 +272,9 @@ def score(images: Tensor, specs: list[SceneSpec]) -> list[Verdict]:
 
 def summarize(verdicts: list[Verdict]) -> dict[str, float]:
     """GenEval-style table: ``strict`` / ``partial`` overall (mean over tags present) and per
-    tag (``strict/<tag>``, ``partial/<tag>``, ``count/<tag>``), plus ``strict/images``
-    (mean over all images)."""
+    tag (``strict/<tag>``, ``partial/<tag>``, ``count/<tag>``), ``strict_se`` (the standard
+    error of ``strict``, :func:`strict_standard_error`), plus ``strict/images`` (mean over all
+    images)."""
     out: dict[str, float] = {}
     per_tag_s, per_tag_p = [], []
     for tag in TAGS:
@@ -226,9 +287,29 @@ def summarize(verdicts: list[Verdict]) -> dict[str, float]:
         per_tag_s.append(s)
         per_tag_p.append(p)
     out["strict"] = sum(per_tag_s) / len(per_tag_s) if per_tag_s else float("nan")
+    out["strict_se"] = strict_standard_error(verdicts)
     out["partial"] = sum(per_tag_p) / len(per_tag_p) if per_tag_p else float("nan")
     out["strict/images"] = sum(v.strict for v in verdicts) / len(verdicts) if verdicts else float("nan")
     return dict(sorted(out.items()))
+
+
+def strict_standard_error(verdicts: list[Verdict]) -> float:
+    """Standard error of the headline ``strict`` (the mean over the ``T`` tags present of each
+    tag's mean strict score), treating images as independent draws:
+    ``sqrt(sum_t s_t^2 / n_t) / T`` with ``s_t^2`` the sample variance of tag ``t``'s ``n_t``
+    strict scores (``p (1 - p) n / (n - 1)``).  NaN with no verdicts; a tag with one image
+    contributes no variance estimate (0)."""
+    var_sum, tags = 0.0, 0
+    for tag in TAGS:
+        vs = [v.strict for v in verdicts if v.tag == tag]
+        if not vs:
+            continue
+        tags += 1
+        n = len(vs)
+        if n > 1:
+            p = sum(vs) / n
+            var_sum += p * (1 - p) * n / (n - 1) / n
+    return math.sqrt(var_sum) / tags if tags else float("nan")
 
 
 # --------------------------------------------------------------------------- guards
@@ -311,13 +392,14 @@ def evaluate_policy(
 ) -> dict[str, float]:
     """ShapesEval of a policy with ``generate`` (e.g. ``ShapesDiTPolicy``) on ``specs``.
 
-    Defaults: the test split; steps / guidance from the policy's ``sampling`` settings.
+    Defaults: the evaluation slots of the test split (:func:`~.grammar.eval_slots`, 16 per
+    tag); steps / guidance from the policy's ``sampling`` settings.
     Adds ``diversity`` (:func:`sample_diversity`) when ``samples_per_prompt > 1``.
     Seeded: the same noise for every model.
     """
-    from advantageflow.tasks.shapes.grammar import splits, to_prompt
+    from advantageflow.tasks.shapes.grammar import eval_slots, to_prompt
 
-    specs = list(specs or splits()[1])
+    specs = list(specs or eval_slots())
     rows = [(k, s) for k, s in enumerate(specs) for _ in range(samples_per_prompt)]
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn((len(rows), *policy.sample_shape), generator=gen)
@@ -334,7 +416,7 @@ def evaluate_policy(
     return result
 
 
-def evaluate_checkpoint(path: str = "", samples_per_prompt: int = 4, seed: int = 0, **kwargs) -> dict:
+def evaluate_checkpoint(path: str = "", samples_per_prompt: int = 9, seed: int = 0, **kwargs) -> dict:
     """:func:`evaluate_policy` of the ShapesDiT asset at ``path`` ('' = shipped), with the
     sampler settings used recorded in the result."""
     from advantageflow.models.dit import ShapesDiTPolicy

@@ -1,6 +1,6 @@
 """The ShapesEval prompt grammar, its parser, and the fixed train / test prompt splits.
 
-Six tags, after GenEval (Ghosh et al. 2023, Table 1), on 3 shapes x 4 colours::
+Six tags, after GenEval (Ghosh et al. 2023, Table 1), on 8 shapes x 6 colours::
 
     single_object   "a circle"
     two_object      "a circle and a square"                 (two different shapes)
@@ -14,8 +14,10 @@ Six tags, after GenEval (Ghosh et al. 2023, Table 1), on 3 shapes x 4 colours::
 Splits are made over *canonical* specs, so that two phrasings of one constraint ("a circle
 and a square" / "a square and a circle"; "A left of B" / "B right of A") always fall in the
 same split: train and test never share a constraint.  The test split holds one phrasing per
-canonical spec; the train split holds every phrasing.  Position has far more specs than the
-other tags; both splits take a fixed subset of it (the rest is only seen in pretraining).
+canonical spec; the train split holds every phrasing.  Counting, position and colour
+attribution have far more specs than the other tags; both splits take a fixed subset of them
+(the rest is only seen in pretraining).  The eight single-object constraints are all held out
+(the train split has none of that tag; every shape still appears in its other tags).
 """
 
 from __future__ import annotations
@@ -29,12 +31,13 @@ from advantageflow.tasks.shapes.scene import COLORS, RELATIONS, SHAPES, TAGS, Ob
 
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
 WORD_NUMBERS = {w: n for n, w in NUMBER_WORDS.items()}
-PLURALS = {s: s + "s" for s in SHAPES}
+PLURALS = {s: s + ("es" if s.endswith("ss") else "s") for s in SHAPES}
 SINGULARS = {p: s for s, p in PLURALS.items()}
 
 # canonical specs per tag put in the test split / the train split (None: all the rest)
-TEST_SIZES = {"single_object": 1, "two_object": 1, "counting": 12, "colors": 4, "position": 16, "color_attr": 12}
-TRAIN_CAPS = {"position": 64}
+TEST_SIZES = {"single_object": 8, "two_object": 16, "counting": 16, "colors": 16, "position": 16, "color_attr": 16}
+TRAIN_CAPS = {"counting": 48, "position": 48, "color_attr": 48}
+EVAL_SLOTS_PER_TAG = 16  # evaluation slots per tag; a tag with fewer test specs repeats them
 SPLIT_SEED = 20251123
 
 
@@ -166,3 +169,15 @@ def splits() -> tuple[tuple[SceneSpec, ...], tuple[SceneSpec, ...]]:
         for k in rest[:cap] if cap else rest:
             train += groups[k]
     return tuple(train), tuple(test)
+
+
+def eval_slots() -> tuple[SceneSpec, ...]:
+    """The test specs as evaluation slots: :data:`EVAL_SLOTS_PER_TAG` per tag, in tag order;
+    a tag with fewer held-out specs (single objects: 8) cycles through them, so every tag
+    gets the same number of images and weighs the same in the headline score's error."""
+    test = splits()[1]
+    out: list[SceneSpec] = []
+    for tag in TAGS:
+        mine = [s for s in test if s.tag == tag]
+        out += [mine[i % len(mine)] for i in range(EVAL_SLOTS_PER_TAG)]
+    return tuple(out)

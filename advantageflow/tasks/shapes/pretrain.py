@@ -6,10 +6,13 @@ with ``x0`` the render scaled to ``[-1, 1]``.  Prompts are drawn tag-uniformly f
 grammar (:func:`~advantageflow.tasks.shapes.grammar.all_specs`, train and test specs alike:
 this is the "pretraining corpus"; the splits only separate RL prompts from evaluation
 prompts).  10% of prompts are replaced by the empty prompt, for classifier-free guidance.
-AdamW at a constant learning rate after a linear warm-up, and an EMA of the weights, which is
-what gets saved: the weights after ``K`` steps are therefore the same whether the run was
-asked for ``K`` steps or stopped there (``--save-every``), which is how the shipped length
-was chosen.
+AdamW with a linear warm-up then a cosine decay to ``--lr-final`` at ``--steps``, and an EMA
+of the weights, which is what gets saved.
+
+Resumable: every ``--resume-every`` steps the whole state (network, EMA, optimizer, the step,
+both random streams and the loss history) goes to ``OUT/resume.pt`` (written atomically); a
+run started again with the same arguments and ``--out`` continues from it and ends with the
+same weights as an uninterrupted run.  ``resume.pt`` is removed when the run finishes.
 
 Writes ``--out``: ``model.safetensors`` (EMA weights) and ``config.json`` (architecture,
 vocabulary, the recommended ``sampling`` settings, the pretraining arguments, wall time and
@@ -38,14 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="advantageflow pretrain shapes",
         description="Pretrain the ShapesEval text-to-image flow model (a tiny DiT) on CPU renders.",
+        allow_abbrev=False,
     )
     p.add_argument("--out", default="pretrained/shapes_dit", help="asset folder to write")
-    p.add_argument("--steps", type=int, default=4000, help="optimizer steps (the shipped model: 4000)")
-    p.add_argument("--minutes", type=float, default=30.0, help="wall-clock cap; stops early and saves")
+    p.add_argument("--steps", type=int, default=10000, help="optimizer steps (the shipped model: 10000)")
+    p.add_argument("--minutes", type=float, default=0.0, help="wall-clock cap (0 = none); stops early and saves")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    p.add_argument("--lr-final", type=float, default=1e-4, help="learning rate at the last step (cosine decay)")
     p.add_argument("--warmup", type=int, default=200, help="linear warm-up steps")
-    p.add_argument("--ema", type=float, default=0.995, help="EMA decay of the saved weights")
+    p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved weights")
     p.add_argument("--cfg-dropout", type=float, default=0.1, help="fraction of empty prompts")
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--depth", type=int, default=4)
@@ -53,12 +58,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=0, help="also save snapshots OUT/step_K every K steps")
+    p.add_argument("--resume-every", type=int, default=250, help="steps between resume states (0 = none)")
     p.add_argument("--guidance", type=float, default=1.0, help="guidance_scale recorded in config.json")
     p.add_argument("--rollout-steps", type=int, default=10, help="recommended RL rollout steps")
     p.add_argument("--eval-steps", type=int, default=20, help="recommended evaluation steps")
-    p.add_argument("--eval-samples", type=int, default=4, help="samples per test prompt at the end (0: skip)")
+    p.add_argument("--eval-samples", type=int, default=9, help="samples per evaluation slot at the end (0: skip)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
+
+
+def lr_factor(step: int, warmup: int, total: int, final_ratio: float) -> float:
+    """Multiplier of the peak learning rate at optimizer step ``step`` (0-based): linear
+    warm-up over ``warmup`` steps, then a cosine from 1 down to ``final_ratio`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(total - warmup, 1))
+    return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# arguments that do not change the weights: a resumed run may differ in these
+_RESUME_FREE = ("minutes", "no_progress", "eval_samples", "save_every", "resume_every")
 
 
 def sample_batch(rng: random.Random, batch: int, cfg_dropout: float) -> tuple[torch.Tensor, list[str]]:
@@ -85,11 +104,35 @@ def _meta(args: argparse.Namespace, extra: dict) -> dict:
     }
 
 
+def _resume_state(out: Path, args: argparse.Namespace) -> dict | None:
+    """The saved state of an unfinished run in ``out`` with the same arguments, if any."""
+    path = out / "resume.pt"
+    if not path.exists():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    saved = {k: v for k, v in state["args"].items() if k not in _RESUME_FREE and k != "out"}
+    now = {k: v for k, v in vars(args).items() if k not in _RESUME_FREE and k != "out"}
+    if saved != now:
+        diff = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} -> {now.get(k)}"
+                         for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k))
+        raise SystemExit(f"error: '{out}' holds an unfinished run with other arguments ({diff}); "
+                         "use those arguments to resume it, or another --out")
+    return state
+
+
+def _save_resume_state(out: Path, state: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "resume.pt.tmp"
+    torch.save(state, tmp)
+    tmp.replace(out / "resume.pt")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run pretraining; returns a process exit code."""
+    """Run (or resume) pretraining; returns a process exit code."""
     args = build_parser().parse_args(argv)
     from advantageflow.models.dit import tokenize
 
+    out = Path(args.out)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     noise_gen = torch.Generator().manual_seed(args.seed + 1)
@@ -97,20 +140,37 @@ def main(argv: list[str] | None = None) -> int:
     net = ShapesDiT(cfg)
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / max(args.warmup, 1)))
+    final_ratio = args.lr_final / args.lr
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor(k, args.warmup, args.steps, final_ratio))
+    losses: list[float] = []
+    step, wall_before, cpu_before = 0, 0.0, 0.0
+    state = _resume_state(out, args)
+    if state is not None:
+        net.load_state_dict(state["net"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        rng.setstate(state["rng"])
+        noise_gen.set_state(state["noise_gen"])
+        losses, step = state["losses"], state["step"]
+        wall_before, cpu_before = state["wall_s"], state["cpu_s"]
+        print(f"resuming the unfinished run in {out} at step {step}", flush=True)
     n_params = sum(p.numel() for p in net.parameters())
     print(f"ShapesDiT: {n_params / 1e6:.2f} M parameters; {args.steps} steps of {args.batch_size}; "
-          f"cap {args.minutes} min; writing {args.out}", flush=True)
+          f"writing {out}", flush=True)
 
     bar = None
     if not args.no_progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=args.steps, desc="pretrain shapes", unit="step", file=sys.stderr)
+        bar = tqdm(total=args.steps, initial=step, desc="pretrain shapes", unit="step", file=sys.stderr)
     start, cpu_start = time.time(), time.process_time()
-    losses: list[float] = []
-    step = 0
-    for step in range(1, args.steps + 1):
+
+    def elapsed() -> tuple[float, float]:
+        return wall_before + time.time() - start, cpu_before + time.process_time() - cpu_start
+
+    while step < args.steps:
+        step += 1
         x0, prompts = sample_batch(rng, args.batch_size, args.cfg_dropout)
         tokens = tokenize(prompts, cfg.max_tokens)
         eps = torch.randn(x0.shape, generator=noise_gen)
@@ -133,41 +193,48 @@ def main(argv: list[str] | None = None) -> int:
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
         elif step % 100 == 0:
-            print(f"step {step} loss {sum(losses[-100:]) / 100:.4f} {time.time() - start:.0f}s", flush=True)
-        if args.save_every and step % args.save_every == 0:
-            # constant LR after warm-up: this snapshot is what '--steps {step}' would save
-            snap_args = argparse.Namespace(**{**vars(args), "steps": step, "save_every": 0})
-            snap = {"steps_done": step, "wall_s": round(time.time() - start, 1),
-                    "cpu_s": round(time.process_time() - cpu_start, 1), "snapshot_of_longer_run": True}
-            save_asset(ema, _meta(snap_args, snap), Path(args.out) / f"step_{step}")
-        if time.time() - start > args.minutes * 60:
+            print(f"step {step} loss {sum(losses[-100:]) / 100:.4f} {elapsed()[0]:.0f}s", flush=True)
+        if args.save_every and step % args.save_every == 0 and step < args.steps:
+            snap = {"steps_done": step, "wall_s": round(elapsed()[0], 1), "snapshot_of_longer_run": True}
+            save_asset(ema, _meta(args, snap), out / f"step_{step}")
+        if args.resume_every and step % args.resume_every == 0 and step < args.steps:
+            wall, cpu = elapsed()
+            _save_resume_state(out, {
+                "args": vars(args), "net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                "sched": sched.state_dict(), "rng": rng.getstate(), "noise_gen": noise_gen.get_state(),
+                "losses": losses, "step": step, "wall_s": wall, "cpu_s": cpu,
+            })
+        if args.minutes and elapsed()[0] > args.minutes * 60:
             print(f"time cap of {args.minutes} min reached after {step} steps; saving", flush=True)
             break
     if bar is not None:
         bar.close()
-    wall = time.time() - start
+    wall, cpu = elapsed()
     tail = losses[-200:]
     extra = {
+        "command": "advantageflow pretrain shapes " + " ".join(argv if argv is not None else sys.argv[3:]),
         "steps_done": step,
         "wall_s": round(wall, 1),
-        "cpu_s": round(time.process_time() - cpu_start, 1),
+        "cpu_s": round(cpu, 1),
         "images_per_s": round(step * args.batch_size / max(wall, 1e-9), 1),
         "final_loss": round(sum(tail) / max(len(tail), 1), 5),
-        "loss_curve": [round(sum(losses[i : i + 100]) / len(losses[i : i + 100]), 5)
-                       for i in range(0, len(losses), 100)],
+        "loss_curve": [round(sum(losses[i : i + 250]) / len(losses[i : i + 250]), 5)
+                       for i in range(0, len(losses), 250)],
         "parameters": n_params,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "resumed": state is not None,
     }
     meta = _meta(args, extra)
-    save_asset(ema, meta, args.out)
-    print(f"saved {args.out} after {step} steps in {wall / 60:.1f} min (loss {extra['final_loss']})", flush=True)
+    save_asset(ema, meta, out)
+    (out / "resume.pt").unlink(missing_ok=True)
+    print(f"saved {out} after {step} steps in {wall / 60:.1f} min (loss {extra['final_loss']})", flush=True)
     if args.eval_samples > 0:
         from advantageflow.tasks.shapes.evaluator import evaluate_checkpoint
 
-        result = evaluate_checkpoint(args.out, samples_per_prompt=args.eval_samples, seed=args.seed)
+        result = evaluate_checkpoint(str(out), samples_per_prompt=args.eval_samples, seed=args.seed)
         meta["eval"] = result
-        save_asset(ema, meta, args.out)
+        save_asset(ema, meta, out)
         print(json.dumps(result, indent=2), flush=True)
     return 0 if math.isfinite(extra["final_loss"]) else 1
 

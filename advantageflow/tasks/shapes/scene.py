@@ -20,19 +20,21 @@ import numpy as np
 import torch
 from torch import Tensor
 
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "ring", "frame", "bar", "pillar")
 COLORS: dict[str, tuple[float, float, float]] = {
     "red": (0.90, 0.15, 0.15),
     "green": (0.15, 0.75, 0.20),
-    "blue": (0.20, 0.35, 0.95),
+    "blue": (0.15, 0.35, 0.95),
     "yellow": (0.95, 0.85, 0.15),
+    "purple": (0.70, 0.20, 0.80),
+    "white": (0.92, 0.92, 0.92),
 }
 BACKGROUND: tuple[float, float, float] = (0.06, 0.06, 0.06)
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 TAGS: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
 IMAGE_SIZE = 32
-MIN_SIZE, MAX_SIZE = 8.0, 11.0  # side of an object's bounding box, in pixels
+MIN_SIZE, MAX_SIZE = 9.0, 12.0  # side of an object's bounding box, in pixels
 GAP = 2.0  # minimum empty pixels between two objects' boxes
 POSITION_MIN_OFFSET = 8.0  # rendered "A left of B": B's centre at least this far right of A's
 SUPERSAMPLE = 4
@@ -159,7 +161,7 @@ def sample_scene(
     rng: random.Random,
     distractors: int = 0,
     size: int = IMAGE_SIZE,
-    max_tries: int = 200,
+    max_tries: int = 2000,
 ) -> Scene:
     """A random layout satisfying ``spec`` (rejection sampling).
 
@@ -202,17 +204,34 @@ def sample_scene(
 
 
 def _coverage(obj: PlacedObject, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
-    """Boolean mask of supersample points inside ``obj``: ``xs``, ``ys`` broadcastable grids."""
+    """Boolean mask of supersample points inside ``obj``: ``xs``, ``ys`` broadcastable grids.
+
+    Every shape fits the object's box of side ``size`` (half side ``h``); the proportions
+    below keep the eight shapes apart for the detector's moment features (see the evaluator).
+    """
     h = obj.size / 2
     dx, dy = xs - obj.cx, ys - obj.cy
+    ax, ay = np.abs(dx), np.abs(dy)
     if obj.shape == "circle":
         return dx * dx + dy * dy <= h * h
     if obj.shape == "square":
-        side = 0.85 * h  # squares a little smaller so the three shapes have similar areas
-        return (np.abs(dx) <= side) & (np.abs(dy) <= side)
+        side = 0.85 * h  # squares a little smaller so the shapes have similar areas
+        return (ax <= side) & (ay <= side)
     if obj.shape == "triangle":  # upright isosceles: apex at the top, base at the bottom
         depth = dy + h  # 0 at the apex, size at the base
-        return (depth >= 0) & (depth <= 2 * h) & (np.abs(dx) <= depth / 2)
+        return (depth >= 0) & (depth <= 2 * h) & (ax <= depth / 2)
+    if obj.shape == "diamond":  # a square standing on a corner
+        return ax + ay <= h
+    if obj.shape == "ring":  # a disc with a hole of half its radius
+        r2 = dx * dx + dy * dy
+        return (r2 <= h * h) & (r2 >= (0.5 * h) ** 2)
+    if obj.shape == "frame":  # a square outline, a hole of half its side
+        outer, inner = 0.9 * h, 0.45 * h
+        return (ax <= outer) & (ay <= outer) & ((ax > inner) | (ay > inner))
+    if obj.shape == "bar":  # a lying rectangle, 2.5 : 1
+        return (ax <= h) & (ay <= 0.4 * h)
+    if obj.shape == "pillar":  # a standing rectangle, 1 : 2.5
+        return (ay <= h) & (ax <= 0.4 * h)
     raise ValueError(f"unknown shape '{obj.shape}'")
 
 

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from advantageflow.tasks.base import Prompt
 from advantageflow.tasks.shapes.evaluator import flow_matching_loss, sample_diversity, score, summarize
-from advantageflow.tasks.shapes.grammar import splits, to_prompt
+from advantageflow.tasks.shapes.grammar import eval_slots, splits, to_prompt
 from advantageflow.tasks.shapes.reward import spec_of
 from advantageflow.tasks.shapes.scene import TAGS, SceneSpec
 
@@ -24,7 +24,8 @@ def _prompts(specs: tuple[SceneSpec, ...], tags: list[str]) -> list[Prompt]:
 
 
 class ShapesTask:
-    """ShapesEval: 223 train prompts and 46 held-out test prompts over six GenEval tags."""
+    """ShapesEval: 296 train prompts and 88 held-out test prompts over six GenEval tags,
+    evaluated as 96 slots (16 per tag; the 8 single-object prompts twice each)."""
 
     @dataclass
     class Config:
@@ -45,12 +46,15 @@ class ShapesTask:
     def __init__(self, cfg: Config | None = None) -> None:
         self.cfg = cfg or ShapesTask.Config()
         self.cfg.validate()
-        self._train, self._test = splits()
+        self._train = splits()[0]
+        self._test = eval_slots()
 
     def train_prompts(self) -> list[Prompt]:
         return _prompts(self._train, self.cfg.tags)
 
     def test_prompts(self) -> list[Prompt]:
+        """The evaluation slots (:func:`~.grammar.eval_slots`): 16 per tag, so with
+        ``eval.num_prompts: 96`` every tag gets the same number of images."""
         return _prompts(self._test, self.cfg.tags)
 
     def evaluate(self, images: Tensor, prompts: list[Prompt]) -> dict[str, Any]:
