@@ -72,7 +72,9 @@ def test_parse_examples_of_each_tag(text, tag):
     assert parse_prompt("  " + text.upper() + ". ") == spec  # case, spaces, final full stop
 
 
-@pytest.mark.parametrize("bad", ["a orange circle", "three circle", "a crosses", "a circle and", "two red", "", "a hexagon"])
+@pytest.mark.parametrize(
+    "bad", ["a orange circle", "three circle", "a crosses", "a circle and", "two red", "", "a hexagon"]
+)
 def test_parse_rejects_non_grammar_prompts(bad):
     with pytest.raises(ValueError):
         parse_prompt(bad)
