@@ -16,6 +16,7 @@ from advantageflow.tasks.shapes.evaluator import (
     summarize,
 )
 from advantageflow.tasks.shapes.grammar import all_specs, parse_prompt, to_prompt
+from advantageflow.tasks.shapes.perturb import break_one_clause, gaussian_blur
 from advantageflow.tasks.shapes.scene import PlacedObject, Scene, render, render_specs
 from advantageflow.tasks.shapes.task import ShapesTask
 
@@ -38,18 +39,6 @@ def _strict(images, specs) -> float:
 
 def _partial(images, specs) -> float:
     return sum(v.partial for v in score(images, specs)) / len(specs)
-
-
-def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of ``(B, 3, H, W)`` images (replicate padding)."""
-    r = int(3 * sigma) + 1
-    k = torch.exp(-torch.arange(-r, r + 1, dtype=torch.float32) ** 2 / (2 * sigma**2))
-    k = k / k.sum()
-    b, c, h, w = x.shape
-    y = torch.nn.functional.pad(x.reshape(b * c, 1, h, w), (r, r, r, r), mode="replicate")
-    y = torch.nn.functional.conv2d(y, k.view(1, 1, 1, -1))
-    y = torch.nn.functional.conv2d(y, k.view(1, 1, -1, 1))
-    return y.reshape(b, c, h, w)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +64,7 @@ def test_evaluator_is_right_on_clean_renders(clean):
     assert _strict(images, specs) >= 0.995
 
 
-def test_evaluator_degrades_gracefully_with_noise_and_blur(clean):
+def test_evaluator_degrades_gracefully_with_noise_andgaussian_blur(clean):
     specs, images, _ = clean
     gen = torch.Generator().manual_seed(0)
     noise = torch.randn(images.shape, generator=gen)
@@ -85,7 +74,7 @@ def test_evaluator_degrades_gracefully_with_noise_and_blur(clean):
     assert acc[0.2] >= 0.6
     # heavy noise: partial credit still separates the clauses that hold from those that fail
     assert _partial((images + 0.35 * noise).clamp(0, 1), specs) > acc[0.35]
-    blur = {s: _strict(_blur(images, s), specs) for s in (0.5, 0.8, 1.0, 2.0)}
+    blur = {s: _strict(gaussian_blur(images, s), specs) for s in (0.5, 0.8, 1.0, 2.0)}
     assert blur[0.5] >= 0.99 and blur[0.8] >= 0.95 and blur[1.0] >= 0.9
     assert blur[2.0] <= blur[1.0]
 
@@ -202,7 +191,7 @@ def test_sample_diversity_zero_for_copies_positive_for_layouts():
 
 
 @pytest.mark.parametrize("condition", ["clean", "noise 0.1", "noise 0.15", "blur 0.8", "blur 1.0"])
-def test_every_shape_is_told_apart_under_noise_and_blur(condition):
+def test_every_shape_is_told_apart_under_noise_andgaussian_blur(condition):
     """Each of the eight shapes alone, 40 random sizes / places / colours per shape."""
     from advantageflow.tasks.shapes.scene import COLORS, MAX_SIZE, MIN_SIZE, SHAPES
 
@@ -214,51 +203,12 @@ def test_every_shape_is_told_apart_under_noise_and_blur(condition):
     if kind == "noise":
         images = (images + level * torch.randn(images.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
     elif kind == "blur":
-        images = _blur(images, level)
+        images = gaussian_blur(images, level)
     found = detect(images)
     right = [len(f) == 1 and f[0].shape == sc.objects[0].shape and f[0].color == sc.objects[0].color
              for f, sc in zip(found, scenes)]
     per_shape = {s: sum(right[i * 40:(i + 1) * 40]) / 40 for i, s in enumerate(SHAPES)}
     assert min(per_shape.values()) >= (1.0 if condition == "clean" else 0.975), per_shape
-
-
-def _break_one_clause(spec, rng: random.Random):
-    """A spec that differs from ``spec`` in exactly one checked clause, and which clause.
-
-    wrong count (counting: one more or one fewer), wrong colour (a named colour replaced),
-    swapped relation (position: the opposite direction), missing object (one mentioned object
-    left out; a lone object replaced by another shape)."""
-    from advantageflow.tasks.shapes.grammar import infer_tag
-    from advantageflow.tasks.shapes.scene import COLORS, RELATIONS, SHAPES, ObjectSpec, Relation, SceneSpec
-
-    objs = list(spec.objects)
-    options = ["missing object"]
-    if spec.tag == "counting":
-        options.append("wrong count")
-    if any(o.color for o in objs):
-        options.append("wrong colour")
-    if spec.relation is not None:
-        options.append("swapped relation")
-    kind = rng.choice(options)
-    if kind == "wrong count":
-        o = objs[0]
-        n = o.count + 1 if o.count < 4 and (o.count == 2 or rng.random() < 0.5) else o.count - 1
-        objs[0] = ObjectSpec(o.shape, o.color, n)
-    elif kind == "wrong colour":
-        i = rng.choice([k for k, o in enumerate(objs) if o.color])
-        o = objs[i]
-        objs[i] = ObjectSpec(o.shape, rng.choice([c for c in COLORS if c != o.color]), o.count)
-        return SceneSpec(spec.tag, tuple(objs), spec.relation), kind
-    elif kind == "swapped relation":
-        opposite = dict(zip(RELATIONS, ("right of", "left of", "below", "above")))
-        return SceneSpec(spec.tag, tuple(objs), Relation(opposite[spec.relation.kind])), kind
-    elif len(objs) == 1:  # missing object: draw another shape instead of the only one asked for
-        o = objs[0]
-        objs[0] = ObjectSpec(rng.choice([s for s in SHAPES if s != o.shape]), o.color, o.count)
-    else:
-        objs.pop(rng.randrange(len(objs)))
-        return SceneSpec(infer_tag(tuple(objs), None), tuple(objs)), kind
-    return SceneSpec(spec.tag, tuple(objs), spec.relation), kind
 
 
 def test_negative_controls_renders_that_break_one_clause_are_rejected():
@@ -272,7 +222,7 @@ def test_negative_controls_renders_that_break_one_clause_are_rejected():
     rng = random.Random(11)
     originals, broken, kinds = [], [], []
     for spec in list(eval_slots()) * 12:
-        bad, kind = _break_one_clause(spec, rng)
+        bad, kind = break_one_clause(spec, rng)
         originals.append(spec)
         broken.append(bad)
         kinds.append(kind)
