@@ -64,7 +64,7 @@ def test_evaluator_is_right_on_clean_renders(clean):
     assert _strict(images, specs) >= 0.995
 
 
-def test_evaluator_degrades_gracefully_with_noise_andgaussian_blur(clean):
+def test_evaluator_degrades_gracefully_with_noise_and_blur(clean):
     specs, images, _ = clean
     gen = torch.Generator().manual_seed(0)
     noise = torch.randn(images.shape, generator=gen)
