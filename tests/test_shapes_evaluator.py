@@ -191,7 +191,7 @@ def test_sample_diversity_zero_for_copies_positive_for_layouts():
 
 
 @pytest.mark.parametrize("condition", ["clean", "noise 0.1", "noise 0.15", "blur 0.8", "blur 1.0"])
-def test_every_shape_is_told_apart_under_noise_andgaussian_blur(condition):
+def test_every_shape_is_told_apart_under_noise_and_blur(condition):
     """Each of the eight shapes alone, 40 random sizes / places / colours per shape."""
     from advantageflow.tasks.shapes.scene import COLORS, MAX_SIZE, MIN_SIZE, SHAPES
 
