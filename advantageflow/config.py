@@ -147,7 +147,7 @@ class EvalConfig:
 
     every: int = 20
     num_prompts: int = 96
-    samples_per_prompt: int = 2
+    samples_per_prompt: int = 9
 
 
 @dataclass

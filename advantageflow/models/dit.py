@@ -66,6 +66,8 @@ class DiTConfig:
     mlp_ratio: float = 4.0
     max_tokens: int = 12
     vocab_size: int = len(VOCAB)
+    conv_channels: int = 0  # > 0: convolutional stem and head at full resolution (see ShapesDiT)
+    conv_blocks: int = 1  # residual blocks of the convolutional head
 
 
 def timestep_embedding(t: Tensor, dim: int) -> Tensor:
@@ -124,8 +126,40 @@ class Block(nn.Module):
         return x + a2[:, None] * self.mlp(modulate(self.norm2(x), s2, g2))
 
 
+class ConvResBlock(nn.Module):
+    """Full-resolution residual block: GroupNorm, SiLU, 3x3 conv, a FiLM of the conditioning
+    ``c``, then again, with the last conv zero-initialised (the block starts as identity)."""
+
+    def __init__(self, channels: int, cond_width: int) -> None:
+        super().__init__()
+        groups = math.gcd(8, channels)
+        self.norm1 = nn.GroupNorm(groups, channels)
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.film = nn.Linear(cond_width, 2 * channels)
+        self.norm2 = nn.GroupNorm(groups, channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        for layer in (self.film, self.conv2):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        """``x`` ``(B, C, H, W)``, ``c`` ``(B, D)`` -> ``(B, C, H, W)``."""
+        h = self.conv1(F.silu(self.norm1(x)))
+        shift, scale = self.film(F.silu(c)).chunk(2, dim=1)
+        h = h * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
+        return x + self.conv2(F.silu(self.norm2(h)))
+
+
 class ShapesDiT(nn.Module):
-    """``v(x, t, tokens)``: ``(B, C, H, W), (B,), (B, L) long -> (B, C, H, W)``."""
+    """``v(x, t, tokens)``: ``(B, C, H, W), (B,), (B, L) long -> (B, C, H, W)``.
+
+    With ``cfg.conv_channels = K > 0`` the patches are cut from ``K`` feature maps of a
+    convolutional stem (a 3x3 conv at full resolution), the transformer's output is
+    unpatchified to ``K`` maps, added to the stem's (a U-Net skip), refined by
+    ``cfg.conv_blocks`` residual blocks and projected to the image channels.  Pixel-level
+    convolutions give shapes sharp, coherent edges inside and across patches, which a linear
+    unpatchify of 4x4 patches learns slowly; the transformer keeps the layout and the text.
+    """
 
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
@@ -134,7 +168,15 @@ class ShapesDiT(nn.Module):
         self.cfg = cfg
         w, p = cfg.width, cfg.patch
         self.grid = cfg.image_size // p
-        self.patch_embed = nn.Conv2d(cfg.channels, w, p, stride=p)
+        k = cfg.conv_channels
+        if k:
+            self.stem_in = nn.Conv2d(cfg.channels, k, 3, padding=1)
+            self.head_blocks = nn.ModuleList(ConvResBlock(k, w) for _ in range(cfg.conv_blocks))
+            self.head_norm = nn.GroupNorm(math.gcd(8, k), k)
+            self.head_out = nn.Conv2d(k, cfg.channels, 3, padding=1)
+            nn.init.zeros_(self.head_out.weight)
+            nn.init.zeros_(self.head_out.bias)
+        self.patch_embed = nn.Conv2d(k or cfg.channels, w, p, stride=p)
         # fixed 2-D sin-cos positions (DiT, Sec. 3.2) plus a learned correction (zero at start)
         self.register_buffer("pos_fixed", sincos_2d(self.grid, w)[None], persistent=False)
         self.pos = nn.Parameter(torch.zeros(1, self.grid * self.grid, w))
@@ -146,7 +188,7 @@ class ShapesDiT(nn.Module):
         self.blocks = nn.ModuleList(Block(w, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.norm_out = nn.LayerNorm(w, elementwise_affine=False, eps=1e-6)
         self.ada_out = nn.Linear(w, 2 * w)
-        self.out = nn.Linear(w, p * p * cfg.channels)
+        self.out = nn.Linear(w, p * p * (k or cfg.channels))
         for layer in (self.ada_out, self.out):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -154,16 +196,26 @@ class ShapesDiT(nn.Module):
     def forward(self, x: Tensor, t: Tensor, tokens: Tensor) -> Tensor:
         b, ch, hh, ww = x.shape
         p, g = self.cfg.patch, self.grid
-        img = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_fixed + self.pos  # (B, g*g, D)
         txt = self.tok(tokens) + self.tok_pos[:, : tokens.shape[1]]  # (B, L, D)
         c = self.t_mlp(timestep_embedding(t, self.cfg.width).to(x.dtype)) + self.text_pool(txt.mean(dim=1))
+        stem = None
+        if self.cfg.conv_channels:
+            stem = self.stem_in(x)  # (B, K, H, W)
+            x = stem
+        img = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_fixed + self.pos  # (B, g*g, D)
         h = torch.cat([txt, img], dim=1)
         for block in self.blocks:
             h = block(h, c)
         shift, scale = self.ada_out(F.silu(c)).chunk(2, dim=1)
-        h = self.out(modulate(self.norm_out(h[:, tokens.shape[1]:]), shift, scale))  # (B, g*g, p*p*C)
-        h = h.view(b, g, g, p, p, ch).permute(0, 5, 1, 3, 2, 4)
-        return h.reshape(b, ch, hh, ww)
+        h = self.out(modulate(self.norm_out(h[:, tokens.shape[1]:]), shift, scale))  # (B, g*g, p*p*K)
+        k = self.cfg.conv_channels or ch
+        h = h.view(b, g, g, p, p, k).permute(0, 5, 1, 3, 2, 4).reshape(b, k, hh, ww)
+        if stem is None:
+            return h
+        h = h + stem
+        for block in self.head_blocks:
+            h = block(h, c)
+        return self.head_out(F.silu(self.head_norm(h)))
 
 
 def load_asset(path: str | Path = "") -> tuple[ShapesDiT, dict]:

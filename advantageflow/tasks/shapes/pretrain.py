@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     p.add_argument("--out", default="pretrained/shapes_dit", help="asset folder to write")
-    p.add_argument("--steps", type=int, default=10000, help="optimizer steps (the shipped model: 10000)")
+    p.add_argument("--steps", type=int, default=9000, help="optimizer steps (the shipped model: 9000)")
     p.add_argument("--minutes", type=float, default=0.0, help="wall-clock cap (0 = none); stops early and saves")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--patch", type=int, default=4)
+    p.add_argument("--conv-channels", type=int, default=16, help="full-resolution conv stem/head channels (0 = none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=0, help="also save snapshots OUT/step_K every K steps")
     p.add_argument("--resume-every", type=int, default=250, help="steps between resume states (0 = none)")
@@ -136,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     noise_gen = torch.Generator().manual_seed(args.seed + 1)
-    cfg = DiTConfig(patch=args.patch, width=args.width, depth=args.depth, heads=args.heads)
+    cfg = DiTConfig(patch=args.patch, width=args.width, depth=args.depth, heads=args.heads,
+                    conv_channels=args.conv_channels)
     net = ShapesDiT(cfg)
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.0)
