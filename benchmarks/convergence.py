@@ -299,8 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smaller budget / fewer seeds: fits in 15 minutes")
     ap.add_argument("--seeds", type=int, default=None, help="reported seeds 0..N-1 (default 5, quick 3 / 2)")
     ap.add_argument("--budget-s", type=float, default=None,
-                    help="training seconds per run (train.max_wall_s; default 6 / 100 quick, 10 / 300; "
-                         "0 = none when --budget-samples is given)")
+                    help="training seconds per run (train.max_wall_s; default toy2d 10, shapes 300; --quick: 6, 100; "
+                         "none when only --budget-samples is given)")
     ap.add_argument("--budget-samples", type=int, default=0,
                     help="rollout samples per run (train.max_samples): a budget that does not depend on the machine")
     ap.add_argument("--lr-factors", default=None,
