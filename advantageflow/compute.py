@@ -89,7 +89,8 @@ class ComputeMeter:
         self.measure_flops = measure_flops
         self.flops_per_row: dict[tuple, float] = {}
         self._counts = dict.fromkeys(KEYS, 0.0)
-        self._open: dict[int, tuple[Any, tuple, int]] = {}  # id(net) -> (FlopCounterMode, key, rows)
+        # id(net) -> a stack of its calls in progress: (signature, rows, FlopCounterMode or None)
+        self._calls: dict[int, list[tuple[tuple | None, int, Any]]] = {}
         self._handles = []
         self._switches: dict[int, Any] = {}
         unique = list({id(n): n for n in networks}.values())
@@ -133,34 +134,35 @@ class ComputeMeter:
         return (id(net), tuple(shapes), torch.is_grad_enabled(), adapters_off)
 
     def _before(self, net: nn.Module, args: tuple, kwargs: dict) -> None:
-        if not self.measure_flops or id(net) in self._open:
-            return
         first = _first_tensor(args, kwargs)
         if first is None or first.dim() == 0:
             return
         rows = int(first.shape[0])
-        key = self._key(net, args, kwargs, rows)
-        if key in self.flops_per_row or rows == 0:
-            return
-        from torch.utils.flop_counter import FlopCounterMode
+        key = self._key(net, args, kwargs, rows) if self.measure_flops else None
+        mode = None
+        if key is not None and key not in self.flops_per_row and rows > 0 and not self._measuring(net):
+            from torch.utils.flop_counter import FlopCounterMode
 
-        mode = FlopCounterMode(display=False)
-        mode.__enter__()
-        self._open[id(net)] = (mode, key, rows)
+            mode = FlopCounterMode(display=False)
+            mode.__enter__()
+        self._calls.setdefault(id(net), []).append((key, rows, mode))
+
+    def _measuring(self, net: nn.Module) -> bool:
+        return any(mode is not None for _, _, mode in self._calls.get(id(net), []))
 
     def _after(self, net: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        opened = self._open.pop(id(net), None)
-        if opened is not None:
-            mode, key, rows = opened
+        stack = self._calls.get(id(net))
+        if not stack:  # an earlier pre-hook raised before ours ran
+            return
+        key, rows, mode = stack.pop()
+        if mode is not None:
             mode.__exit__(None, None, None)
             if output is not None:  # None: the forward raised; measure again next time
                 self.flops_per_row[key] = mode.get_total_flops() / rows
         out = _output_tensor(output)
-        first = _first_tensor(args, kwargs)
-        if out is None or first is None or first.dim() == 0:
+        if out is None:
             return
-        rows = int(first.shape[0])
-        per_row = self.flops_per_row.get(self._key(net, args, kwargs, rows)) if self.measure_flops else None
+        per_row = self.flops_per_row.get(key) if key is not None else None
         fwd_flops = rows * per_row if per_row is not None else 0.0
         if self.phase == "eval":
             self._counts[EVAL_FWD] += rows
