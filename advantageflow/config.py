@@ -107,7 +107,14 @@ class RewardConfig:
 
 @dataclass
 class TrainConfig:
-    """The outer loop: rollouts per epoch, optimizer steps, and the optimizer."""
+    """The outer loop: rollouts per epoch, optimizer steps, and the optimizer.
+
+    Budgets (0 = none) end the run at the end of the epoch that reaches them, as if it had
+    reached ``epochs`` (final evaluation, checkpoint, summary with ``stopped_by``):
+    ``max_samples`` counts rollout samples, ``max_wall_s`` training seconds (rollouts, rewards
+    and updates; evaluation, checkpoints and start-up are not counted), both summed over a
+    resumed run's parts.
+    """
 
     epochs: int = 100
     prompts_per_epoch: int = 16
@@ -121,6 +128,8 @@ class TrainConfig:
     adam_eps: float = 1e-8
     grad_clip: float = 1.0
     max_bad_steps: int = 5
+    max_wall_s: float = 0.0
+    max_samples: int = 0
 
     @property
     def samples_per_epoch(self) -> int:
@@ -139,6 +148,9 @@ class TrainConfig:
             )
         if self.lr <= 0:
             raise ConfigError("train.lr must be > 0")
+        for key in ("max_wall_s", "max_samples"):
+            if not getattr(self, key) >= 0:  # also refuses NaN
+                raise ConfigError(f"train.{key} must be >= 0 (0 = no budget)")
 
 
 @dataclass
@@ -158,9 +170,13 @@ class CheckpointConfig:
 
 @dataclass
 class LogConfig:
+    """``flops``: measure FLOPs per network row (``perf/flops``, :mod:`advantageflow.compute`);
+    network rows are counted either way."""
+
     tensorboard: bool = True
     progress: bool = True
     image_every: int = 0
+    flops: bool = True
 
 
 @dataclass

@@ -3,7 +3,8 @@
 Metric vocabulary (one for every algorithm): ``reward/mean``, ``reward/std``,
 ``reward/<component>``, ``loss/total``, ``loss/<term>``, ``stats/<name>`` (``grad_norm``,
 ``zero_std_ratio``, ``clipfrac`` ...), ``perf/<name>`` (``samples_per_s``, ``rollout_s``,
-``train_s``), ``eval/<name>``.
+``train_s``; the cumulative cost counters ``network_rows_fwd``, ``network_rows_bwd``, ``flops``,
+``eval_network_rows_fwd``, ``eval_flops`` of :mod:`advantageflow.compute`), ``eval/<name>``.
 """
 
 from __future__ import annotations

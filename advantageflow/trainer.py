@@ -23,6 +23,7 @@ from advantageflow.algorithms import ALGORITHMS
 from advantageflow.algorithms.base import TrainContext
 from advantageflow.build import build_components, time_grid_for
 from advantageflow.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from advantageflow.compute import ComputeMeter, collect
 from advantageflow.config import Config
 from advantageflow.distributed import DistEnv, full_tensor, local_tensor
 from advantageflow.evaluation import EvalResult, evaluate_policy
@@ -52,6 +53,8 @@ class TrainResult:
     eval_before: dict[str, float] = field(default_factory=dict)
     eval_after: dict[str, float] = field(default_factory=dict)
     summary: str = ""
+    stopped_by: str = "epochs"
+    compute: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -65,6 +68,7 @@ class LoopState:
     bad_updates: int = 0
     consecutive_bad: int = 0
     eval_before: dict[str, float] = field(default_factory=dict)
+    compute: dict[str, float] = field(default_factory=dict)  # cumulative perf/ counters (advantageflow.compute)
 
 
 def check_run_dir(run_dir: Path, min_free_mb: float = 50.0) -> None:
@@ -109,6 +113,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, env: DistEnv |
     policy, task, reward = parts.policy, parts.task, parts.reward
     strategy = make_strategy(cfg.dist, env)
     strategy.wrap(policy)  # before anything holds the parameters (FSDP2 replaces them by shards)
+    meter = ComputeMeter.for_policy(policy, cfg.log.flops)
     algo = ALGORITHMS.get(cfg.algo)(cfg.algorithm, policy)
     if getattr(algo, "requires_differentiable_reward", False) and not is_differentiable(reward):
         raise TrainingError(
@@ -149,12 +154,15 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, env: DistEnv |
     tc = cfg.train
 
     if state.epoch == 0 and cfg.eval.every > 0:
-        before = _evaluate(policy, task, reward, cfg, env, run_dir, "before")
+        before = _evaluate(policy, task, reward, cfg, env, run_dir, "before", meter)
         state.eval_before = before.metrics if before else {}
         logger.log(0, {"epoch": 0, **state.eval_before})
 
+    # A run resumed after a budget stop (budget not raised) trains no further.
+    stopped_by = _budget_spent(tc, state, env) if state.epoch < tc.epochs else ""
     bar = tqdm(
-        range(state.epoch, tc.epochs), initial=state.epoch, total=tc.epochs, desc=f"{cfg.algo}",
+        range(state.epoch, state.epoch if stopped_by else tc.epochs), initial=state.epoch, total=tc.epochs,
+        desc=f"{cfg.algo}",
         disable=not (cfg.log.progress and env.is_main), dynamic_ncols=True,
     )
     for epoch in bar:
@@ -218,19 +226,24 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, env: DistEnv |
         metrics["perf/trainable_mb"] = trainable_mb
         metrics.update({"perf/rollout_s": t_rollout, "perf/epoch_s": wall,
                         "perf/samples_per_s": tc.samples_per_epoch / wall, "samples": state.samples})
-        if cfg.eval.every > 0 and (state.epoch % cfg.eval.every == 0 or state.epoch == tc.epochs):
-            result = _evaluate(policy, task, reward, cfg, env, run_dir,
-                               "after" if state.epoch == tc.epochs else None)
+        stopped_by = _budget_spent(tc, state, env) if state.epoch < tc.epochs else ""
+        last = state.epoch == tc.epochs or bool(stopped_by)
+        if cfg.eval.every > 0 and (state.epoch % cfg.eval.every == 0 or last):
+            result = _evaluate(policy, task, reward, cfg, env, run_dir, "after" if last else None, meter)
             if result is not None:
                 metrics.update(result.metrics)
+        metrics.update(collect(meter, env, state.compute))
         logger.log(state.step, metrics)
         bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}")
-        if state.epoch % cfg.checkpoint.every == 0 or state.epoch == tc.epochs:
+        if state.epoch % cfg.checkpoint.every == 0 or last:
             _save(cfg, env, strategy, ckpt_root, policy, optimizer, algo, state)
+        if stopped_by:
+            break
     bar.close()
     if scorer is not None:
         scorer.shutdown()
-    result = _finish(cfg, env, run_dir, state, logger)
+    meter.close()
+    result = _finish(cfg, env, run_dir, state, logger, stopped_by or "epochs")
     logger.close()
     return result
 
@@ -344,11 +357,23 @@ def _stop_if_too_bad(state: LoopState, limit: int, what: str) -> None:
         )
 
 
-def _evaluate(policy, task, reward, cfg, env, run_dir, tag) -> EvalResult:
+def _budget_spent(tc, state: LoopState, env: DistEnv) -> str:
+    """Which budget (``train.max_samples``, ``train.max_wall_s``; 0 = none) the run has spent,
+    else ''.  Wall time is ``LoopState.wall_s`` (rollouts + rewards + updates; evaluation,
+    checkpoints and start-up excluded); any process over it stops them all."""
+    if tc.max_samples > 0 and state.samples >= tc.max_samples:
+        return "max_samples"
+    if tc.max_wall_s > 0 and env.broadcast_flag(state.wall_s >= tc.max_wall_s):
+        return "max_wall_s"
+    return ""
+
+
+def _evaluate(policy, task, reward, cfg, env, run_dir, tag, meter: ComputeMeter) -> EvalResult:
     """Evaluate (each process samples its stripe, all get the result); process 0 saves a
-    sample grid when ``tag`` is given."""
+    sample grid when ``tag`` is given.  Its network passes count as ``perf/eval_*``."""
     policy_eval_mode(policy, True)
-    result = evaluate_policy(policy, task, reward, cfg, env)
+    with meter.evaluating():
+        result = evaluate_policy(policy, task, reward, cfg, env)
     if env.is_main:
         if tag is not None:
             labels = [p.text for p in result.prompts]
@@ -386,7 +411,8 @@ def _save(cfg, env, strategy, root, policy, optimizer, algo, state: LoopState) -
     env.barrier()
 
 
-def _finish(cfg: Config, env: DistEnv, run_dir: Path, state: LoopState, logger: MetricsLogger) -> TrainResult:
+def _finish(cfg: Config, env: DistEnv, run_dir: Path, state: LoopState, logger: MetricsLogger,
+            stopped_by: str) -> TrainResult:
     rows = read_metrics(logger.path) if env.is_main and logger.path.exists() else []
     after = {}
     for row in rows:
@@ -395,7 +421,8 @@ def _finish(cfg: Config, env: DistEnv, run_dir: Path, state: LoopState, logger: 
     result = TrainResult(
         run_dir=str(run_dir), epochs=state.epoch, steps=state.step, samples=state.samples,
         wall_s=state.wall_s, samples_per_s=state.samples / max(state.wall_s, 1e-9),
-        eval_before=before, eval_after=after,
+        eval_before=before, eval_after=after, stopped_by=stopped_by,
+        compute={k: v for k, v in state.compute.items() if v or not k.endswith("flops")},
     )
     highlights = [k for k in ("eval/reward_mean", "eval/strict", "eval/rewarded_fraction") if k in after]
     changes = " | ".join(f"{k[5:]} {before.get(k, float('nan')):.3f} -> {after[k]:.3f}" for k in highlights)
@@ -404,7 +431,8 @@ def _finish(cfg: Config, env: DistEnv, run_dir: Path, state: LoopState, logger: 
         changes = f"train reward {train_rewards[0]:.3f} -> {train_rewards[-1]:.3f}"
     result.summary = (
         f"[advantageflow] {cfg.algo} on {cfg.task.name}: {changes} | {state.epoch} epochs, {state.step} steps, "
-        f"{state.samples} samples in {state.wall_s:.1f}s ({result.samples_per_s:.1f} samples/s) | {run_dir}"
+        f"{state.samples} samples in {state.wall_s:.1f}s ({result.samples_per_s:.1f} samples/s), "
+        f"stopped by {stopped_by} | {run_dir}"
     )
     if env.is_main:
         plot_curves(rows, run_dir / "reward_curve.png", keys=("reward/mean", "eval/reward_mean"))

@@ -1,10 +1,12 @@
 """Shared pieces of the benchmarks: machine description, budgeted training runs, curves, tables.
 
-The trainer has no wall-clock budget option, so :func:`train_with_budget` runs
-:func:`advantageflow.trainer.train` in-process with a metrics logger that stops the run (by
-raising :class:`BudgetReached` right after writing the epoch's row) once the summed training
-time of the epochs (``perf/epoch_s``: rollouts + rewards + updates, evaluation excluded)
-reaches the budget.  Everything the benchmark reads comes from the run's ``metrics.jsonl``.
+:func:`train_with_budget` runs :func:`advantageflow.trainer.train` in-process with the trainer's
+own budgets: ``train.max_wall_s`` (training seconds: rollouts + rewards + updates, evaluation
+excluded, the sum of ``perf/epoch_s``) and ``train.max_samples``.  The trainer ends the run at
+the end of the epoch that spends a budget, with a final held-out evaluation.  Everything the
+benchmark reads comes from the run's ``metrics.jsonl``, including the machine-independent cost
+counters ``perf/network_rows_fwd`` / ``perf/network_rows_bwd`` / ``perf/flops``
+(:mod:`advantageflow.compute`).
 """
 
 from __future__ import annotations
@@ -17,17 +19,12 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-
-
-class BudgetReached(Exception):
-    """Raised by :class:`_BudgetLogger` to end a run whose training time is spent."""
 
 
 def machine_line() -> str:
@@ -59,65 +56,36 @@ def command_line() -> str:
     return "python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
 
 
-def train_with_budget(cfg: Any, run_dir: Path, budget_s: float) -> str:
-    """Train ``cfg`` into ``run_dir`` until ``train.epochs`` or ``budget_s`` seconds of training.
+def train_with_budget(cfg: Any, run_dir: Path, budget_s: float, budget_samples: int = 0) -> str:
+    """Train ``cfg`` into ``run_dir`` until ``train.epochs`` or a budget: ``budget_s`` seconds of
+    training (``train.max_wall_s``) or ``budget_samples`` rollout samples (``train.max_samples``);
+    0 = no such budget.
 
-    When the budget ends the run on an epoch without evaluation, the final policy is evaluated
-    here (same evaluation as the trainer's) and the row appended to ``metrics.jsonl``.
-    Returns how the run ended: ``"budget"``, ``"epochs"``, or ``"stopped: <reason>"`` when the
-    trainer gave up (e.g. non-finite losses); the rows logged until then stay usable.  The
-    budget counts ``perf/epoch_s`` only, so held-out evaluation (which every method pays
-    equally) does not eat into it.
+    Returns how the run ended: ``"budget"`` (the trainer's ``stopped_by`` was a budget; it
+    evaluated the final policy), ``"epochs"``, or ``"stopped: <reason>"`` when the trainer gave
+    up (e.g. non-finite losses); the rows logged until then stay usable.
     """
     from advantageflow import trainer
-    from advantageflow.evaluation import evaluate_policy
-    from advantageflow.runlog import MetricsLogger
 
-    built = {}
-
-    def _build(*args, **kwargs):  # keep the run's policy, task and reward for the final evaluation
-        built["parts"] = original_build(*args, **kwargs)
-        return built["parts"]
-
-    original_build = trainer.build_components
-
-    class _BudgetLogger(MetricsLogger):
-        spent = 0.0
-
-        def log(self, step: int, metrics: dict[str, Any]) -> None:
-            super().log(step, metrics)
-            self.spent += float(metrics.get("perf/epoch_s", 0.0))
-            if self.spent >= budget_s:
-                raise BudgetReached(f"{self.spent:.1f}s")
-
+    cfg.train.max_wall_s = float(budget_s)
+    cfg.train.max_samples = int(budget_samples)
+    cfg.train.validate()
     try:
-        with mock.patch.object(trainer, "MetricsLogger", _BudgetLogger), \
-                mock.patch.object(trainer, "build_components", _build):
-            trainer.train(cfg, run_dir)
-    except BudgetReached:
-        # The budget ended the run between two evaluations: evaluate the final policy too.
-        path = Path(run_dir) / "metrics.jsonl"
-        rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-        if rows and not any(k.startswith("eval/") for k in rows[-1]):
-            parts = built["parts"]
-            trainer.policy_eval_mode(parts.policy, True)
-            result = evaluate_policy(parts.policy, parts.task, parts.reward, cfg)
-            with open(path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps({"step": rows[-1].get("step", 0), "epoch": rows[-1].get("epoch", 0),
-                                     "samples": rows[-1].get("samples", 0), "budget_end_eval": True,
-                                     **result.metrics}) + "\n")
-        return "budget"
+        result = trainer.train(cfg, run_dir)
     except trainer.TrainingError as err:
         return f"stopped: {str(err).split(';')[0]}"
-    return "epochs"
+    return "epochs" if result.stopped_by == "epochs" else "budget"
 
 
 @dataclass
 class Curve:
-    """Held-out metric of one run against cumulative training seconds and samples.
+    """Held-out metric of one run against cumulative training seconds, samples and compute.
 
     Attributes: seconds, samples, values: equal-length lists, one entry per evaluation
     (the first is the base model at 0 s, 0 samples).  epoch_s: mean seconds per epoch.
+    rows, flops: cumulative network rows (forward + backward: ``perf/network_rows_fwd`` +
+    ``perf/network_rows_bwd``) and ``perf/flops`` at each evaluation (empty for results saved
+    before the trainer counted them; ``flops`` also when the model's FLOPs are not counted).
     """
 
     seconds: list[float]
@@ -126,12 +94,16 @@ class Curve:
     epoch_s: float
     epochs: int
     ended: str = ""
+    rows: list[float] = field(default_factory=list)
+    flops: list[float] = field(default_factory=list)
 
 
 def read_curve(run_dir: Path, metric: str) -> Curve:
-    """Parse ``metrics.jsonl``: cumulative ``perf/epoch_s`` and ``samples`` at each eval row."""
+    """Parse ``metrics.jsonl``: cumulative ``perf/epoch_s``, ``samples`` and compute counters at
+    each eval row (the counters are cumulative already; the base model's row is at 0)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     seconds, samples, values, spent, epoch_times = [], [], [], 0.0, []
+    net_rows, flops = [], []
     for row in rows:
         if "perf/epoch_s" in row:
             spent += row["perf/epoch_s"]
@@ -140,10 +112,16 @@ def read_curve(run_dir: Path, metric: str) -> Curve:
             seconds.append(spent)
             samples.append(int(row.get("samples", 0)))
             values.append(float(row[metric]))
+            net_rows.append(float(row.get("perf/network_rows_fwd", 0) + row.get("perf/network_rows_bwd", 0)))
+            flops.append(float(row["perf/flops"]) if "perf/flops" in row else math.nan)
     if not values:
         raise ValueError(f"no '{metric}' in {run_dir / 'metrics.jsonl'}")
+    if any(math.isnan(f) for f in flops[1:]):
+        flops = []
+    else:
+        flops[0] = 0.0
     return Curve(seconds, samples, values, statistics.fmean(epoch_times) if epoch_times else math.nan,
-                 len(epoch_times))
+                 len(epoch_times), rows=net_rows, flops=flops)
 
 
 def first_crossing(xs: list[float], values: list[float], target: float) -> float | None:

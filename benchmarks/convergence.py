@@ -3,9 +3,12 @@
 For each method the benchmark (1) spends an equal, declared tuning budget: the same learning
 rate sweep (``--lr-factors`` times the method's own config lr) on a tuning seed that is not
 one of the reported seeds, picking the lr with the shortest time-to-target (then the best
-final value); (2) trains the chosen lr on every reported seed for the same wall-clock budget
-of training (``perf/epoch_s``: rollouts + rewards + updates; held-out evaluation excluded);
-(3) reads the held-out metric against training seconds and samples from ``metrics.jsonl``.
+final value); (2) trains the chosen lr on every reported seed for the same budget, the
+trainer's own ``train.max_wall_s`` (training seconds: rollouts + rewards + updates; held-out
+evaluation excluded) and/or ``train.max_samples`` (``--budget-samples``); (3) reads the held-out
+metric from ``metrics.jsonl`` against training seconds, samples, and the machine-independent
+counters ``perf/network_rows_fwd`` + ``perf/network_rows_bwd`` and ``perf/flops``, and reports
+each cost-to-target as a speed-up over Flow-GRPO.
 
 Hyper-parameters are the authors' recommendations as scaled to the CPU in
 ``configs/toy2d_<algo>.yaml``.  For ShapesEval the per-method configs are derived from the
@@ -31,6 +34,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -125,13 +129,13 @@ def build(task: str, algo: str, seed: int, lr: float | None, spec: TaskSpec, run
 
 
 def run_one(task: str, algo: str, seed: int, lr: float | None, spec: TaskSpec, budget_s: float,
-            work: Path, keep: bool, extra: list[str] = ()) -> Curve:
+            work: Path, keep: bool, extra: list[str] = (), budget_samples: int = 0) -> Curve:
     run_dir = work / f"{algo}_seed{seed}_lr{lr}"
     if run_dir.exists():
         shutil.rmtree(run_dir)
     cfg = build(task, algo, seed, lr, spec, run_dir, extra)
     t0 = time.perf_counter()
-    ended = train_with_budget(cfg, run_dir, budget_s)
+    ended = train_with_budget(cfg, run_dir, budget_s, budget_samples)
     curve = read_curve(run_dir, spec.metric)
     curve.ended = ended
     print(f"  {algo:14s} seed {seed:4d} lr {cfg.train.lr:.2e}: {curve.epochs:4d} epochs, "
@@ -157,88 +161,112 @@ def fmt(mean: float, std: float, digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+@dataclass
+class Measure:
+    """One way of counting the cost to the target: a cumulative quantity at each evaluation.
+
+    Attributes: key: short name.  label: table heading.  xs: the curve's values of it (empty
+    when the run did not record it).  digits: how to print it.
+    """
+
+    key: str
+    label: str
+    xs: Any
+    fmt: str
+
+
+MEASURES = (
+    Measure("time", "time-to-target s", lambda c: c.seconds, ".1f"),
+    Measure("samples", "samples-to-target", lambda c: [float(s) for s in c.samples], ".0f"),
+    # Machine-independent: network rows (forward + backward) and FLOPs (advantageflow/compute.py).
+    Measure("rows", "network rows-to-target", lambda c: c.rows, ".3g"),
+    Measure("flops", "FLOPs-to-target", lambda c: c.flops, ".3g"),
+)
+
+
+def speedups(mine: list, theirs: list, cap: float) -> tuple[list[float], bool]:
+    """Per-seed ratio theirs / mine (same seed); a baseline that missed the target counts as
+    ``cap``, its whole run ('>=' lower bound)."""
+    out, bound = [], False
+    for m, b in zip(mine, theirs):
+        if m is None:
+            continue
+        if b is None:
+            b, bound = cap, True
+        out.append(b / max(m, 1e-9))
+    return out, bound
+
+
 def summarize(task: str, spec: TaskSpec, results: dict, lrs: dict, target: float, base: float,
               budget_s: float, seeds: list[int]) -> tuple[str, dict]:
-    """Markdown table: final value, time- and samples-to-target, speed-ups over Flow-GRPO."""
+    """Markdown table: final value, cost-to-target (time, samples, network rows, FLOPs) and the
+    speed-ups over Flow-GRPO in each."""
     per = {}
     for algo, curves in results.items():
-        ttt = [first_crossing(c.seconds, c.values, target) for c in curves]
-        stt = [first_crossing([float(s) for s in c.samples], c.values, target) for c in curves]
-        per[algo] = {"ttt": ttt, "stt": stt, "final": [c.values[-1] for c in curves],
-                     "best": [max(c.values) for c in curves], "epoch_s": [c.epoch_s for c in curves],
-                     "epochs": [c.epochs for c in curves]}
-    base_ttt = per.get(BASELINE, {}).get("ttt")
-    base_stt = per.get(BASELINE, {}).get("stt")
-
-    def speedups(mine, theirs, cap):
-        """Per-seed ratio theirs / mine (same seed); a side that missed the target counts as
-        the budget ('>=' lower bound when only the baseline missed)."""
-        out, bound = [], False
-        for m, b in zip(mine, theirs):
-            if m is None:
-                continue
-            if b is None:
-                b, bound = cap, True
-            out.append(b / max(m, 1e-9))
-        return out, bound
+        per[algo] = {"final": [c.values[-1] for c in curves], "best": [max(c.values) for c in curves],
+                     "epoch_s": [c.epoch_s for c in curves], "epochs": [c.epochs for c in curves]}
+        for m in MEASURES:  # None: missed the target, or the measure was not recorded
+            per[algo][m.key] = [first_crossing(m.xs(c), c.values, target) if m.xs(c) else None for c in curves]
+    measures = [m for m in MEASURES if all(m.xs(c) for cs in results.values() for c in cs)]
 
     header = ["method", "lr (chosen)", "epochs", "s / epoch", f"final {spec.metric}", "final − base",
-              f"best {spec.metric}",
-              "reached", "stopped early", "time-to-target s", "samples-to-target", "speed-up vs Flow-GRPO (time)",
-              "speed-up (samples)"]
+              f"best {spec.metric}", "reached", "stopped early", *[m.label for m in measures],
+              *[f"speed-up vs Flow-GRPO ({m.key})" for m in measures]]
     rows = []
     for algo in results:
         p = per[algo]
-        reached = sum(t is not None for t in p["ttt"])
-        ttt_m, ttt_s = mean_std([t for t in p["ttt"] if t is not None])
-        stt_m, stt_s = mean_std([t for t in p["stt"] if t is not None])
-        sp_cells = []
-        for mine, theirs, cap in ((p["ttt"], base_ttt, budget_s),
-                                  (p["stt"], base_stt, max(max(c.samples) for c in results[BASELINE])
-                                   if BASELINE in results else None)):
-            if theirs is None or cap is None:
+        reached = sum(t is not None for t in p["time"])
+        cost_cells, sp_cells = [], []
+        for m in measures:
+            mean, std = mean_std([x for x in p[m.key] if x is not None])
+            cost_cells.append("–" if math.isnan(mean) else f"{mean:{m.fmt}} ± {std:{m.fmt}}")
+            if BASELINE not in results:
                 sp_cells.append("–")
                 continue
-            ratios, bound = speedups(mine, theirs, cap)
+            base_curves = results[BASELINE]
+            cap = budget_s if m.key == "time" and budget_s > 0 else max(m.xs(c)[-1] for c in base_curves)
+            ratios, bound = speedups(p[m.key], per[BASELINE][m.key], cap)
             if not ratios:
                 sp_cells.append("–")
                 continue
-            m, _ = mean_std(ratios)
-            sp_cells.append(f"{'≥' if bound else ''}{m:.2f}x [{min(ratios):.2f}–{max(ratios):.2f}]")
+            sp_cells.append(f"{'≥' if bound else ''}{mean_std(ratios)[0]:.2f}x [{min(ratios):.2f}–{max(ratios):.2f}]")
         rows.append([
             algo, f"{lrs[algo]:.1e}", f"{mean_std(p['epochs'])[0]:.0f}", f"{mean_std(p['epoch_s'])[0]:.3f}",
             fmt(*mean_std(p["final"])), fmt(*mean_std([c.values[-1] - c.values[0] for c in results[algo]])),
-            fmt(*mean_std(p["best"])), f"{reached}/{len(p['ttt'])}",
-            str(sum(c.ended.startswith("stopped") for c in results[algo])),
-            "–" if reached == 0 else f"{ttt_m:.1f} ± {ttt_s:.1f}",
-            "–" if reached == 0 else f"{stt_m:.0f} ± {stt_s:.0f}", *sp_cells,
+            fmt(*mean_std(p["best"])), f"{reached}/{len(p['time'])}",
+            str(sum(c.ended.startswith("stopped") for c in results[algo])), *cost_cells, *sp_cells,
         ])
     return markdown_table(header, rows), per
 
 
 def plot(results: dict, spec: TaskSpec, target: float, budget_s: float, path: Path, title: str) -> None:
+    """Held-out metric against training seconds, images sampled and FLOPs (network rows where
+    FLOPs were not counted; the third panel is left out for results saved without either)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    t_max = max(max(c.seconds[-1] for c in cs) for cs in results.values())  # the last epoch overshoots
-    # the even grid plus every evaluation point, so each curve's last value is drawn
-    grid_t = sorted({t_max * i / 400 for i in range(401)} | {x for cs in results.values() for c in cs
-                                                              for x in c.seconds})
+    curves_all = [c for cs in results.values() for c in cs]
+    panels = [(MEASURES[0], "training wall-clock seconds (evaluation excluded)"), (MEASURES[1], "images sampled")]
+    for m, xlabel in ((MEASURES[3], "FLOPs (forward + backward, training)"),
+                      (MEASURES[2], "network rows (forward + backward, training)")):
+        if all(m.xs(c) for c in curves_all):
+            panels.append((m, xlabel))
+            break
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5))
     for algo, curves in results.items():
-        max_s = max(max(c.samples) for c in curves)
-        grid_s = sorted({max_s * i / 400 for i in range(401)} | {float(x) for c in curves for x in c.samples})
-        for ax, grid, xs_of in ((axes[0], grid_t, lambda c: c.seconds),
-                                (axes[1], grid_s, lambda c: [float(s) for s in c.samples])):
-            ys = [step_interp(xs_of(c), c.values, grid) for c in curves]
+        for ax, (m, _) in zip(axes, panels):
+            x_max = max(m.xs(c)[-1] for c in curves)
+            # the even grid plus every evaluation point, so each curve's last value is drawn
+            grid = sorted({x_max * i / 400 for i in range(401)} | {float(x) for c in curves for x in m.xs(c)})
+            ys = [step_interp(m.xs(c), c.values, grid) for c in curves]
             mean = [_nanmean([y[i] for y in ys]) for i in range(len(grid))]
             lo = [_nanmin([y[i] for y in ys]) for i in range(len(grid))]
             hi = [_nanmax([y[i] for y in ys]) for i in range(len(grid))]
             (line,) = ax.plot(grid, mean, label=algo)
             ax.fill_between(grid, lo, hi, color=line.get_color(), alpha=0.15)
-    for ax, xlabel in zip(axes, ("training wall-clock seconds (evaluation excluded)", "images sampled")):
+    for ax, (_, xlabel) in zip(axes, panels):
         ax.axhline(target, color="k", ls="--", lw=0.8, label="target")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"held-out {spec.metric}")
@@ -270,7 +298,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--task", choices=sorted(TASKS), default="toy2d")
     ap.add_argument("--quick", action="store_true", help="smaller budget / fewer seeds: fits in 15 minutes")
     ap.add_argument("--seeds", type=int, default=None, help="reported seeds 0..N-1 (default 5, quick 3 / 2)")
-    ap.add_argument("--budget-s", type=float, default=None, help="training seconds per run")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="training seconds per run (train.max_wall_s; default toy2d 10, shapes 300; --quick: 6, 100; "
+                         "none when only --budget-samples is given)")
+    ap.add_argument("--budget-samples", type=int, default=0,
+                    help="rollout samples per run (train.max_samples): a budget that does not depend on the machine")
     ap.add_argument("--lr-factors", default=None,
                     help="comma list multiplying each config's lr: the tuning sweep (default 0.3,1,3; quick: 1)")
     ap.add_argument("--tuning-seed", type=int, default=1000)
@@ -303,7 +335,11 @@ def main(argv: list[str] | None = None) -> int:
     full_defaults = {"toy2d": (5, 10.0), "shapes": (3, 300.0)}
     n_seeds, budget = (quick_defaults if args.quick else full_defaults)[args.task]
     n_seeds = args.seeds or n_seeds
-    budget_s = args.budget_s or budget
+    budget_s = args.budget_s if args.budget_s is not None else (0.0 if args.budget_samples else budget)
+    if budget_s < 0 or args.budget_samples < 0:
+        raise SystemExit("convergence: --budget-s and --budget-samples must be >= 0")
+    if budget_s == 0 and args.budget_samples == 0:
+        raise SystemExit("convergence: give a budget: --budget-s > 0 or --budget-samples > 0")
     factors = [float(x) for x in (args.lr_factors or ("1" if args.quick else "0.3,1,3")).split(",")]
     algos = tuple(args.algos.split(",")) if args.algos else spec.algos
     unknown = [a for a in algos if a not in spec.algos]
@@ -317,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     machine_start = machine_line()
     t_start = time.perf_counter()
-    print(f"[convergence] {args.task}: {len(algos)} methods x {len(seeds)} seeds, {budget_s:.0f}s each, "
+    print(f"[convergence] {args.task}: {len(algos)} methods x {len(seeds)} seeds, "
+          f"{budget_text(budget_s, args.budget_samples)} each, "
           f"lr sweep x{factors} on seed {args.tuning_seed}; runs in {work}", flush=True)
 
     # Target: mean base value over the reported seeds (the base model is shared; only the
@@ -326,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     lrs: dict[str, float] = {}
     target = args.target
     tuning_log: list[str] = []
-    data = {"task": args.task, "quick": args.quick, "budget_s": budget_s, "seeds": seeds, "factors": factors,
+    data = {"task": args.task, "quick": args.quick, "budget_s": budget_s, "budget_samples": args.budget_samples,
+            "seeds": seeds, "factors": factors,
             "tuning_seed": args.tuning_seed, "command": command_line(), "commit": git_commit(),
             "machine_start": machine_start, "eval_every": spec.eval_every}
     # Runs are interleaved (every method's run for one lr factor / seed, then the next), so a
@@ -338,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
             for algo in algos:
                 lr = base_lr[algo] * f
                 tuned[algo].append((lr, run_one(args.task, algo, args.tuning_seed, lr, spec, budget_s, work,
-                                                args.keep_runs, args.set)))
+                                                args.keep_runs, args.set, args.budget_samples)))
         t_target = target if target is not None else tuned[algos[0]][0][1].values[0] + spec.target_delta
         for algo in algos:
             lrs[algo] = min(tuned[algo], key=lambda tc: score_for_tuning(tc[1], t_target))[0]
@@ -353,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     for k, seed in enumerate(seeds):
         for algo in algos:
             results[algo].append(run_one(args.task, algo, seed, lrs[algo], spec, budget_s, work, args.keep_runs,
-                                         args.set))
+                                         args.set, args.budget_samples))
         done = seeds[: k + 1]
         t = target if target is not None else (
             sum(c.values[0] for c in results[algos[0]]) / len(done) + spec.target_delta)
@@ -370,6 +408,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def budget_text(budget_s: float, budget_samples: int) -> str:
+    parts = ([f"{budget_s:.0f} s"] if budget_s > 0 else []) + ([f"{budget_samples} samples"] if budget_samples else [])
+    return " or ".join(parts)
+
+
 def write_report(data: dict, stem: Path, note: str = "") -> str:
     """Markdown table + PNG from a benchmark's saved data (see ``--from-json``)."""
     spec = TASKS[data["task"]]
@@ -377,7 +420,8 @@ def write_report(data: dict, stem: Path, note: str = "") -> str:
     seeds, budget_s, target = data["seeds"], data["budget_s"], data["target"]
     base = sum(c.values[0] for c in next(iter(results.values()))) / len(seeds)
     table, _ = summarize(data["task"], spec, results, data["lrs"], target, base, budget_s, seeds)
-    title = f"{data['task']}: held-out {spec.metric}, {budget_s:.0f}s of training per run, seeds {seeds}"
+    budget = budget_text(budget_s, data.get("budget_samples", 0))
+    title = f"{data['task']}: held-out {spec.metric}, {budget} of training per run, seeds {seeds}"
     plot(results, spec, target, budget_s, stem.with_suffix(".png"), title)
     stops = [f"- {a} seed {s}: {c.ended} (after {c.epochs} epochs, {c.seconds[-1]:.1f}s)"
              for a, cs in results.items() for s, c in zip(seeds, cs) if c.ended.startswith("stopped")]
@@ -392,12 +436,14 @@ Machine at start: {data['machine_start']}.
 Machine at end: {data['machine_end']}.
 
 Every method starts from the same base model and uses the same seeds {seeds} (prompts and
-noise are keyed by the seed; runs interleaved over methods), {budget_s:.0f} s of training each
-(rollouts + rewards + updates; held-out evaluation every {data['eval_every']} epochs is not counted).  Held-out metric:
-`{spec.metric}`; base {base:.3f} (mean over seeds); **target {target:.3f}**.  Time- and
-samples-to-target are at evaluation resolution, means ± std over the seeds that reached it;
+noise are keyed by the seed; runs interleaved over methods), {budget} of training each
+(`train.max_wall_s` / `train.max_samples`: rollouts + rewards + updates; held-out evaluation every
+{data['eval_every']} epochs is not counted).  Held-out metric: `{spec.metric}`; base {base:.3f} (mean over
+seeds); **target {target:.3f}**.  Cost-to-target (training seconds, samples, network rows =
+`perf/network_rows_fwd` + `perf/network_rows_bwd`, and `perf/flops`; the last two do not depend on the
+machine or its load) is read at evaluation resolution, means ± std over the seeds that reached it;
 speed-ups are per-seed ratios Flow-GRPO / method (mean [min–max]); '≥' marks a lower bound
-where Flow-GRPO missed the target (its budget counted as its time).
+where Flow-GRPO missed the target (its whole run counted as its cost).
 
 Tuning budget (equal for every method; tuning seed {data['tuning_seed']}, not reported):
 {tuning}

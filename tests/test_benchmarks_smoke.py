@@ -42,6 +42,32 @@ def test_convergence_toy_budget_and_table(tmp_path, toy_cache):
         spent = [r["perf/epoch_s"] for r in rows if "perf/epoch_s" in r]
         assert sum(spent) >= 0.4 > sum(spent[:-1])
         assert curve.seconds[0] == 0.0 and curve.samples[0] == 0 and curve.values == data["curves"][algo][0]["values"]
+        # the trainer's own budget stopped it, with a final evaluation and the cost counters
+        summary = json.loads((work / f"{algo}_seed0_lr0.001" / "summary.json").read_text())
+        assert summary["stopped_by"] == "max_wall_s" and "eval/rewarded_fraction" in rows[-1]
+        last = rows[-1]
+        assert curve.rows[0] == 0 and curve.rows[-1] == last["perf/network_rows_fwd"] + last["perf/network_rows_bwd"]
+        assert curve.flops[0] == 0 and curve.flops[-1] == rows[-1]["perf/flops"] > 0
+    for measure in ("time", "samples", "rows", "flops"):
+        assert f"speed-up vs Flow-GRPO ({measure})" in table
+
+
+def test_convergence_sample_budget(tmp_path, toy_cache):
+    stem, work = tmp_path / "conv", tmp_path / "runs"
+    rc = convergence.main([
+        "--task", "toy2d", "--quick", "--seeds", "1", "--budget-samples", "256", "--algos", "flow_grpo,advantageflow",
+        "--out", str(stem), "--work-dir", str(work), "--keep-runs",
+        "--set", f"model.cache_dir={toy_cache}", "--set", "model.pretrain_steps=1500",
+        "--set", "eval.samples_per_prompt=128",
+    ])
+    assert rc == 0
+    data = json.loads(stem.with_suffix(".json").read_text())
+    assert data["budget_s"] == 0 and data["budget_samples"] == 256
+    for algo in ("flow_grpo", "advantageflow"):
+        curve = data["curves"][algo][0]
+        # 128 samples per epoch: the budget ends both runs after epoch 2, evaluated there
+        assert curve["ended"] == "budget" and curve["epochs"] == 2 and curve["samples"] == [0, 256]
+    assert "256 samples of training" in stem.with_suffix(".md").read_text()
 
 
 def test_throughput_toy_counts_network_rows(tmp_path, toy_cache):

@@ -67,6 +67,11 @@ def test_two_processes_match_one(tmp_path, toy_overrides, warm_cache, strategy):
     out = _torchrun(args, tmp_path / "two")
     assert out.returncode == 0, out.stderr[-3000:]
     _assert_same(_rows(tmp_path / "one"), _rows(tmp_path / "two"))
+    # Cost counters are summed over the processes: the same work, the same count.
+    counters = ("perf/network_rows_fwd", "perf/network_rows_bwd", "perf/flops")
+    one, two = ([{k: r[k] for k in counters} for r in read_metrics(tmp_path / w / "metrics.jsonl")
+                 if "reward/mean" in r] for w in ("one", "two"))
+    assert one == two and one[-1]["perf/network_rows_fwd"] > 0
 
 
 # Every algorithm under DDP and FSDP2 on the 2-D task (Flow-GRPO filtering groups unevenly, so
