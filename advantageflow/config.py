@@ -116,7 +116,7 @@ class TrainConfig:
     resumed run's parts.
     """
 
-    epochs: int = 100
+    epochs: int = 80
     prompts_per_epoch: int = 16
     group_size: int = 8
     steps_per_epoch: int = 2
