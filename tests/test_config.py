@@ -88,7 +88,8 @@ def test_flow_grpo_presets_are_the_released_ones():
     1e-5, beta 0); both evaluate an EMA (0.9) and encode 128 T5 tokens."""
     full, fast = _cfg("sd3_5m_flow_grpo.yaml"), _cfg("sd3_5m_flow_grpo_fast.yaml")
     a = full.algorithm
-    assert (a.stochastic, a.noise_level, a.clip_range, a.beta, full.sampler.guidance_scale) == ("sde", 0.7, 1e-4, 0.01, 4.5)
+    released = ("sde", 0.7, 1e-4, 0.01, 4.5)
+    assert (a.stochastic, a.noise_level, a.clip_range, a.beta, full.sampler.guidance_scale) == released
     f = fast.algorithm
     assert (f.stochastic, f.noise_level, f.clip_range, f.beta, f.fast_window) == ("cps", 0.8, 1e-5, 0.0, 3)
     assert f.fast_window_range == [0, fast.sampler.steps // 2]
