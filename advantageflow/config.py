@@ -67,7 +67,7 @@ class SamplerConfig:
 
 @dataclass
 class AdvantageConfig:
-    """Group-relative advantages (ALGORITHMS.md, 'Advantages')."""
+    """Group-relative advantages (docs/algorithms/README.md, 'Advantages')."""
 
     std: Literal["global", "group", "none"] = "global"
     clip: float = 5.0
