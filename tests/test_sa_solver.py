@@ -130,3 +130,27 @@ def test_sa_solver_without_its_drift_correction_would_not_keep_the_marginals():
         ode = sa_predictor_step(x, d, s, s_next, 0.0, None)
         x = ode + s_next * math.sqrt(-math.expm1(-2 * h)) * torch.randn(x.shape, generator=g, dtype=x.dtype)
     assert (x.var(0) / S0**2 > 1.5).all()
+
+
+def test_sa_solver_released_conventions_start_first_step_and_last_step():
+    """AWM's released sampler: it starts at ``1 - 1e-3`` (log-SNR is infinite at 1), skips the
+    corrector on the first step, and its step to ``t = 0`` returns the last data prediction."""
+    velocity = gaussian_velocity(M, S0)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(32, 2, generator=g, dtype=torch.float64)
+    z = torch.randn(32, 3, 2, generator=g, dtype=torch.float64)
+
+    def data_prediction(x_, s_):
+        return x_ - s_ * velocity(x_, torch.full((x_.shape[0],), s_, dtype=x_.dtype))
+
+    one = sa_solver_sample(velocity, x, [1.0, 0.0], [0.0])
+    torch.testing.assert_close(one.x0, data_prediction(x, SA_SOLVER_T_MAX), rtol=0, atol=1e-14)
+    grid, taus = [1.0, 0.7, 0.4, 0.0], [0.4, 0.4, 0.0]
+    out = sa_solver_sample(velocity, x, grid, taus, step_noise=z, keep_trajectory=True)
+    x1 = sa_predictor_step(x, data_prediction(x, SA_SOLVER_T_MAX), SA_SOLVER_T_MAX, 0.7, 0.4, z[:, 0])
+    torch.testing.assert_close(out.trajectory[:, 1], x1, rtol=0, atol=1e-14)  # no first correction
+    corrected = sa_solver_sample(velocity, x, grid, taus, step_noise=z, keep_trajectory=True, first_corrector=True)
+    assert not torch.allclose(corrected.trajectory[:, 1], x1)
+    x2 = sa_predictor_step(x1, data_prediction(x1, 0.7), 0.7, 0.4, 0.4, z[:, 1],
+                           data_prediction(x, SA_SOLVER_T_MAX), SA_SOLVER_T_MAX)
+    torch.testing.assert_close(out.x0, data_prediction(x2, 0.4), rtol=0, atol=1e-14)
