@@ -1,4 +1,4 @@
-"""Group-relative advantages (ALGORITHMS.md, "Advantages").
+"""Group-relative advantages (docs/algorithms/README.md, "Advantages").
 
 ``A_i = (R_i - mean_group(R)) / (std + eps)``, with ``std`` the standard deviation of all
 rewards of the epoch (``global``, the Flow-GRPO / AWM / DiffusionNFT default), of the sample's

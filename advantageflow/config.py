@@ -46,13 +46,15 @@ class SamplerConfig:
 
     ``solver`` integrates the ODE for rollouts of forward-process methods; Flow-GRPO and
     DRaFT ask the sampler for an SDE or a kept trajectory through their own settings.
+    ``sa_solver`` is the stochastic SA-Solver (:func:`advantageflow.sampling.sa_solver_sample`)
+    with AWM's released stochasticity (``tau = 0.4`` for target times in ``[0.3, 0.9]``).
     """
 
     steps: int = 10
     eval_steps: int = 20
     shift: float = 1.0
-    solver: Literal["euler", "heun", "dpmpp_2m"] = "euler"
-    eval_solver: Literal["euler", "heun", "dpmpp_2m"] = "euler"
+    solver: Literal["euler", "heun", "dpmpp_2m", "sa_solver"] = "euler"
+    eval_solver: Literal["euler", "heun", "dpmpp_2m", "sa_solver"] = "euler"
     guidance_scale: float = 1.0
     batch_size: int = 256
 
@@ -65,7 +67,7 @@ class SamplerConfig:
 
 @dataclass
 class AdvantageConfig:
-    """Group-relative advantages (ALGORITHMS.md, 'Advantages')."""
+    """Group-relative advantages (docs/algorithms/README.md, 'Advantages')."""
 
     std: Literal["global", "group", "none"] = "global"
     clip: float = 5.0
@@ -155,11 +157,21 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Periodic evaluation on held-out prompts with the evaluation sampler."""
+    """Periodic evaluation on held-out prompts with the evaluation sampler.
+
+    ``ema_decay``: evaluate an exponential moving average of the weights instead of the
+    weights themselves (0 = off; Flow-GRPO and DiffusionNFT use 0.9, AWM 0.99): see
+    :class:`advantageflow.evaluation.WeightsEMA`.  Kept in checkpoints.
+    """
 
     every: int = 20
     num_prompts: int = 96
     samples_per_prompt: int = 9
+    ema_decay: float = 0.0
+
+    def validate(self) -> None:
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError("eval.ema_decay must be in [0, 1) (0 turns the evaluation EMA off)")
 
 
 @dataclass

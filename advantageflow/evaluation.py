@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,7 +13,8 @@ from torch import Tensor
 from advantageflow.algorithms.base import SamplerRequest
 from advantageflow.build import time_grid_for
 from advantageflow.config import Config
-from advantageflow.distributed import DistEnv
+from advantageflow.distributed import DistEnv, full_tensor, placed_like
+from advantageflow.models.base import ema_update_
 from advantageflow.rollouts import decode_and_score, generate
 from advantageflow.tasks.base import Prompt
 
@@ -28,6 +31,39 @@ class EvalResult:
     images: Tensor
     prompts: list[Prompt]
     details: dict[str, Any] = field(default_factory=dict)
+
+
+class WeightsEMA:
+    """An exponential moving average of the trainable weights, evaluated instead of theta
+    (``eval.ema_decay``; Flow-GRPO and DiffusionNFT evaluate one with decay 0.9, AWM 0.99).
+
+    After ``n`` optimizer steps (counted from 1) the update is ``ema = d ema + (1 - d) theta``
+    with the warm-up ``d = min((1 + n) / (10 + n), max_decay)`` of the released codes' EMA
+    wrapper, starting from the initial weights: the first update uses ``2 / 11``.
+    """
+
+    def __init__(self, policy: Any, max_decay: float) -> None:
+        self.max_decay = max_decay
+        self.params = policy.snapshot()
+
+    def decay(self, steps_done: int) -> float:
+        return min((1.0 + steps_done) / (10.0 + steps_done), self.max_decay)
+
+    def update(self, policy: Any, steps_done: int) -> None:
+        ema_update_(self.params, policy.trainable_parameters(), self.decay(steps_done))
+
+    @contextlib.contextmanager
+    def active(self, policy: Any) -> Iterator[None]:
+        """Within this context the policy's trainable weights are the average's."""
+        with torch.no_grad(), policy.use_parameters(self.params):
+            yield
+
+    def state_dict(self) -> dict:
+        """Whole CPU copies (sharded tensors are gathered: every process must call this)."""
+        return {"params": [full_tensor(p.detach()).cpu().clone() for p in self.params]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.params = [placed_like(s, p) for s, p in zip(state["params"], self.params)]
 
 
 def eval_prompts(task: Any, num_prompts: int, samples_per_prompt: int) -> list[Prompt]:

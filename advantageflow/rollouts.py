@@ -133,24 +133,28 @@ def generate(
         grid: ``(N + 1,)`` time grid.  request: what the algorithm needs kept.
     """
     n_steps = len(grid) - 1
-    stochastic = request.stochastic != "none"
+    chosen = request.solver or solver
+    # Per-step draws, each sample's from its own seed: SDE / CPS steps or a stochastic SA-Solver.
+    needs_step_noise = request.stochastic != "none" or (chosen == "sa_solver" and request.sa_tau > 0)
     parts = []
     for start in range(0, len(prompts), chunk):
         sl = slice(start, start + chunk)
         cond = encode_prompts(policy, prompts[sl])
         noise, step_noise = sample_noise(
-            tuple(policy.sample_shape), noise_keys[sl], n_steps if stochastic else 0, policy.device
+            tuple(policy.sample_shape), noise_keys[sl], n_steps if needs_step_noise else 0, policy.device
         )
         out = sample(
             bind_velocity(policy, cond, guidance_scale),
             noise,
             grid.to(policy.device),
-            solver=request.solver or solver,
+            solver=chosen,
             stochastic=request.stochastic,
             noise_level=request.noise_level,
             stochastic_steps=request.stochastic_steps,
             keep_trajectory=request.keep_trajectory,
             step_noise=step_noise,
+            sa_tau=request.sa_tau,
+            sa_tau_window=tuple(request.sa_tau_window),
         )
         parts.append(
             Rollout(

@@ -196,10 +196,143 @@ def cps_step(
     return SDEStep(x_next=x_next, mean=mean, std=std, log_prob=log_prob)
 
 
+# --------------------------------------------------------------------------- SA-Solver
+
+SA_SOLVER_T_MAX = 1.0 - 1e-3
+"""SA-Solver works in log-SNR, infinite at ``t = 1``: a grid starting at 1 starts here instead
+(AWM's released sampler does the same)."""
+
+
+def sa_tau_schedule(grid: list[float], tau: float, window: tuple[float, float]) -> list[float]:
+    """Per-step stochasticity ``tau_k`` for step ``k`` (``s_k -> s_{k+1}``): ``tau`` when the
+    step's target time ``s_{k+1}`` lies in ``window`` (inclusive), else 0 (AWM's released
+    choice: ``tau = 0.4`` for ``t`` in ``[0.3, 0.9]``)."""
+    lo, hi = window
+    return [tau if lo <= s_next <= hi else 0.0 for s_next in grid[1:]]
+
+
+def _sa_base(x: Tensor, d: Tensor, s: float, s_next: float, tau: float, noise: Tensor | None) -> tuple[Tensor, float]:
+    """The order-1 part of an SA-Solver step for ``alpha = 1 - t``, ``sigma = t`` (data
+    prediction ``d``), and the step's log-SNR increment ``h``::
+
+        x' = e^{-tau^2 h} (s'/s) x + (1 - s') (1 - e^{-(1 + tau^2) h}) d + s' sqrt(1 - e^{-2 tau^2 h}) z
+
+    (Xue et al. 2023, SA-Solver, arXiv 2309.05019, Eq. 15 with one interpolation point).
+    ``tau = 0`` is DPM-Solver++(1), i.e. Euler.
+    """
+    h = _log_snr(s_next) - _log_snr(s)
+    t2 = tau * tau
+    out = math.exp(-t2 * h) * (s_next / s) * x + (1.0 - s_next) * (-math.expm1(-(1.0 + t2) * h)) * d
+    if t2 > 0.0 and noise is not None:
+        out = out + s_next * math.sqrt(-math.expm1(-2.0 * t2 * h)) * noise
+    return out, h
+
+
+def sa_predictor_step(
+    x: Tensor, d: Tensor, s: float, s_next: float, tau: float, noise: Tensor | None,
+    d_prev: Tensor | None = None, s_prev: float | None = None,
+) -> Tensor:
+    """SA-Predictor (stochastic Adams-Bashforth) from ``s`` to ``s_next``: ``(B, *S)``.
+
+    Order 2 when the previous data prediction ``d_prev`` at ``s_prev`` is given: the order-1
+    step plus ``(1 + tau^2) (1 - s') h^2 / 2 * (d - d_prev) / (lambda_s - lambda_prev)``, the
+    linear interpolation of the data prediction in log-SNR with the exact weight of its slope
+    replaced by ``e^{(1 + tau^2) lambda'} h^2 / 2`` (the paper's few-step variant, App. D;
+    diffusers' ``SASolverScheduler`` does the same).
+    """
+    out, h = _sa_base(x, d, s, s_next, tau, noise)
+    if d_prev is not None and s_prev is not None:
+        slope = (d - d_prev) / (_log_snr(s) - _log_snr(s_prev))
+        out = out + (1.0 + tau * tau) * (1.0 - s_next) * 0.5 * h * h * slope
+    return out
+
+
+def sa_corrector_step(
+    x: Tensor, d: Tensor, d_next: Tensor, s: float, s_next: float, tau: float, noise: Tensor | None
+) -> Tensor:
+    """SA-Corrector (stochastic Adams-Moulton, order 2) of the step ``s -> s_next`` taken from
+    ``x`` with the same ``noise``, using the data prediction ``d_next`` at the predicted
+    state: the order-1 step plus ``(1 + tau^2) (1 - s') h / 2 * (d_next - d)``."""
+    out, h = _sa_base(x, d, s, s_next, tau, noise)
+    return out + (1.0 + tau * tau) * (1.0 - s_next) * 0.5 * h * (d_next - d)
+
+
+def sa_solver_sample(
+    velocity: Callable[[Tensor, Tensor], Tensor],
+    noise: Tensor,
+    grid: list[float],
+    taus: list[float],
+    *,
+    step_noise: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    first_corrector: bool = False,
+    keep_trajectory: bool = False,
+) -> SampleOutput:
+    """SA-Solver for flow models in PEC mode (predictor order 2, corrector order 2, one
+    velocity evaluation per step), as AWM's released rollouts use it.
+
+    Per step ``k``: the velocity is evaluated at the *predicted* state ``x^p_k`` (data
+    prediction ``d_k = x^p_k - s_k v``); the corrector then redoes step ``k - 1`` from the
+    corrected ``x_{k-1}`` with ``d_k`` (not on step 0 -> 1 unless ``first_corrector``; the
+    released sampler skips it, diffusers does not), and the predictor goes on to ``x^p_{k+1}``.
+    A step to ``t = 0`` returns the last data prediction ``d_{N-1}``.  A grid starting at 1
+    starts at :data:`SA_SOLVER_T_MAX`.
+
+    Args:
+        velocity: ``velocity(x, t) -> v`` with ``x`` ``(B, *S)``, ``t`` ``(B,)``.
+        noise: ``(B, *S)`` start.  grid: ``N + 1`` decreasing times.
+        taus: ``N`` per-step stochasticities (:func:`sa_tau_schedule`); all 0 is an ODE solver.
+        step_noise: ``(B, N, *S)`` standard normal draws (else drawn from ``generator``).
+    Returns:
+        final samples and, if asked, the corrected states ``(B, N + 1, *S)``.
+    """
+    times = [float(s) for s in grid]
+    times[0] = min(times[0], SA_SOLVER_T_MAX)
+    n = len(times) - 1
+    if len(taus) != n:
+        raise ValueError(f"sa_solver needs {n} per-step taus, got {len(taus)}")
+
+    def data_prediction(x_: Tensor, s_: float) -> Tensor:
+        t = torch.full((x_.shape[0],), s_, device=x_.device, dtype=x_.dtype)
+        return x_ - s_ * velocity(x_, t)
+
+    def draw(k: int) -> Tensor:
+        if step_noise is not None:
+            return step_noise[:, k]
+        return torch.randn(noise.shape, generator=generator, device=noise.device, dtype=noise.dtype)
+
+    x = x_pred = noise
+    traj = [x] if keep_trajectory else None
+    d_prev = z_prev = None
+    for k in range(n):
+        s, s_next = times[k], times[k + 1]
+        d = data_prediction(x_pred, s)
+        if k == 0 or (k == 1 and not first_corrector):
+            x = x_pred
+        else:
+            x = sa_corrector_step(x, d_prev, d, times[k - 1], s, taus[k - 1], z_prev)
+        if traj is not None and k > 0:
+            traj.append(x)
+        if s_next <= 0.0:
+            x_pred = d  # denoise to zero: the last data prediction
+        else:
+            z = draw(k) if taus[k] > 0 else None
+            x_pred = sa_predictor_step(x, d, s, s_next, taus[k], z,
+                                       d_prev if k > 0 else None, times[k - 1] if k > 0 else None)
+            z_prev = z
+        d_prev = d
+        if k == n - 1:
+            x = x_pred
+    if traj is not None:
+        traj.append(x)
+    trajectory = torch.stack(traj, dim=1) if traj is not None else None
+    return SampleOutput(x0=x, trajectory=trajectory)
+
+
 # --------------------------------------------------------------------------- sampling loop
 
 
-Solver = Literal["euler", "heun", "dpmpp_2m"]
+Solver = Literal["euler", "heun", "dpmpp_2m", "sa_solver"]
 StochasticKind = Literal["none", "sde", "cps"]
 
 
@@ -233,6 +366,8 @@ def sample(
     step_noise: Tensor | None = None,
     generator: torch.Generator | None = None,
     progress: Callable[[int], None] | None = None,
+    sa_tau: float = 0.4,
+    sa_tau_window: tuple[float, float] = (0.3, 0.9),
 ) -> SampleOutput:
     """Integrate from ``noise`` at ``t = 1`` down the ``grid`` to ``t = 0``.
 
@@ -248,8 +383,15 @@ def sample(
         keep_trajectory: keep every state (memory ``N + 1`` times the batch).
         step_noise: ``(B, N, *S)`` standard normal draws for the stochastic steps (so that
             each sample's noise is fixed by its own seed); else drawn from ``generator``.
+        sa_tau, sa_tau_window: ``solver="sa_solver"`` (:func:`sa_solver_sample`): its
+            stochasticity ``tau`` on steps whose target time lies in the window (0: an ODE).
     """
     grid_list = [float(s) for s in grid]
+    if solver == "sa_solver":
+        if stochastic != "none":
+            raise ValueError("the sa_solver solver has its own noise; it does not combine with stochastic steps")
+        return sa_solver_sample(velocity, noise, grid_list, sa_tau_schedule(grid_list, sa_tau, sa_tau_window),
+                                step_noise=step_noise, generator=generator, keep_trajectory=keep_trajectory)
     n = len(grid_list) - 1
     x = noise
     traj = [x] if keep_trajectory else None
@@ -284,7 +426,7 @@ def sample(
             x_new = dpmpp_2m_step(x, x0_pred, s, s_next, x0_prev, s_prev)
             x0_prev, s_prev = x0_pred, s
         else:
-            raise ValueError(f"unknown solver '{solver}' (euler, heun, dpmpp_2m)")
+            raise ValueError(f"unknown solver '{solver}' (euler, heun, dpmpp_2m, sa_solver)")
         if solver != "dpmpp_2m" or (stochastic != "none" and lo <= k < hi):
             x0_prev, s_prev = None, None
         x = x_new

@@ -7,6 +7,7 @@ side effect (logs, plots, checkpoints) happens on process 0 only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -26,7 +27,7 @@ from advantageflow.checkpoint import latest_checkpoint, load_checkpoint, save_ch
 from advantageflow.compute import ComputeMeter, collect
 from advantageflow.config import Config
 from advantageflow.distributed import DistEnv, full_tensor, local_tensor
-from advantageflow.evaluation import EvalResult, evaluate_policy
+from advantageflow.evaluation import EvalResult, WeightsEMA, evaluate_policy
 from advantageflow.faults import fault_point
 from advantageflow.parallel import finite_gradients, make_strategy
 from advantageflow.rewards.async_scoring import AsyncRewardScorer
@@ -130,6 +131,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, env: DistEnv |
     )
     state = LoopState()
     logger = MetricsLogger(run_dir, cfg.log.tensorboard, enabled=env.is_main)
+    eval_ema = WeightsEMA(policy, cfg.eval.ema_decay) if cfg.eval.ema_decay > 0 else None
 
     path = latest_checkpoint(ckpt_root) if resume else None
     if resume and path is None and env.is_main:
@@ -139,6 +141,9 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, env: DistEnv |
         ckpt = load_checkpoint(path, env.device)
         policy.load_trainable_state(ckpt.policy)
         strategy.load_optimizer_state(optimizer, ckpt.optimizer)
+        ema_state = ckpt.algorithm.pop(EVAL_EMA_KEY, None)
+        if eval_ema is not None and ema_state is not None:
+            eval_ema.load_state_dict(ema_state)
         algo.load_state_dict(ckpt.algorithm)
         state = LoopState(**ckpt.trainer["loop"])
         logger.truncate_after(state.epoch)
@@ -154,7 +159,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, env: DistEnv |
     tc = cfg.train
 
     if state.epoch == 0 and cfg.eval.every > 0:
-        before = _evaluate(policy, task, reward, cfg, env, run_dir, "before", meter)
+        before = _evaluate(policy, task, reward, cfg, env, run_dir, "before", meter, eval_ema)
         state.eval_before = before.metrics if before else {}
         logger.log(0, {"epoch": 0, **state.eval_before})
 
@@ -172,12 +177,15 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, env: DistEnv |
                           cfg.seed, epoch, env.world_size, env.rank)
         request = algo.sampler_request(epoch, seeded_generator(cfg.seed, "sampler", epoch))
         policy_eval_mode(policy, True)
-        # 2. Rewards (scored in the background while the next chunk samples, if asked).
-        rollout, scored = generate_and_score(
-            policy, reward, [plan.prompt_of(r) for r in plan.rows],
-            [(cfg.seed, "noise", epoch, r) for r in plan.rows], [plan.group_of(r) for r in plan.rows],
-            grid, request, cfg.sampler.solver, cfg.sampler.guidance_scale, cfg.sampler.batch_size, scorer,
-        )
+        # 2. Rewards (scored in the background while the next chunk samples, if asked).  An
+        # algorithm may roll out with other weights than theta (DiffusionNFT: its old policy).
+        rollout_weights = getattr(algo, "rollout_policy", None)
+        with rollout_weights(policy) if rollout_weights else contextlib.nullcontext():
+            rollout, scored = generate_and_score(
+                policy, reward, [plan.prompt_of(r) for r in plan.rows],
+                [(cfg.seed, "noise", epoch, r) for r in plan.rows], [plan.group_of(r) for r in plan.rows],
+                grid, request, cfg.sampler.solver, cfg.sampler.guidance_scale, cfg.sampler.batch_size, scorer,
+            )
         fault_point("reward")
         t_rollout = time.perf_counter() - t0
         # A diverged model samples non-finite states; never train on them (their reward is NaN).
@@ -211,10 +219,16 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, env: DistEnv |
             step_rows = []
             for inner in range(tc.inner_epochs):
                 for k in range(tc.steps_per_epoch):
+                    steps_before = state.step
                     row_metrics = _optimizer_step(cfg, env, strategy, algo, policy, params, optimizer, reward,
                                                   rollout, plan.rows, keep, state, k, inner)
                     if row_metrics is not None:
                         step_rows.append(row_metrics)
+                    if eval_ema is not None and state.step > steps_before:
+                        eval_ema.update(policy, state.step)
+            end_epoch = getattr(algo, "end_epoch", None)  # once-per-epoch updates (old policies)
+            if end_epoch is not None:
+                end_epoch(policy, state.step)
             metrics.update(_mean_metrics(step_rows))
             metrics["stats/zero_std_ratio"] = adv.zero_std_ratio  # the epoch-level value wins
             metrics["perf/train_s"] = time.perf_counter() - t1
@@ -229,14 +243,14 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, env: DistEnv |
         stopped_by = _budget_spent(tc, state, env) if state.epoch < tc.epochs else ""
         last = state.epoch == tc.epochs or bool(stopped_by)
         if cfg.eval.every > 0 and (state.epoch % cfg.eval.every == 0 or last):
-            result = _evaluate(policy, task, reward, cfg, env, run_dir, "after" if last else None, meter)
+            result = _evaluate(policy, task, reward, cfg, env, run_dir, "after" if last else None, meter, eval_ema)
             if result is not None:
                 metrics.update(result.metrics)
         metrics.update(collect(meter, env, state.compute))
         logger.log(state.step, metrics)
         bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}")
         if state.epoch % cfg.checkpoint.every == 0 or last:
-            _save(cfg, env, strategy, ckpt_root, policy, optimizer, algo, state)
+            _save(cfg, env, strategy, ckpt_root, policy, optimizer, algo, state, eval_ema)
         if stopped_by:
             break
     bar.close()
@@ -368,11 +382,13 @@ def _budget_spent(tc, state: LoopState, env: DistEnv) -> str:
     return ""
 
 
-def _evaluate(policy, task, reward, cfg, env, run_dir, tag, meter: ComputeMeter) -> EvalResult:
-    """Evaluate (each process samples its stripe, all get the result); process 0 saves a
-    sample grid when ``tag`` is given.  Its network passes count as ``perf/eval_*``."""
+def _evaluate(policy, task, reward, cfg, env, run_dir, tag, meter: ComputeMeter, eval_ema=None) -> EvalResult:
+    """Evaluate (each process samples its stripe, all get the result) with the weights, or
+    their moving average when ``eval.ema_decay > 0``; process 0 saves a sample grid when
+    ``tag`` is given.  Its network passes count as ``perf/eval_*``."""
     policy_eval_mode(policy, True)
-    with meter.evaluating():
+    ema_ctx = eval_ema.active(policy) if eval_ema is not None else contextlib.nullcontext()
+    with meter.evaluating(), ema_ctx:
         result = evaluate_policy(policy, task, reward, cfg, env)
     if env.is_main:
         if tag is not None:
@@ -397,11 +413,16 @@ def _jsonable_details(details: dict) -> dict:
     return out
 
 
-def _save(cfg, env, strategy, root, policy, optimizer, algo, state: LoopState) -> None:
+EVAL_EMA_KEY = "_eval_ema"  # the evaluation EMA travels in algorithm.pt under this key
+
+
+def _save(cfg, env, strategy, root, policy, optimizer, algo, state: LoopState, eval_ema=None) -> None:
     # Process 0 writes; gathering sharded tensors (FSDP2) needs every process.
     if env.is_main or strategy.shards:
         policy_state, optimizer_state = policy.trainable_state(), strategy.optimizer_state(optimizer)
         algo_state = algo.state_dict()
+        if eval_ema is not None:
+            algo_state = {**algo_state, EVAL_EMA_KEY: eval_ema.state_dict()}
     if env.is_main:
         save_checkpoint(
             root, state.epoch, policy_state, optimizer_state, algo_state,

@@ -84,6 +84,7 @@ def _train_rows(run_dir) -> list[dict]:
 @pytest.mark.parametrize("name,extra", [
     ("awm", ["awm.num_timesteps=2"]),  # the lagged EMA copy (DiffusionNFT's old policy is the same class)
     ("flow_grpo", ["flow_grpo.fast_window=2", "flow_grpo.fast_window_range=[0, 5]"]),  # the Fast window
+    ("diffusion_nft", ["train.steps_per_epoch=2"]),  # the old policy, moved once per epoch, samples
 ])
 def test_resumed_run_equals_uninterrupted_run(name, extra, tmp_path, toy_overrides):
     """The algorithm's state (old / EMA policies, the Fast window) survives a checkpoint."""

@@ -81,13 +81,21 @@ def test_awm_weightings_closed_forms_in_float64():
     torch.testing.assert_close(awm_log_likelihood(m, t, "uniform"), -m.double())
     torch.testing.assert_close(awm_log_likelihood(m, t, "t"), -(t * m).double())
     torch.testing.assert_close(awm_log_likelihood(m, t, "t2"), -(t**2 * m).double())
-    # Generalised Huber: zero at m = 0, derivative -t (m + 1e-10)^(p - 1), and p = 1 is "t".
+    # Generalised Huber ("ghuber"): zero at m = 0, derivative -t (m + 1e-10)^(p - 1), p = 1 is "t".
     mm = m.double().clone().requires_grad_(True)
-    lp = awm_log_likelihood(mm, t, "huber", 0.25)
+    lp = awm_log_likelihood(mm, t, "ghuber", 0.25)
     assert lp[0].item() == 0.0
     (grad,) = torch.autograd.grad(lp.sum(), mm)
     torch.testing.assert_close(grad, -t.double() * (m.double() + 1e-10) ** -0.75)
-    torch.testing.assert_close(awm_log_likelihood(m, t, "huber", 1.0), -(t * m).double(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(awm_log_likelihood(m, t, "ghuber", 1.0), -(t * m).double(), rtol=0, atol=1e-12)
+    # The released square-root "huber": -t (sqrt(m + 1e-10) - 1e-5), (near) zero at m = 0, slope
+    # -t / (2 sqrt(m + 1e-10)); it is ghuber at p = 1/2 without the 1/p, and ignores p.
+    lp = awm_log_likelihood(mm, t, "huber", 0.25)
+    assert abs(lp[0].item()) < 1e-15
+    (grad,) = torch.autograd.grad(lp.sum(), mm)
+    torch.testing.assert_close(grad, -t.double() / (2 * (m.double() + 1e-10).sqrt()))
+    torch.testing.assert_close(awm_log_likelihood(m, t, "huber"), awm_log_likelihood(m, t, "ghuber", 0.5) / 2)
+    torch.testing.assert_close(awm_log_likelihood(m, t, "huber", 0.9), awm_log_likelihood(m, t, "huber"))
     with pytest.raises(ValueError, match="unknown AWM weighting"):
         awm_log_likelihood(m, t, "cubic")
 
@@ -102,6 +110,31 @@ def test_clipped_policy_loss_is_ppo_and_stops_gradient_outside_the_clip():
     torch.testing.assert_close(loss.detach(), torch.tensor([-2.0, -1.2, -0.5, 1.5, 0.8]))
     (grad,) = torch.autograd.grad(loss.sum(), log_ratio)
     torch.testing.assert_close(grad, torch.tensor([-2.0, 0.0, -0.5, 1.5, 0.0]))
+
+
+def _authors_strata(count: int, low: int, high: int) -> list[list[int]]:
+    """AWM's released draw, re-derived with exact fractions: edges ``low + j (high + 1 - low)
+    / count`` rounded down to whole indices, stratum ``j`` = ``[e_j, e_{j+1})``."""
+    from fractions import Fraction
+
+    edges = [math.floor(low + Fraction(j * (high + 1 - low), count)) for j in range(count + 1)]
+    return [list(range(a, b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+@pytest.mark.parametrize("count,low,high", [(6, 1, 11), (6, 0, 11), (4, 1, 8), (3, 2, 9)])
+def test_awm_strata_are_whole_indices_with_the_released_probabilities(count, low, high):
+    strata = _authors_strata(count, low, high)
+    if (count, low, high) == (6, 1, 11):
+        assert strata == [[1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11]]  # as in the issue's reading
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([stratified_grid_indices(count, low, high, g) for _ in range(6000)])
+    for j, stratum in enumerate(strata):
+        assert set(draws[:, j].tolist()) == set(stratum)  # draw j stays in stratum j
+        for index in stratum:  # each index of a stratum of n has probability 1 / n
+            freq = float((draws[:, j] == index).double().mean())
+            assert freq == pytest.approx(1 / len(stratum), abs=0.025)
+    # No index is ever drawn twice in one step's draw (equal-width continuous strata did ~1/4).
+    assert all(len(set(row)) == count for row in draws.tolist())
 
 
 def test_awm_grid_range_scales_to_the_rollout_grid():
@@ -148,10 +181,12 @@ def test_awm_on_policy_loss_matches_recomputation_and_ratio_is_one():
     torch.testing.assert_close(loss.double(), expected.double(), rtol=1e-5, atol=1e-6)
 
 
-def test_awm_off_policy_scores_old_with_the_same_draws():
+def test_awm_on_policy_scores_the_rollout_weights_after_the_first_step():
+    """The released on-policy mode: during the epoch's first optimizer step LP_old = sg(LP)
+    (ratio 1); later steps score theta as it was at the rollouts, with the same (t, eps)."""
     policy = make_policy()
     batch = make_batch(policy)
-    cfg = AWM.Config(policy_mode="off_policy", beta=0.0, beta_ema=0.0, weighting="t", clip_range=1e-4,
+    cfg = AWM.Config(policy_mode="on_policy", beta=0.0, beta_ema=0.0, weighting="t", clip_range=1e-4,
                      num_timesteps=1)
     algo = AWM(cfg, policy)
     algo.begin_epoch(policy)
@@ -177,9 +212,67 @@ def test_awm_off_policy_scores_old_with_the_same_draws():
     assert out.metrics["stats/clipfrac"] == pytest.approx(float(((ratio - 1).abs() > 1e-4).double().mean()))
 
 
-def test_awm_ema_schedule_is_min_0p3_0p001_step():
-    algo = AWM(AWM.Config(), make_policy())
-    assert [algo.ema.schedule.decay(s) for s in (0, 100, 300, 5000)] == pytest.approx([0.0, 0.1, 0.3, 0.3])
+def test_awm_every_step_mode_keeps_the_ratio_at_one():
+    policy = make_policy()
+    batch = make_batch(policy)
+    algo = AWM(AWM.Config(policy_mode="every_step", beta=0.0, weighting="t", num_timesteps=1), policy)
+    algo.begin_epoch(policy)
+    perturb_(policy, 0.1)
+    algo.after_step(policy, 0)
+    (out,) = list(algo.losses(batch, ctx(policy, seed=4)))
+    assert out.metrics["stats/ratio_mean"] == 1.0
+
+
+def test_awm_lagged_copy_is_updated_once_per_epoch_from_step_one():
+    """``d = min(0.3, 0.001 n)`` with ``n`` counted from 1 and applied once, after the epoch's
+    optimizer steps: after one epoch of two steps the copy is ``0.002 init + 0.998 theta``."""
+    policy = make_policy()
+    algo = AWM(AWM.Config(), policy)
+    assert [algo.ema.schedule.decay(n) for n in (1, 2, 100, 300, 5000)] == pytest.approx(
+        [0.001, 0.002, 0.1, 0.3, 0.3])
+    init = policy.snapshot()
+    algo.begin_epoch(policy)
+    for step in range(2):
+        perturb_(policy, 0.1, seed=step + 5)
+        algo.after_step(policy, step)
+        assert algo.ema.fresh  # untouched during the epoch
+    algo.end_epoch(policy, 2)
+    for e, i, p in zip(algo.ema.params, init, policy.trainable_parameters()):
+        torch.testing.assert_close(e, 0.002 * i + 0.998 * p.detach())
+    assert not algo.ema.fresh
+
+
+def test_awm_beta_zero_drops_the_lagged_copy_term_and_defaults_are_released():
+    cfg = AWM.Config()
+    assert (cfg.clip_range, cfg.weighting, cfg.solver, cfg.sa_tau, cfg.sa_tau_window) == (
+        1.0, "ghuber", "sa_solver", 0.4, [0.3, 0.9])
+    policy = make_policy()
+    algo = AWM(AWM.Config(beta=0.0, beta_ema=1.0), policy)
+    perturb_(policy, 0.1)
+    algo.end_epoch(policy, 1)  # the copy now differs from theta: its term would be non-zero
+    metrics = [o.metrics for o in algo.losses(make_batch(policy), ctx(policy))]
+    assert all(m["loss/kl_ema"] == 0.0 for m in metrics)
+    with_ref = AWM(AWM.Config(beta=1e-4, beta_ema=1.0), policy)
+    perturb_(policy, 0.1, seed=9)
+    with_ref.end_epoch(policy, 1)
+    assert all(o.metrics["loss/kl_ema"] > 0 for o in with_ref.losses(make_batch(policy), ctx(policy)))
+
+
+def test_awm_off_policy_rolls_out_with_and_scores_the_lagged_copy():
+    policy = make_policy()
+    batch = make_batch(policy)
+    algo = AWM(AWM.Config(policy_mode="off_policy", beta=0.0, weighting="t", num_timesteps=1), policy)
+    perturb_(policy, 0.1)
+    algo.end_epoch(policy, 1)
+    x = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
+    t = torch.full((4,), 0.5)
+    with torch.no_grad(), algo.rollout_policy(policy):
+        v_rollout = policy.velocity(x, t)
+    with torch.no_grad(), policy.use_parameters(algo.ema.params):
+        v_copy = policy.velocity(x, t)
+    torch.testing.assert_close(v_rollout, v_copy)
+    (out,) = list(algo.losses(batch, ctx(policy, seed=4)))
+    assert out.metrics["stats/ratio_mean"] != 1.0
 
 
 # --------------------------------------------------------------------------- Flow-GRPO
@@ -249,12 +342,13 @@ def test_flow_grpo_fast_window_is_drawn_from_the_generator_and_only_it_is_traine
     reqs = [algo.sampler_request(e, torch.Generator().manual_seed(11)) for e in range(2)]
     assert reqs[0].stochastic_steps == reqs[1].stochastic_steps  # same generator state, same window
     lo, hi = reqs[0].stochastic_steps
-    assert hi - lo == 2 and 0 <= lo < 5 and reqs[0].keep_trajectory
+    assert hi - lo == 2 and 0 <= lo and hi <= 5 and reqs[0].keep_trajectory
     state = algo.state_dict()
     other = FlowGRPO(algo.cfg, policy)
-    starts = {other.sampler_request(0, torch.Generator().manual_seed(s)).stochastic_steps[0]
-              for s in range(40)}
-    assert starts == set(range(5))
+    starts = [other.sampler_request(0, torch.Generator().manual_seed(s)).stochastic_steps[0] for s in range(400)]
+    # As released, the whole window lies in [0, 5): starts 0..3, each equally likely.
+    assert set(starts) == {0, 1, 2, 3}
+    assert all(starts.count(k) / 400 == pytest.approx(0.25, abs=0.07) for k in range(4))
     other.load_state_dict(state)
     assert other.window == (lo, hi)
     batch = _sde_batch(policy, window=(lo, hi))
@@ -276,8 +370,44 @@ def test_nft_optimality_probability_and_schedules():
     adv = torch.tensor([-10.0, -5.0, 0.0, 2.5, 5.0, 7.0])
     torch.testing.assert_close(optimality_probability(adv), torch.tensor([0.0, 0.0, 0.5, 0.75, 1.0, 1.0]))
     default, ocr = EMA_SCHEDULES["default"], EMA_SCHEDULES["ocr"]
-    assert [default.decay(s) for s in (0, 10, 500, 900)] == pytest.approx([0.0, 0.01, 0.5, 0.5])
-    assert [ocr.decay(s) for s in (0, 74, 75, 175, 1000)] == pytest.approx([0.0, 0.0, 0.0, 0.75, 0.999])
+    # n = optimizer steps taken, counted from 1: the first update already uses 0.001.
+    assert [default.decay(n) for n in (1, 10, 500, 900)] == pytest.approx([0.001, 0.01, 0.5, 0.5])
+    assert [ocr.decay(n) for n in (1, 74, 75, 76, 175, 1000)] == pytest.approx([0.0, 0.0, 0.0, 0.0075, 0.75, 0.999])
+
+
+def test_nft_old_policy_updates_once_per_epoch_and_samples_the_rollouts():
+    """As released: the old copy moves only after the epoch's optimizer steps, by
+    ``old = eta old + (1 - eta) theta`` with ``eta = min(0.001 n, 0.5)``, and the next
+    epoch's rollouts are sampled with it."""
+    policy = make_policy()
+    algo = DiffusionNFT(DiffusionNFT.Config(), policy)
+    init = policy.snapshot()
+    x, t = torch.randn(4, 2, generator=torch.Generator().manual_seed(0)), torch.full((4,), 0.5)
+    for step in range(2):  # an epoch of two optimizer steps (the OCR config's count)
+        perturb_(policy, 0.1, seed=step + 3)
+        algo.after_step(policy, step)
+        assert algo.old.fresh and all(torch.equal(o, i) for o, i in zip(algo.old.params, init))
+    algo.end_epoch(policy, 2)
+    for o, i, p in zip(algo.old.params, init, policy.trainable_parameters()):
+        torch.testing.assert_close(o, 0.002 * i + 0.998 * p.detach())
+    with torch.no_grad(), algo.rollout_policy(policy):
+        v_rollout = policy.velocity(x, t)
+    with torch.no_grad(), policy.use_parameters(algo.old.params):
+        v_old = policy.velocity(x, t)
+    torch.testing.assert_close(v_rollout, v_old)
+    # Our earlier variant stays available: per optimizer step, sampling with theta.
+    ours = DiffusionNFT(DiffusionNFT.Config(old_update="step", rollout_policy="theta"), policy)
+    before = policy.snapshot()
+    perturb_(policy, 0.1, seed=8)
+    ours.after_step(policy, 0)
+    for o, b, p in zip(ours.old.params, before, policy.trainable_parameters()):
+        torch.testing.assert_close(o, 0.001 * b + 0.999 * p.detach())
+    with torch.no_grad():
+        v_theta = policy.velocity(x, t)
+        with ours.rollout_policy(policy):
+            torch.testing.assert_close(policy.velocity(x, t), v_theta)
+        with policy.use_parameters(ours.old.params):
+            assert not torch.allclose(policy.velocity(x, t), v_theta)  # so the check above can fail
 
 
 def test_nft_loss_on_policy_closed_form():

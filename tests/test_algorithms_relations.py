@@ -1,4 +1,4 @@
-"""ALGORITHMS.md, "How they relate": on-policy gradients of the forward-process losses.
+"""docs/algorithms/README.md, "How the methods relate": on-policy gradients of the forward-process losses.
 
 At the first inner step (theta = old), with uniform weighting and no clipping, AdvantageFlow
 (lambda = 0), AWM, EPG (rho = 1) and RAM's reward term all have the gradient of

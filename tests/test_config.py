@@ -76,3 +76,44 @@ def test_every_shipped_config_validates(path):
 def test_main_job_config_is_the_default():
     """`advantageflow train` with no arguments runs exactly configs/shapes_advantageflow.yaml."""
     assert load_config(str(REPO / "configs" / "shapes_advantageflow.yaml")).to_dict() == load_config(None).to_dict()
+
+
+def _cfg(name: str):
+    return load_config(str(REPO / "configs" / name))
+
+
+def test_flow_grpo_presets_are_the_released_ones():
+    """yifan123/flow_grpo config/grpo.py: pickscore_sd3 (beta 0.01, CFG 4.5, clip 1e-4) and
+    the Fast no-CFG configs (CPS, noise level 0.8, a 3-step window inside [0, N // 2), clip
+    1e-5, beta 0); both evaluate an EMA (0.9) and encode 128 T5 tokens."""
+    full, fast = _cfg("sd3_5m_flow_grpo.yaml"), _cfg("sd3_5m_flow_grpo_fast.yaml")
+    a = full.algorithm
+    released = ("sde", 0.7, 1e-4, 0.01, 4.5)
+    assert (a.stochastic, a.noise_level, a.clip_range, a.beta, full.sampler.guidance_scale) == released
+    f = fast.algorithm
+    assert (f.stochastic, f.noise_level, f.clip_range, f.beta, f.fast_window) == ("cps", 0.8, 1e-5, 0.0, 3)
+    assert f.fast_window_range == [0, fast.sampler.steps // 2]
+    assert fast.sampler.guidance_scale == 1.0 and fast.model.cfg is False
+    for cfg in (full, fast):
+        assert cfg.eval.ema_decay == 0.9 and cfg.model.max_sequence_length == 128
+
+
+def test_awm_and_nft_configs_follow_the_released_ones():
+    for name in ("sd3_5m_awm.yaml", "flux_dev_awm.yaml", "sd3_tiny_awm.yaml", "flux_tiny_awm.yaml", "toy2d_awm.yaml"):
+        a = _cfg(name).algorithm
+        assert a.clip_range == 1.0 and a.weighting == "ghuber", name  # every released AWM config
+    for name in ("sd3_5m_awm.yaml", "flux_dev_awm.yaml"):  # PickScore: indices 0..11, no SA noise
+        cfg = _cfg(name)
+        assert (cfg.algorithm.timestep_low, cfg.algorithm.timestep_high, cfg.algorithm.sa_tau) == (0, 11, 0.0)
+        assert cfg.algorithm.solver == "sa_solver" and cfg.eval.ema_decay == 0.99
+    for name in ("sd3_5m_diffusion_nft.yaml", "flux_dev_diffusion_nft.yaml"):
+        cfg = _cfg(name)
+        assert cfg.eval.ema_decay == 0.9
+        assert (cfg.algorithm.old_update, cfg.algorithm.rollout_policy) == ("epoch", "old")
+    for name in ("sd3_5m_awm.yaml", "sd3_5m_diffusion_nft.yaml"):
+        assert _cfg(name).model.max_sequence_length == 128
+
+
+def test_eval_ema_decay_is_checked():
+    with pytest.raises(ConfigError, match="eval.ema_decay"):
+        load_config(TOY, ["eval.ema_decay=1.0"])

@@ -175,3 +175,27 @@ def test_cps_step_moments_for_gaussian_data_match_the_closed_form():
     # ... and measurably below the true marginal variance (a^2 s0^2 + t^2 at s') on the wide axis.
     marginal = (1 - s_next) ** 2 * S0**2 + s_next**2
     assert var[1] < 0.9 * marginal[1]
+
+
+def _cps_one_step_deficit(s: float, s_next: float, level: float, s0: float) -> tuple[float, float]:
+    """``(V' - Var x', short form)`` for one CPS step from the exact marginal at ``s`` of
+    ``N(m, s0^2)`` data (the closed form the test above checks by sampling)."""
+    a = 1 - s
+    var_s = a**2 * s0**2 + s**2
+    sig = s_next * math.sin(level * math.pi / 2)
+    k = ((1 - s_next) * a * s0**2 + math.sqrt(s_next**2 - sig**2) * s) / var_s
+    marginal = (1 - s_next) ** 2 * s0**2 + s_next**2
+    p, q, c = a**2 * s0**2, s**2, math.cos(level * math.pi / 2)
+    return marginal - (k**2 * var_s + sig**2), p * q * (1 - c) ** 2 / var_s
+
+
+def test_cps_variance_deficit_short_form_holds_only_for_a_vanishing_step():
+    """``P Q (1 - cos(a pi/2))^2 / V`` is the deficit of a zero-length step, not of a real one."""
+    for s0 in (0.5, 2.0):
+        exact, short = _cps_one_step_deficit(0.6, 0.6, 0.7, s0)
+        assert exact == pytest.approx(short, rel=1e-12)
+        exact, short = _cps_one_step_deficit(0.6, 0.6 - 1e-6, 0.7, s0)
+        assert exact == pytest.approx(short, rel=1e-4)
+        exact, short = _cps_one_step_deficit(0.6, 0.45, 0.7, s0)
+        assert exact > 3 * short  # the doc's figures: 0.0385 vs 0.0107 (s0 0.5), 0.2466 vs 0.0687 (s0 2)
+        print(f"s0 {s0}: exact deficit {exact:.4f}, short form {short:.4f}")

@@ -111,3 +111,59 @@ def test_micro_batch_size_does_not_change_the_run(tmp_path, toy_overrides, algo)
         for ra, rb in zip(runs[0], other):
             for k in ra:
                 assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-7), (algo, ra["epoch"], k)
+
+
+def test_weights_ema_uses_the_released_warm_up():
+    """``d = min((1 + n) / (10 + n), max)`` after ``n`` optimizer steps (from 1): the first
+    update keeps 2/11 of the initial weights."""
+    import torch
+
+    from advantageflow.evaluation import WeightsEMA
+    from advantageflow.models.toy import ToyMLPPolicy, VelocityMLP
+
+    torch.manual_seed(0)
+    policy = ToyMLPPolicy(VelocityMLP(2, hidden=16, depth=1))
+    ema = WeightsEMA(policy, 0.9)
+    assert [ema.decay(n) for n in (1, 8, 80, 1000)] == pytest.approx([2 / 11, 0.5, 0.9, 0.9])
+    init = policy.snapshot()
+    with torch.no_grad():
+        for p in policy.trainable_parameters():
+            p.add_(0.1)
+    ema.update(policy, 1)
+    for e, i, p in zip(ema.params, init, policy.trainable_parameters()):
+        torch.testing.assert_close(e, 2 / 11 * i + 9 / 11 * p.detach())
+
+
+def _eval_rows(run_dir) -> list[dict]:
+    return [{k: v for k, v in r.items() if k.startswith("eval/")} for r in read_metrics(run_dir / "metrics.jsonl")
+            if any(k.startswith("eval/") for k in r)]
+
+
+def test_eval_ema_is_evaluated_and_survives_a_resume(tmp_path, toy_overrides):
+    base = toy_overrides + ["train.epochs=3", "eval.every=1", "eval.samples_per_prompt=128", "checkpoint.every=2",
+                            "checkpoint.keep=5"]
+    train(load_config(TOY, base), tmp_path / "plain")
+    with_ema = base + ["eval.ema_decay=0.9"]
+    train(load_config(TOY, with_ema), tmp_path / "full")
+    plain, full = _eval_rows(tmp_path / "plain"), _eval_rows(tmp_path / "full")
+    assert plain[0] == full[0]  # before training the average is the initial weights
+    assert plain[1:] != full[1:]  # then the evaluated weights differ: the average is used
+    assert _train_rows(tmp_path / "plain") == _train_rows(tmp_path / "full")  # training is untouched
+    train(load_config(TOY, [*toy_overrides, "train.epochs=2", *base[len(toy_overrides) + 1:], "eval.ema_decay=0.9"]),
+          tmp_path / "resumed")
+    train(load_config(TOY, with_ema), tmp_path / "resumed", resume=True)
+    assert _eval_rows(tmp_path / "resumed") == full  # the average came back from the checkpoint
+
+
+def test_diffusion_nft_rolls_out_with_its_old_policy(tmp_path, toy_overrides):
+    """The trainer samples through the algorithm's ``rollout_policy``: with DiffusionNFT's old
+    policy (released) the first epoch's rollouts equal theta's (old == theta then) and the
+    second's differ from a run that samples with theta (same training until then)."""
+    config = str(REPO / "configs" / "toy2d_diffusion_nft.yaml")
+    base = toy_overrides + ["train.epochs=2", "eval.every=0"]
+    train(load_config(config, base), tmp_path / "old")
+    train(load_config(config, base + ["diffusion_nft.rollout_policy=theta"]), tmp_path / "theta")
+    old, theta = _train_rows(tmp_path / "old"), _train_rows(tmp_path / "theta")
+    assert old[0] == theta[0]
+    # eta = 0.001 after one step: the samples move a little, so compare a continuous number.
+    assert old[1]["loss/total"] != theta[1]["loss/total"]

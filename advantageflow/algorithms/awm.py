@@ -4,23 +4,30 @@ AWM replaces Flow-GRPO's per-step Gaussian likelihood by the pretraining flow-ma
 the rollout's final sample.  Per sample ``i`` and timestep draw ``k`` (fresh ``eps``)::
 
     m_ik  = ||v_theta(x_t, t) - (eps - x0)||^2                    (mean over dimensions)
-    LP_ik = -w(t) * m_ik        w: uniform / t / t^2, or the generalised Huber (default)
-            -t * ((m + 1e-10)^p - (1e-10)^p) / p,  p = 0.25       (float64)
+    LP_ik = -w(t) * m_ik        w: uniform / t / t^2, or a robust form (float64):
+            ghuber: -t ((m + 1e-10)^p - (1e-10)^p) / p,  p = 0.25   (the released configs')
+            huber:  -t (sqrt(m + 1e-10) - 1e-5)                     (the released square root)
     ratio = exp(LP - sg(LP_old))                                  (PPO-style, clipped 1 +- clip)
     L     = max(-A ratio, -A clip(ratio)) + beta ||v_theta - v_ref||^2 + beta_ema ||v_theta - v_ema||^2
 
-with ``A`` clipped to +-5 then divided by 5.  In the released on-policy mode ``LP_old = sg(LP)``,
-so the ratio is 1 and the clip is inert; the off-policy mode scores the rollout policy first
-at the same ``(t, eps)``.  ``v_ema`` comes from a lagged copy of theta updated after each
-optimizer step as ``ema = d ema + (1 - d) theta``, ``d = min(0.3, 0.001 step)``.  Timesteps:
-``K`` (default 6) stratified over the rollout grid's indices 1..11 of a 14-step grid (scaled to
-the actual grid), shared by all samples of a micro-batch.  Needs final samples only.
+with ``A`` clipped to +-5 then divided by 5, the clip range 1 of every released config, and,
+as released, no ``v_ema`` term when ``beta = 0``.  ``LP_old`` (``policy_mode``): ``on_policy``
+(released) scores theta as it was at the epoch's rollouts, which is ``sg(LP)`` (ratio 1)
+during the epoch's first optimizer step; ``every_step`` takes ``sg(LP)`` always;
+``off_policy`` (released) rolls out with the lagged copy and scores it.  ``v_ema`` comes from
+the lagged copy ``ema = d ema + (1 - d) theta``, ``d = min(0.3, 0.001 n)``, updated once per
+epoch after its optimizer steps (``n`` = optimizer steps so far, from 1).  Timesteps: ``K``
+(default 6) drawn one per whole-index stratum of the indices 1..11 of a 14-step grid (scaled
+to the rollout grid), shared by the optimizer step's samples.  Rollouts: the stochastic
+SA-Solver (``tau = 0.4`` for ``t`` in ``[0.3, 0.9]``; 0 for PickScore).  Needs final samples only.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -36,18 +43,20 @@ from advantageflow.algorithms.common import (
 )
 from advantageflow.types import LossOutput, Rollout, mean_flat
 
-Weighting = Literal["uniform", "t", "t2", "huber"]
+Weighting = Literal["uniform", "t", "t2", "huber", "ghuber"]
 HUBER_DELTA = 1e-10
 
 
-def awm_log_likelihood(mse: Tensor, t: Tensor, weighting: Weighting = "huber", p: float = 0.25) -> Tensor:
+def awm_log_likelihood(mse: Tensor, t: Tensor, weighting: Weighting = "ghuber", p: float = 0.25) -> Tensor:
     """AWM's "log-likelihood" ``LP = -w(t) m`` per sample, in float64: ``(B,)``.
 
     Args:
         mse: ``(B,)`` flow-matching error ``m = ||v_theta - u||^2`` (mean over dimensions).
         t: ``(B,)`` the times the errors were measured at.
-        weighting: ``uniform`` (``-m``), ``t`` (``-t m``), ``t2`` (``-t^2 m``) or ``huber``:
-            ``-t ((m + 1e-10)^p - 1e-10^p) / p`` (AWM's default, ``p = 0.25``).
+        weighting: ``uniform`` (``-m``), ``t`` (``-t m``), ``t2`` (``-t^2 m``), ``ghuber``:
+            ``-t ((m + 1e-10)^p - 1e-10^p) / p`` (the released configs', ``p = 0.25``), or
+            ``huber``: ``-t (sqrt(m + 1e-10) - 1e-5)`` (the released square-root form; it is
+            ``ghuber`` at ``p = 1/2`` divided by 2, i.e. without the ``1/p``).
     """
     m, tt = mse.double(), t.double().to(mse.device)
     if weighting == "uniform":
@@ -56,9 +65,11 @@ def awm_log_likelihood(mse: Tensor, t: Tensor, weighting: Weighting = "huber", p
         return -tt * m
     if weighting == "t2":
         return -(tt**2) * m
-    if weighting == "huber":
+    if weighting == "ghuber":
         return -tt * ((m + HUBER_DELTA) ** p - HUBER_DELTA**p) / p
-    raise ValueError(f"unknown AWM weighting '{weighting}' (uniform, t, t2, huber)")
+    if weighting == "huber":
+        return -tt * (torch.sqrt(m + HUBER_DELTA) - math.sqrt(HUBER_DELTA))
+    raise ValueError(f"unknown AWM weighting '{weighting}' (uniform, t, t2, huber, ghuber)")
 
 
 def clipped_policy_loss(log_ratio: Tensor, advantages: Tensor, clip_range: float) -> tuple[Tensor, Tensor]:
@@ -105,9 +116,9 @@ def awm_loss(
     lp_old: Tensor | None = None,
     v_ref: Tensor | None = None,
     v_ema: Tensor | None = None,
-    weighting: Weighting = "huber",
+    weighting: Weighting = "ghuber",
     p: float = 0.25,
-    clip_range: float = 1e-4,
+    clip_range: float = 1.0,
     beta: float = 0.0,
     beta_ema: float = 0.0,
 ) -> AWMLoss:
@@ -118,8 +129,8 @@ def awm_loss(
         u: ``(B, *S)`` target ``eps - x0``.
         t: ``(B,)`` times.
         advantages: ``(B,)`` already scaled (AWM: clipped to +-5 and divided by 5).
-        lp_old: ``(B,)`` the old policy's ``LP`` at the same ``(t, eps)``; ``None`` is the
-            released on-policy mode ``LP_old = sg(LP)``.
+        lp_old: ``(B,)`` the old policy's ``LP`` at the same ``(t, eps)``; ``None`` means
+            ``LP_old = sg(LP)`` (ratio 1).
         v_ref, v_ema: ``(B, *S)`` reference / lagged-copy velocities (constants), or ``None``.
     """
     mse = mean_flat((v_theta - u) ** 2)
@@ -156,33 +167,46 @@ class AWM:
         """Hyper-parameters; defaults are the authors' (SD3.5-M, GenEval).
 
         Attributes:
-            weighting: ``huber`` (default), ``uniform``, ``t`` or ``t2``.
-            huber_p: the generalised-Huber exponent ``p``.
+            weighting: ``ghuber`` (default, the released configs'), ``huber`` (square root),
+                ``uniform``, ``t`` or ``t2``.
+            huber_p: the generalised-Huber exponent ``p`` (``ghuber`` only).
             adv_clip: advantages clipped to +-adv_clip then divided by it.
-            clip_range: the PPO ratio clip (inert on-policy).
-            policy_mode: ``on_policy`` (released: ``LP_old = sg(LP)``) or ``off_policy``
-                (``LP_old`` from theta frozen at the rollouts, same ``(t, eps)``).
-            beta: weight of ``||v - v_ref||^2`` (0.001 GenEval, 0.003 OCR, 1e-4 PickScore).
+            clip_range: the PPO ratio clip (1 in every released config).
+            policy_mode: ``on_policy`` (released: ``LP_old`` from theta at the rollouts, i.e.
+                ``sg(LP)`` during the epoch's first optimizer step), ``every_step``
+                (``LP_old = sg(LP)`` always: ratio 1) or ``off_policy`` (released: roll out
+                with the lagged copy and score it as ``LP_old``).
+            beta: weight of ``||v - v_ref||^2`` (0.001 GenEval, 0.003 OCR, 1e-4 PickScore);
+                0 also drops the ``v_ema`` term, as released.
             beta_ema: weight of ``||v - v_ema||^2``.
-            ema_rate, ema_max_decay: the lagged copy's decay ``min(max, rate * step)``.
-            num_timesteps: ``K`` stratified timesteps per micro-batch.
+            ema_rate, ema_max_decay: the lagged copy's decay ``min(max, rate * n)``.
+            ema_update: ``epoch`` (released: once, after the epoch's optimizer steps) or
+                ``step`` (after every optimizer step).
+            num_timesteps: ``K`` stratified timesteps per optimizer step.
             timestep_low, timestep_high, reference_steps: the index range (inclusive) on a
-                ``reference_steps``-step grid, scaled to the rollout grid.
+                ``reference_steps``-step grid, scaled to the rollout grid (PickScore: 0..11).
+            solver: rollout solver (``sa_solver`` as released; any ``sampler.solver`` name).
+            sa_tau, sa_tau_window: SA-Solver stochasticity (0.4 on ``[0.3, 0.9]`` for GenEval
+                and OCR; 0 for PickScore).
         """
 
-        weighting: Weighting = "huber"
+        weighting: Weighting = "ghuber"
         huber_p: float = 0.25
         adv_clip: float = 5.0
-        clip_range: float = 1e-4
-        policy_mode: Literal["on_policy", "off_policy"] = "on_policy"
+        clip_range: float = 1.0
+        policy_mode: Literal["on_policy", "every_step", "off_policy"] = "on_policy"
         beta: float = 0.001
         beta_ema: float = 1.0
         ema_rate: float = 0.001
         ema_max_decay: float = 0.3
+        ema_update: Literal["epoch", "step"] = "epoch"
         num_timesteps: int = 6
         timestep_low: int = 1
         timestep_high: int = 11
         reference_steps: int = 14
+        solver: Literal["euler", "heun", "dpmpp_2m", "sa_solver"] = "sa_solver"
+        sa_tau: float = 0.4
+        sa_tau_window: list[float] = field(default_factory=lambda: [0.3, 0.9])
 
         def validate(self) -> None:
             from advantageflow.configbase import ConfigError
@@ -197,14 +221,25 @@ class AWM:
                 raise ConfigError("adv_clip must be > 0 and clip_range >= 0")
             if self.beta < 0 or self.beta_ema < 0:
                 raise ConfigError("beta and beta_ema must be >= 0")
+            if self.sa_tau < 0 or len(self.sa_tau_window) != 2:
+                raise ConfigError("sa_tau must be >= 0 and sa_tau_window a pair [lo, hi]")
 
     def __init__(self, cfg: Config, policy: Any) -> None:
         self.cfg = cfg
         self.ema = LaggedPolicy(policy, "ema", EMASchedule(cfg.ema_rate, cfg.ema_max_decay))
-        self.old = LaggedPolicy(policy, "epoch") if cfg.policy_mode == "off_policy" else None
+        self.old = LaggedPolicy(policy, "epoch") if cfg.policy_mode == "on_policy" else None
+        # As released, beta = 0 also drops the lagged-copy term.
+        self.beta_ema = cfg.beta_ema if cfg.beta > 0 else 0.0
 
     def sampler_request(self, epoch: int, generator: torch.Generator) -> SamplerRequest:
-        return SamplerRequest()
+        cfg = self.cfg
+        return SamplerRequest(solver=cfg.solver, sa_tau=cfg.sa_tau, sa_tau_window=tuple(cfg.sa_tau_window))
+
+    def rollout_policy(self, policy: Any):
+        """``off_policy`` rolls out with the lagged copy (as released); else theta."""
+        if self.cfg.policy_mode == "off_policy" and not self.ema.fresh:
+            return self.ema.active(policy)
+        return contextlib.nullcontext()
 
     def begin_epoch(self, policy: Any) -> None:
         if self.old is not None:
@@ -232,20 +267,24 @@ class AWM:
             if cfg.beta > 0:
                 with torch.no_grad(), policy.reference():
                     v_ref = policy.velocity(x_t, t, batch.cond)
-            if cfg.beta_ema > 0 and not self.ema.fresh:
+            if self.beta_ema > 0 and not self.ema.fresh:
                 with self.ema.active(policy):
                     v_ema = policy.velocity(x_t, t, batch.cond)
-            if self.old is not None and not self.old.fresh:
-                with self.old.active(policy):
-                    v_old = policy.velocity(x_t, t, batch.cond)
+            old = self.ema if cfg.policy_mode == "off_policy" else self.old
+            if old is not None and not old.fresh:
+                if old is self.ema and v_ema is not None:
+                    v_old = v_ema
+                else:
+                    with old.active(policy):
+                        v_old = policy.velocity(x_t, t, batch.cond)
                 lp_old = awm_log_likelihood(mean_flat((v_old - u) ** 2), t, cfg.weighting, cfg.huber_p)
             v_theta = policy.velocity(x_t, t, batch.cond)
-            if cfg.beta_ema > 0 and v_ema is None:  # ema == theta: sg(v_theta), zero gradient
+            if self.beta_ema > 0 and v_ema is None:  # ema == theta: sg(v_theta), zero gradient
                 v_ema = v_theta.detach()
             out = awm_loss(
                 v_theta, u, t, adv, lp_old=lp_old, v_ref=v_ref, v_ema=v_ema,
                 weighting=cfg.weighting, p=cfg.huber_p, clip_range=cfg.clip_range,
-                beta=cfg.beta, beta_ema=cfg.beta_ema,
+                beta=cfg.beta, beta_ema=self.beta_ema,
             )
             clipped = ((out.ratio - 1.0).abs() > cfg.clip_range).double()
             yield LossOutput(
@@ -262,9 +301,14 @@ class AWM:
             )
 
     def after_step(self, policy: Any, step: int) -> None:
-        self.ema.after_step(policy, step)
+        if self.cfg.ema_update == "step":
+            self.ema.ema_update(policy, step + 1)
         if self.old is not None:
             self.old.after_step(policy, step)
+
+    def end_epoch(self, policy: Any, steps_done: int) -> None:
+        if self.cfg.ema_update == "epoch":
+            self.ema.ema_update(policy, steps_done)
 
     def state_dict(self) -> dict:
         state = {"ema": self.ema.state_dict()}

@@ -16,6 +16,13 @@ An algorithm is a class with:
 - ``after_step(self, policy, step)``: called after each optimizer step (EMA updates);
 - ``state_dict()`` / ``load_state_dict(state)``: what a checkpoint must keep.
 
+Optional methods the trainer calls when present:
+
+- ``rollout_policy(self, policy)``: a context manager within which the epoch's rollouts are
+  sampled (DiffusionNFT samples with its old policy);
+- ``end_epoch(self, policy, steps_done)``: after the epoch's optimizer steps, with the number
+  of optimizer steps taken so far (counted from 1): once-per-epoch updates of an old policy.
+
 Optional class attributes read by the trainer: ``requires_differentiable_reward``
 (DRaFT), ``drop_zero_std_groups`` (Flow-GRPO filters groups whose rewards are all equal).
 """
@@ -42,6 +49,8 @@ class SamplerRequest:
         noise_level: the SDE noise level ``a``.
         stochastic_steps: ``[start, end)`` indices of stochastic steps (``None``: all).
         keep_trajectory: keep every state of the sampler in ``Rollout.trajectory``.
+        sa_tau, sa_tau_window: the ``sa_solver`` solver's stochasticity and the target
+            times it applies to (AWM's released values; ``sa_tau = 0`` is an ODE solver).
     """
 
     solver: str | None = None
@@ -49,6 +58,8 @@ class SamplerRequest:
     noise_level: float = 0.7
     stochastic_steps: tuple[int, int] | None = None
     keep_trajectory: bool = False
+    sa_tau: float = 0.4
+    sa_tau_window: tuple[float, float] = (0.3, 0.9)
 
 
 @dataclass

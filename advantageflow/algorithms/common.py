@@ -19,28 +19,31 @@ from advantageflow.types import expand_time
 
 @dataclass
 class EMASchedule:
-    """Decay of the lagged copy after optimizer step ``step`` (0-based):
-    ``0`` for ``step < delay``, then ``min(rate * (step - delay), max_decay)``.
+    """Decay of the lagged copy when ``steps_done`` optimizer steps have been taken (counted
+    from 1, as the released codes count their global step after incrementing it):
+    ``0`` for ``steps_done < delay``, then ``min(rate * (steps_done - delay), max_decay)``.
 
     DiffusionNFT: ``rate 0.001, max 0.5`` (OCR: ``delay 75, rate 0.0075, max 0.999``);
-    AWM's lagged copy: ``rate 0.001, max 0.3``.
+    AWM's lagged copy: ``rate 0.001, max 0.3``.  So the first update already uses 0.001.
     """
 
     rate: float = 0.001
     max_decay: float = 0.5
     delay: int = 0
 
-    def decay(self, step: int) -> float:
-        if step < self.delay:
+    def decay(self, steps_done: int) -> float:
+        if steps_done < self.delay:
             return 0.0
-        return min(self.rate * (step - self.delay), self.max_decay)
+        return min(self.rate * (steps_done - self.delay), self.max_decay)
 
 
 class LaggedPolicy:
     """The *old* policy as a snapshot of the trainable parameters.
 
     ``mode="epoch"``: theta frozen when the epoch's rollouts are done (the rollout policy).
-    ``mode="ema"``: ``old = d * old + (1 - d) * theta`` after every optimizer step.
+    ``mode="ema"``: ``old = d * old + (1 - d) * theta`` with ``d = schedule.decay(steps_done)``,
+    either after every optimizer step (:meth:`after_step`) or when the caller says
+    (:meth:`ema_update`, e.g. once per epoch as DiffusionNFT and AWM release it).
     ``fresh`` is true while ``old`` equals ``theta`` exactly, so callers can use
     ``sg(theta)`` instead of a second forward pass.
     """
@@ -57,12 +60,20 @@ class LaggedPolicy:
             self.fresh = True
 
     def after_step(self, policy: Any, step: int) -> None:
+        """After optimizer step ``step`` (the trainer's 0-based count, passed to the schedule
+        as is: the first update has decay 0).  The released DiffusionNFT and AWM count from 1
+        and update once per epoch; those algorithms call :meth:`ema_update` instead."""
         if self.mode == "epoch":
             self.fresh = False
             return
-        decay = self.schedule.decay(step)
+        self.ema_update(policy, step)
+
+    def ema_update(self, policy: Any, steps_done: int) -> float:
+        """``old = d old + (1 - d) theta`` with ``d = schedule.decay(steps_done)``; returns ``d``."""
+        decay = self.schedule.decay(steps_done)
         ema_update_(self.params, policy.trainable_parameters(), decay)
         self.fresh = decay == 0.0
+        return decay
 
     @contextlib.contextmanager
     def active(self, policy: Any) -> Iterator[None]:
@@ -100,14 +111,32 @@ def sample_times(
     return (t_min + (t_max - t_min) * u).to(device)
 
 
+def stratum_edges(count: int, low: int, high: int) -> list[int]:
+    """Whole-index edges of ``count`` strata over ``[low, high]`` inclusive: stratum ``j`` is
+    ``[e_j, e_{j+1})`` with ``e_j = low + floor(j (high + 1 - low) / count)``.
+
+    AWM's released code rounds the equally spaced edges down to grid indices *before*
+    drawing (``linspace(...).long()``), so strata hold whole indices: for 6 strata over 1..11
+    they are ``{1}, {2, 3}, {4, 5}, {6, 7}, {8, 9}, {10, 11}``.  Integer arithmetic here, so
+    no edge lands one below an integer through float rounding.
+    """
+    span = high + 1 - low
+    return [low + (j * span) // count for j in range(count + 1)]
+
+
 def stratified_grid_indices(
     count: int, low: int, high: int, generator: torch.Generator
 ) -> Tensor:
-    """``count`` step indices stratified over ``[low, high]`` inclusive (one per stratum,
-    uniformly within it), as AWM draws its timesteps over the rollout grid."""
-    edges = torch.linspace(low, high + 1, count + 1)
+    """``count`` step indices, one drawn uniformly from each whole-index stratum of
+    :func:`stratum_edges` (AWM's timestep draw over the rollout grid): ``(count,)`` long.
+
+    An index of a stratum of ``n`` indices has probability ``1 / n``; indices never repeat
+    unless ``count`` exceeds the number of indices (then empty strata give their lower edge).
+    """
+    edges = torch.tensor(stratum_edges(count, low, high))
+    lower, upper = edges[:-1], edges[1:]
     u = torch.rand(count, generator=generator)
-    idx = torch.floor(edges[:-1] + u * (edges[1:] - edges[:-1])).long()
+    idx = lower + (u * (upper - lower)).long()
     return idx.clamp(low, high)
 
 

@@ -12,11 +12,15 @@ policies built from theta and the (stop-gradient) old policy::
 
 (the factor 5 is the advantage clip of the released code).  Timesteps: the rollout grid's own
 step times, permuted per sample, ``int(0.99 N)`` of them per update.  The old policy is an EMA
-of theta updated after each step with ``eta = min(0.001 step, 0.5)`` (OCR: 0 for 75 steps,
-then ``min(0.0075 (step - 75), 0.999)``).  Rollouts: DPM-Solver++(2M), no CFG.  Needs final
-samples only.
+of theta, ``old = eta old + (1 - eta) theta``, updated once per epoch after the epoch's
+optimizer steps with ``eta = min(0.001 n, 0.5)``, ``n`` the optimizer steps taken so far
+counted from 1 (OCR: 0 while ``n < 75``, then ``min(0.0075 (n - 75), 0.999)``); the rollouts
+are sampled with the old policy.  Both as released (``old_update: epoch``,
+``rollout_policy: old``); ``old_update: step`` / ``rollout_policy: theta`` are our earlier
+variant.  Rollouts: DPM-Solver++(2M), no CFG.  Needs final samples only.
 
-Gradient identity (ALGORITHMS.md, "How they relate"; tested): with unit adaptive weights,
+Gradient identity (docs/algorithms/README.md, "How the methods relate"; tested): with unit
+adaptive weights,
 ``x0+/- - x0 = t (u - v+/-)`` and the loss has the gradient of
 ``t^2 [A_c ||v_theta - u||^2 + (5 beta - A_c) ||v_theta - v_old||^2]`` with
 ``A_c = clip(A, -5, 5)`` (the clipped, not rescaled, advantage).
@@ -24,6 +28,7 @@ Gradient identity (ALGORITHMS.md, "How they relate"; tested): with unit adaptive
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -124,8 +129,12 @@ class DiffusionNFT:
             ref_weight: weight of ``||v_theta - v_ref||^2`` (1e-4).
             adaptive_weight: the x0-space adaptive weighting.
             timestep_fraction: ``int(fraction * N)`` grid steps per update.
-            ema_schedule: old-policy EMA: ``default`` (``min(0.001 step, 0.5)``) or ``ocr``
-                (0 for 75 steps, then ``min(0.0075 (step - 75), 0.999)``).
+            ema_schedule: old-policy EMA: ``default`` (``min(0.001 n, 0.5)``) or ``ocr``
+                (0 while ``n < 75``, then ``min(0.0075 (n - 75), 0.999)``); ``n`` = optimizer
+                steps taken, counted from 1.
+            old_update: ``epoch`` (released: once, after the epoch's optimizer steps) or
+                ``step`` (after every optimizer step).
+            rollout_policy: sample the rollouts with the ``old`` policy (released) or ``theta``.
             solver: rollout ODE solver (DPM-Solver++(2M) in the paper; no CFG: keep
                 ``sampler.guidance_scale: 1``).
         """
@@ -136,6 +145,8 @@ class DiffusionNFT:
         adaptive_weight: bool = True
         timestep_fraction: float = 0.99
         ema_schedule: Literal["default", "ocr"] = "default"
+        old_update: Literal["epoch", "step"] = "epoch"
+        rollout_policy: Literal["old", "theta"] = "old"
         solver: Literal["euler", "heun", "dpmpp_2m"] = "dpmpp_2m"
 
         def validate(self) -> None:
@@ -159,6 +170,13 @@ class DiffusionNFT:
 
     def begin_epoch(self, policy: Any) -> None:
         pass
+
+    def rollout_policy(self, policy: Any):
+        """The weights the trainer samples the epoch's rollouts with: the old policy (as
+        released) unless it still equals theta or ``rollout_policy: theta``."""
+        if self.cfg.rollout_policy == "theta" or self.old.fresh:
+            return contextlib.nullcontext()
+        return self.old.active(policy)
 
     def timesteps(self, batch: Rollout, rows: RowRandom) -> Tensor:
         """``(T, B)`` times: per sample a random permutation of the grid's ``N`` step times,
@@ -205,8 +223,12 @@ class DiffusionNFT:
             )
 
     def after_step(self, policy: Any, step: int) -> None:
-        self.old.after_step(policy, step)
-        self.last_decay = self.schedule.decay(step)
+        if self.cfg.old_update == "step":
+            self.last_decay = self.old.ema_update(policy, step + 1)
+
+    def end_epoch(self, policy: Any, steps_done: int) -> None:
+        if self.cfg.old_update == "epoch":
+            self.last_decay = self.old.ema_update(policy, steps_done)
 
     def state_dict(self) -> dict:
         return {"old": self.old.state_dict(), "last_decay": self.last_decay}

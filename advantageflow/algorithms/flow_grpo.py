@@ -13,8 +13,9 @@ Reverse-process RL: the ODE sampler is replaced by an SDE with the same marginal
 released code divides by ``2 sig^2`` only (no step size); ``kl_without_step_size: true``
 reproduces it (identical for CPS, whose variance has no step-size factor).  Trained steps:
 the first ``int(0.99 N)`` of the ``N``-step rollout ("denoising reduction"), or, in the
-"Fast" variant, only the ``w`` SDE steps of a random window inside ``fast_window_range``
-(ODE elsewhere).  CFG: the guided velocity (``ctx.guidance_scale``) is the policy.
+"Fast" variant, only the ``w`` SDE steps of a random window lying inside ``fast_window_range``
+(ODE elsewhere; the released Fast configs: ``w = 3`` inside the first half, CPS, noise level
+0.8, clip 1e-5, beta 0).  CFG: the guided velocity (``ctx.guidance_scale``) is the policy.
 Needs the SDE trajectory and its per-step log-probs.
 """
 
@@ -86,16 +87,17 @@ class FlowGRPO:
         Attributes:
             stochastic: ``sde`` (Flow-GRPO's SDE) or ``cps`` (coefficient-preserving).
             noise_level: the SDE noise level ``a``.
-            clip_range: ratio clip ``e`` (1e-5 for Fast / no-CFG configs).
-            beta: KL weight (0 for Fast).
+            clip_range: ratio clip ``e`` (1e-5 for the Fast configs).
+            beta: KL weight (0.04 GenEval / OCR, 0.01 PickScore, 0 Fast).
             kl_without_step_size: divide by ``2 sig^2`` like the released code instead of the
                 exact ``2 sig^2 (-D)``.
             adv_clip: advantages clipped to +-adv_clip.
             timestep_fraction: train on the first ``int(fraction * N)`` steps.
             fast_window: ``w > 0`` enables Flow-GRPO-Fast: SDE (and training) only on ``w``
-                consecutive steps starting at a random index in ``fast_window_range``.
-            fast_window_range: ``[lo, hi)`` of window starts (indices; the released code uses
-                the first half of the grid: ``[0, N // 2)``; set it to match ``sampler.steps``).
+                consecutive steps, a window drawn uniformly among those inside
+                ``fast_window_range`` (start in ``[lo, hi - w]``, as released).
+            fast_window_range: ``[lo, hi)`` step indices the window lies in (the released
+                Fast configs use the first half: ``[0, N // 2)``; match it to ``sampler.steps``).
         """
 
         stochastic: Literal["sde", "cps"] = "sde"
@@ -127,6 +129,9 @@ class FlowGRPO:
                 lo, hi = self.fast_window_range
                 if not 0 <= lo < hi:
                     raise ConfigError("fast_window_range needs 0 <= lo < hi")
+                if hi - lo < self.fast_window:
+                    raise ConfigError(f"fast_window_range {self.fast_window_range} is narrower than fast_window "
+                                      f"{self.fast_window}; widen flow_grpo.fast_window_range")
 
     def __init__(self, cfg: Config, policy: Any) -> None:
         self.cfg = cfg
@@ -139,7 +144,7 @@ class FlowGRPO:
         window = None
         if cfg.fast_window:
             lo, hi = cfg.fast_window_range
-            start = lo + int(torch.randint(hi - lo, (1,), generator=generator))
+            start = lo + int(torch.randint(hi - lo - cfg.fast_window + 1, (1,), generator=generator))
             window = (start, start + cfg.fast_window)
         self.window = window
         return SamplerRequest(

@@ -46,7 +46,8 @@ class SD3Policy(DiffusersPolicy):
         height, width: image size in pixels.
         cfg: encode the negative prompt so ``sampler.guidance_scale > 1`` applies CFG.
         negative_prompt: the unconditional prompt for CFG.
-        max_sequence_length: T5 tokens (the pipeline's default is 256).
+        max_sequence_length: T5 tokens (128 as in the Flow-GRPO, DiffusionNFT and AWM SD3
+            scripts; the diffusers pipeline's own default is 256).
         release_text_encoders: free the text encoders after prompts are cached.
         """
 
@@ -60,7 +61,7 @@ class SD3Policy(DiffusersPolicy):
         width: int = 512
         cfg: bool = True
         negative_prompt: str = ""
-        max_sequence_length: int = 256
+        max_sequence_length: int = 128
         release_text_encoders: bool = False
 
         def validate(self) -> None:
