@@ -464,6 +464,8 @@ def check_reward_args(term: RewardTerm, where: str) -> None:
 def preflight(cfg: Config) -> None:
     """Every check ``train`` makes before loading weights (``validate`` runs it too): reward
     arguments, the device, and the algorithm's options, beyond the per-key checks."""
+    from advantageflow.build import build_task
+
     terms = cfg.reward.terms()
     if not terms:
         raise ConfigError("no reward configured: set reward.name (or reward.components)")
@@ -482,6 +484,7 @@ def preflight(cfg: Config) -> None:
 
         if not torch.backends.mps.is_available():
             raise ConfigError("device=mps but MPS is not available here; use device=cpu or auto")
+    build_task(cfg)  # reads prompt files: a bad one fails here, not after the model loads
 
 
 __all__ = [

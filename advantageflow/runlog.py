@@ -24,6 +24,8 @@ from typing import Any
 
 from torch import Tensor
 
+from advantageflow.faults import fault_point
+
 
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
@@ -35,6 +37,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        fault_point("rewrite")
         os.replace(tmp, path)
     finally:
         if tmp.exists():
