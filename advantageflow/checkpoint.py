@@ -110,17 +110,22 @@ def save_checkpoint(
     tmp = root / f"ckpt-{epoch:06d}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file({k: v.contiguous() for k, v in policy_state.items()}, str(tmp / "policy.safetensors"))
-    torch.save(optimizer_state, tmp / "optimizer.pt")
-    torch.save(algorithm_state, tmp / "algorithm.pt")
-    with open(tmp / "trainer.json", "w", encoding="utf-8") as fh:
-        json.dump(trainer_state, fh)
-    for f in tmp.iterdir():
-        _fsync_file(f)
-    _write_manifest(tmp)  # digests of what is on disk, after the flush
-    _fsync_file(tmp / MANIFEST)
-    _fsync_dir(tmp)
+    try:
+        tmp.mkdir()
+        save_file({k: v.contiguous() for k, v in policy_state.items()}, str(tmp / "policy.safetensors"))
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        torch.save(algorithm_state, tmp / "algorithm.pt")
+        with open(tmp / "trainer.json", "w", encoding="utf-8") as fh:
+            json.dump(trainer_state, fh)
+        for f in tmp.iterdir():
+            _fsync_file(f)
+        _write_manifest(tmp)  # digests of what is on disk, after the flush
+        _fsync_file(tmp / MANIFEST)
+        _fsync_dir(tmp)
+    except Exception as err:  # noqa: BLE001 - a full disk surfaces as OSError or torch's RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        first = (" ".join(str(err).split()) or type(err).__name__)[:300]
+        raise CheckpointError(f"cannot write checkpoint '{final}' (the previous one is intact): {first}") from None
     fault_point("checkpoint")
     if final.exists():  # re-saving the same epoch (e.g. after a resume): replace it
         shutil.rmtree(final)

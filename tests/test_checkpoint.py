@@ -136,3 +136,16 @@ def test_keep_below_one_is_refused(tmp_path, keep):
     with pytest.raises(CheckpointError, match="checkpoint.keep must be >= 1"):
         _save(tmp_path, 2, keep=keep)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-000001"]
+
+
+def test_a_write_failure_leaves_the_previous_checkpoint_and_no_debris(tmp_path, monkeypatch):
+    _save(tmp_path, 1)
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointError, match="cannot write checkpoint .*ckpt-000002.*previous one is intact"):
+        _save(tmp_path, 2)
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt-000001"]
+    assert latest_checkpoint(tmp_path).name == "ckpt-000001"

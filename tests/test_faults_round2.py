@@ -228,14 +228,15 @@ def test_sigterm_is_handled_like_ctrl_c(tmp_path, toy_run):
     proc = subprocess.Popen([sys.executable, "-m", "advantageflow", "train", TOY, *over, "train.epochs=500",
                              "--run-dir", str(run)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
-    deadline = time.monotonic() + 120
-    while not list_checkpoints(run / "checkpoints") and time.monotonic() < deadline:
+    deadline = time.monotonic() + 300  # (generous: the test machine may be busy)
+    while not list_checkpoints(run / "checkpoints") and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-2000:]
     lines = err.strip().splitlines()
     assert "terminated (SIGTERM); the last checkpoint is intact" in lines[-1] and "Traceback" not in err
+    assert list_checkpoints(run / "checkpoints")
     load_checkpoint(latest_checkpoint(run / "checkpoints"))
 
 
@@ -294,10 +295,11 @@ def test_run_folder_code_needs_trust_config(toy_run, tmp_path, capsys, monkeypat
     run, over = _copy(toy_run, tmp_path)
     pkg = tmp_path / "hostile"
     pkg.mkdir()
-    (pkg / "evil_reward.py").write_text(MARKER_MODULE)
+    module = f"evil_reward_{command}"  # a fresh module per case: an import runs it only once
+    (pkg / f"{module}.py").write_text(MARKER_MODULE)
     monkeypatch.syspath_prepend(str(pkg))
     recorded = load_checkpoint(latest_checkpoint(run / "checkpoints")).trainer["config"]
-    recorded["reward"]["name"] = "evil_reward:Reward"
+    recorded["reward"]["name"] = f"{module}:Reward"
     (run / "config.yaml").write_text(json.dumps(recorded))
     ckpt = latest_checkpoint(run / "checkpoints")
     trainer = json.loads((ckpt / "trainer.json").read_text())
@@ -310,7 +312,7 @@ def test_run_folder_code_needs_trust_config(toy_run, tmp_path, capsys, monkeypat
     capsys.readouterr()
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "reward.name='evil_reward:Reward'" in err and "pass --trust-config" in err
+    assert f"reward.name='{module}:Reward'" in err and "pass --trust-config" in err
     assert not (pkg / "IMPORTED").exists()
     assert main([*argv, "--trust-config"]) == 0
     assert (pkg / "IMPORTED").exists()

@@ -13,6 +13,7 @@ import http.client
 import io
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -103,16 +104,17 @@ def _trickle(host, port, prefix: bytes, drip: bytes, every: float, stop: threadi
     the server ends it."""
     sock = socket.create_connection((host, port), timeout=30)
     start = time.monotonic()
+    out["reply"] = b""
     try:
         sock.sendall(prefix)
         for byte in drip:
-            if stop.is_set():
-                break
+            if stop.is_set() or select.select([sock], [], [], 0)[0]:
+                break  # the server answered or closed
             sock.sendall(bytes([byte]))
             time.sleep(every)
         out["reply"] = sock.recv(4096)
     except OSError as err:
-        out["reply"] = repr(err)
+        out["error"] = repr(err)
     out["held_s"] = time.monotonic() - start
     sock.close()
 

@@ -214,13 +214,14 @@ class ScorerPool:
                 if job is None:
                     self.queue.put(None)
                     continue
-                if job.future.cancelled():
-                    job.released = True
-                    job.request, pixels = None, job.pixels
-                    self.budget.release(pixels)
+                req = job.request  # abandon() may clear it concurrently; it then owns the release
+                if req is None or job.future.cancelled():
+                    if not job.released:
+                        job.released, job.request = True, None
+                        self.budget.release(job.pixels)
                     continue
-                n = job.request.samples.shape[0]
-                if job.request.samples.shape[1:] == shape and size + n <= self.max_batch:
+                n = req.samples.shape[0]
+                if req.samples.shape[1:] == shape and size + n <= self.max_batch:
                     if job.future.set_running_or_notify_cancel():
                         group.append(job)
                         size += n
