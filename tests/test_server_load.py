@@ -233,4 +233,4 @@ def test_memory_bomb_is_refused_from_the_headers_and_memory_stays_bounded():
               f"{took * 1000:.0f} ms; server peak RSS {before:.0f} MB -> {after:.0f} MB (bound +{BOMB_BOUND_MB} MB)")
     finally:
         proc.terminate()
-        assert proc.wait(timeout=30) == 0
+        assert proc.wait(timeout=120) == 0
