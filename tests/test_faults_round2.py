@@ -15,6 +15,7 @@ import time
 
 import pytest
 import torch
+import yaml
 
 from advantageflow.checkpoint import _write_manifest, latest_checkpoint, list_checkpoints, load_checkpoint
 from advantageflow.cli import main
@@ -232,7 +233,7 @@ def test_sigterm_is_handled_like_ctrl_c(tmp_path, toy_run):
     while not list_checkpoints(run / "checkpoints") and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=600)
     assert proc.returncode == 143, err[-2000:]
     lines = err.strip().splitlines()
     assert "terminated (SIGTERM); the last checkpoint is intact" in lines[-1] and "Traceback" not in err
@@ -300,7 +301,7 @@ def test_run_folder_code_needs_trust_config(toy_run, tmp_path, capsys, monkeypat
     monkeypatch.syspath_prepend(str(pkg))
     recorded = load_checkpoint(latest_checkpoint(run / "checkpoints")).trainer["config"]
     recorded["reward"]["name"] = f"{module}:Reward"
-    (run / "config.yaml").write_text(json.dumps(recorded))
+    (run / "config.yaml").write_text(yaml.safe_dump(recorded))
     ckpt = latest_checkpoint(run / "checkpoints")
     trainer = json.loads((ckpt / "trainer.json").read_text())
     trainer["config"] = recorded
@@ -385,11 +386,11 @@ def test_kill_while_resume_rewrites_metrics_loses_nothing(toy_run, tmp_path):
     history = read_metrics(run / "metrics.jsonl")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "ADVANTAGEFLOW_KILL_AT": "rewrite:1"}
     cmd = [sys.executable, "-m", "advantageflow", "train", TOY, *over, "--run-dir", str(run), "--resume"]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == -9, out.stderr[-2000:]
     assert read_metrics(run / "metrics.jsonl") == history  # the old file, whole
     env.pop("ADVANTAGEFLOW_KILL_AT")
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert _train_rows(run) == _train_rows(toy_run[0])
     assert not list(run.glob(".*.tmp-*"))
