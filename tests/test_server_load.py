@@ -47,6 +47,7 @@ def client_images(i: int) -> torch.Tensor:
     return torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(i))
 
 
+@pytest.mark.slow
 def test_200_concurrent_clients_no_resets_and_sequential_scores():
     server = serve("jpeg_incompressibility", deadline_s=120.0, workers=2)
     try:
