@@ -44,6 +44,15 @@ def atomic_path(path: Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete the temporary files of writes killed before their rename (``.NAME.tmp-PID``)."""
+    for leftover in Path(folder).glob(".*.tmp-*"):
+        try:
+            leftover.unlink()
+        except OSError:
+            pass
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Replace ``path`` by ``text`` (UTF-8) in one rename."""
     with atomic_path(path) as tmp:

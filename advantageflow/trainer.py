@@ -43,6 +43,7 @@ from advantageflow.runlog import (
     atomic_write_text,
     plot_curves,
     read_metrics,
+    remove_stale_temporaries,
     save_samples,
 )
 from advantageflow.seeding import RowRandom
@@ -92,6 +93,7 @@ def check_run_dir(run_dir: Path, min_free_mb: float = 50.0) -> None:
             probe = folder / ".write-test"
             probe.write_text("ok")
             probe.unlink()
+        remove_stale_temporaries(run_dir)  # left by a write killed before its rename
         where = run_dir / "metrics.jsonl"
         if where.exists():
             with open(where, "a", encoding="utf-8"):
