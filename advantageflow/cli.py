@@ -1,34 +1,59 @@
 """The ``advantageflow`` command.
 
-    advantageflow train [CONFIG] [key=value ...] [--run-dir DIR] [--resume]
+    advantageflow train [CONFIG] [key=value ...] [--run-dir DIR] [--resume [--allow-config-change]]
     advantageflow validate CONFIG [key=value ...]
     advantageflow eval [CONFIG] [key=value ...] [--checkpoint DIR] [--task NAME] [--json]
     advantageflow sample [CONFIG] [key=value ...] --checkpoint DIR --prompt TEXT [--num N] [--out DIR]
     advantageflow pretrain shapes [...]
     advantageflow serve-reward NAME [...]
 
-Bad input ends with one line on stderr and exit status 2, never a traceback.
+Bad input ends with one line on stderr and exit status 2; a failure while running (a damaged
+checkpoint, a failing reward, a full disk) with one line and exit status 1; never a
+traceback.  SIGTERM is handled like Ctrl-C (exit 143).  A run folder's config is data: the
+code it names (``package.module:callable``) is imported only with ``--trust-config``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from advantageflow.checkpoint import CheckpointError
+EXIT_RUNTIME, EXIT_USAGE = 1, 2
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that it unwinds like Ctrl-C."""
+
+
+def _usage_errors() -> tuple[type[BaseException], ...]:
     from advantageflow.configbase import ConfigError
     from advantageflow.registry import RegistryError
+
+    return (ConfigError, RegistryError, FileNotFoundError)
+
+
+def _runtime_errors() -> tuple[type[BaseException], ...]:
+    from advantageflow.checkpoint import CheckpointError
     from advantageflow.rewards.base import RewardError
     from advantageflow.trainer import TrainingError
 
-    return (ConfigError, RegistryError, CheckpointError, TrainingError, RewardError, FileNotFoundError)
+    return (CheckpointError, TrainingError, RewardError, OSError)
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    if isinstance(err, OSError) and err.strerror:
+        where = f" '{err.filename}'" if err.filename else ""
+        text = f"{err.strerror}{where}"
+    return text or type(err).__name__
 
 
 def _split_config_args(items: list[str]) -> tuple[str | None, list[str]]:
@@ -54,29 +79,32 @@ def _load(items: list[str]):
 
 
 def _resolve_checkpoint(path: str) -> tuple[Path, Path]:
-    """A checkpoint folder or a run folder (its latest checkpoint) -> (checkpoint, run folder)."""
-    from advantageflow.checkpoint import CheckpointError, latest_checkpoint
+    """A checkpoint folder or a run folder (its newest intact checkpoint) -> (checkpoint, run folder)."""
+    from advantageflow.checkpoint import MANIFEST, latest_checkpoint
+    from advantageflow.configbase import ConfigError
 
     p = Path(path)
-    if (p / "policy.safetensors").exists():
+    if (p / "policy.safetensors").exists() or (p / MANIFEST).exists():
         return p, p.parent.parent
     latest = latest_checkpoint(p / "checkpoints")
     if latest is None:
-        raise CheckpointError(f"'{path}' is neither a checkpoint nor a run folder with checkpoints")
+        raise ConfigError(f"'{path}' is neither a checkpoint nor a run folder with checkpoints")
     return latest, p
 
 
-def _config_for_checkpoint(items: list[str], checkpoint: str | None):
-    """The run's own config.yaml when a checkpoint is given (overrides still apply)."""
+def _config_for_checkpoint(items: list[str], checkpoint: str | None, trust: bool = False):
+    """The run's own config.yaml when a checkpoint is given (overrides still apply); the code
+    it names is refused unless ``trust``."""
     from advantageflow.config import load_config
 
     config, overrides = _split_config_args(items)
     ckpt = run = None
+    from_run = False
     if checkpoint:
         ckpt, run = _resolve_checkpoint(checkpoint)
         if config is None and (run / "config.yaml").exists():
-            config = str(run / "config.yaml")
-    return load_config(config, overrides), ckpt
+            config, from_run = str(run / "config.yaml"), True
+    return load_config(config, overrides, trusted=trust or not from_run), ckpt
 
 
 def _load_policy(cfg, ckpt):
@@ -89,17 +117,42 @@ def _load_policy(cfg, ckpt):
     return parts
 
 
+def _resume_config(items: list[str], run_dir: str | None, trust: bool):
+    """``train --resume --run-dir DIR`` without CONFIG: the config the newest intact
+    checkpoint was trained with (data from a run folder: its code names need --trust-config)."""
+    from advantageflow.checkpoint import latest_checkpoint
+    from advantageflow.config import load_config
+
+    config, overrides = _split_config_args(items)
+    if config is not None or not run_dir:
+        return None
+    latest = latest_checkpoint(Path(run_dir) / "checkpoints")
+    if latest is None:
+        return None
+    try:
+        recorded = json.loads((latest / "trainer.json").read_text(encoding="utf-8")).get("config")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if not isinstance(recorded, dict):
+        return None
+    print(f"[advantageflow] --resume without CONFIG: using the config recorded in {latest}")
+    return load_config(None, overrides, trusted=trust, data=recorded)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from advantageflow.trainer import train
 
-    cfg = _load(args.items)
+    cfg = (_resume_config(args.items, args.run_dir, args.trust_config) if args.resume else None) or _load(args.items)
     run_dir = args.run_dir or f"runs/{cfg.algo}-{cfg.task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    train(cfg, run_dir, resume=args.resume)
+    train(cfg, run_dir, resume=args.resume, allow_config_change=args.allow_config_change)
     return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from advantageflow.config import preflight
+
     cfg = _load(args.items)
+    preflight(cfg)
     print(f"ok: algo={cfg.algo} model={cfg.model.name} task={cfg.task.name} "
           f"reward={[t.name for t in cfg.reward.terms()]} epochs={cfg.train.epochs}")
     return 0
@@ -111,7 +164,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     items = list(args.items)
     if args.task:
         items.append(f"task.name={args.task}")
-    cfg, ckpt = _config_for_checkpoint(items, args.checkpoint)
+    cfg, ckpt = _config_for_checkpoint(items, args.checkpoint, args.trust_config)
     parts = _load_policy(cfg, ckpt)
     result = evaluate_policy(parts.policy, parts.task, parts.reward, cfg)
     extra = getattr(parts.task, "guards", None)
@@ -135,7 +188,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from advantageflow.sampling import bind_velocity, sample
     from advantageflow.tasks.base import Prompt
 
-    cfg, ckpt = _config_for_checkpoint(args.items, args.checkpoint)
+    cfg, ckpt = _config_for_checkpoint(args.items, args.checkpoint, args.trust_config)
     parts = _load_policy(cfg, ckpt)
     policy = parts.policy
     prompts = [Prompt(args.prompt)] * args.num
@@ -182,29 +235,37 @@ def cmd_serve_reward(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="advantageflow", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="advantageflow", description=__doc__.split("\n")[0], allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
+    trust_help = "import the code a run folder's config names (package.module:callable); only for folders you trust"
 
-    p = sub.add_parser("train", help="train (no CONFIG: the main job, AdvantageFlow on the default task)")
+    p = sub.add_parser("train", help="train (no CONFIG: the main job, AdvantageFlow on the default task)",
+                       allow_abbrev=False)
     p.add_argument("items", nargs="*", metavar="[CONFIG] [key=value]", help="YAML config and dotted overrides")
     p.add_argument("--run-dir", help="run folder (default runs/ALGO-TASK-TIME)")
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the run folder's newest intact checkpoint (no CONFIG: the config it recorded)")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume although keys that change the maths or the model differ from the checkpoint's")
+    p.add_argument("--trust-config", action="store_true", help=trust_help)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("validate", help="check a config (and overrides) without running")
+    p = sub.add_parser("validate", help="check a config (and overrides) without running", allow_abbrev=False)
     p.add_argument("items", nargs="*", metavar="CONFIG [key=value]")
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("eval", help="evaluate the base model or a checkpoint on held-out prompts")
+    p = sub.add_parser("eval", help="evaluate the base model or a checkpoint on held-out prompts", allow_abbrev=False)
     p.add_argument("items", nargs="*", metavar="[CONFIG] [key=value]")
-    p.add_argument("--checkpoint", help="checkpoint folder or run folder (its latest checkpoint)")
+    p.add_argument("--checkpoint", help="checkpoint folder or run folder (its newest intact checkpoint)")
+    p.add_argument("--trust-config", action="store_true", help=trust_help)
     p.add_argument("--task", help="task name (e.g. shapes); default: the config's")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("sample", help="write images from the base model or a checkpoint")
+    p = sub.add_parser("sample", help="write images from the base model or a checkpoint", allow_abbrev=False)
     p.add_argument("items", nargs="*", metavar="[CONFIG] [key=value]")
     p.add_argument("--checkpoint", help="checkpoint folder or run folder")
+    p.add_argument("--trust-config", action="store_true", help=trust_help)
     p.add_argument("--prompt", default="", help="the prompt")
     p.add_argument("--num", type=int, default=8, help="number of samples")
     p.add_argument("--steps", type=int, default=0, help="sampler steps (default sampler.eval_steps)")
@@ -213,12 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-lora", metavar="DIR", help="also save the LoRA in diffusers' format (diffusers models)")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("pretrain", help="pretrain a shipped base model (shapes)")
+    p = sub.add_parser("pretrain", help="pretrain a shipped base model (shapes)", allow_abbrev=False)
     p.add_argument("what", help="what to pretrain: shapes")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="its options (see: advantageflow pretrain shapes --help)")
     p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("serve-reward", help="serve a registered reward over HTTP")
+    p = sub.add_parser("serve-reward", help="serve a registered reward over HTTP", allow_abbrev=False)
     p.add_argument("name", help="registered reward name or dotted path")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="server options (--host, --port, --token, ...)")
     p.set_defaults(func=cmd_serve_reward)
@@ -235,14 +296,33 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.items = [*args.items, *extra]
+    previous = _install_sigterm()
     try:
         return args.func(args)
-    except KeyboardInterrupt:
-        print("\n[advantageflow] interrupted; the last checkpoint is intact (resume with --resume)", file=sys.stderr)
-        return 130
-    except _user_errors() as err:
-        print(f"advantageflow: error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt as err:
+        what = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
+        print(f"\n[advantageflow] {what}; the last checkpoint is intact (resume with --resume)", file=sys.stderr)
+        return 143 if isinstance(err, Terminated) else 130
+    except _usage_errors() as err:
+        print(f"advantageflow: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_USAGE
+    except _runtime_errors() as err:
+        print(f"advantageflow: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_RUNTIME
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _install_sigterm():
+    """Make SIGTERM raise :class:`Terminated` in the main thread; returns the old handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def _raise(signum, frame):
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, _raise)
 
 
 if __name__ == "__main__":

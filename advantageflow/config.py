@@ -11,6 +11,9 @@ The algorithm is chosen by ``algo:`` and its options live in a section named aft
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -63,6 +66,7 @@ class SamplerConfig:
             raise ConfigError("sampler.steps and sampler.eval_steps must be >= 1")
         if self.shift <= 0:
             raise ConfigError("sampler.shift must be > 0")
+        at_least(self, "sampler", guidance_scale=0.0, batch_size=1)
 
 
 @dataclass
@@ -72,6 +76,10 @@ class AdvantageConfig:
     std: Literal["global", "group", "none"] = "global"
     clip: float = 5.0
     eps: float = 1e-4
+
+    def validate(self) -> None:
+        # eps < 0 would flip the sign of advantages of groups with spread below |eps|.
+        above(self, "advantage", clip=0.0, eps=0.0)
 
 
 @dataclass
@@ -153,6 +161,10 @@ class TrainConfig:
         for key in ("max_wall_s", "max_samples"):
             if not getattr(self, key) >= 0:  # also refuses NaN
                 raise ConfigError(f"train.{key} must be >= 0 (0 = no budget)")
+        at_least(self, "train", weight_decay=0.0, grad_clip=0.0, max_bad_steps=1)
+        above(self, "train", adam_eps=0.0)
+        if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
+            raise ConfigError(f"train.adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
 
 
 @dataclass
@@ -172,12 +184,18 @@ class EvalConfig:
     def validate(self) -> None:
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError("eval.ema_decay must be in [0, 1) (0 turns the evaluation EMA off)")
+        at_least(self, "eval", every=0, num_prompts=1, samples_per_prompt=1)
 
 
 @dataclass
 class CheckpointConfig:
+    """``every``: epochs between checkpoints; ``keep``: intact checkpoints kept (>= 1)."""
+
     every: int = 10
     keep: int = 2
+
+    def validate(self) -> None:
+        at_least(self, "checkpoint", every=1, keep=1)
 
 
 @dataclass
@@ -189,6 +207,9 @@ class LogConfig:
     progress: bool = True
     image_every: int = 0
     flops: bool = True
+
+    def validate(self) -> None:
+        at_least(self, "log", image_every=0)
 
 
 @dataclass
@@ -222,6 +243,23 @@ class DistConfig:
 
 
 ALGO_KEYS = ("algo",)
+DEVICE_RE = re.compile(r"^(cpu|auto|mps|cuda(:\d+)?)$")
+
+
+def at_least(section: Any, prefix: str, **bounds: float) -> None:
+    """``ConfigError`` naming the key unless every ``section.key >= bound``."""
+    for key, low in bounds.items():
+        value = getattr(section, key)
+        if not value >= low:  # also false for NaN
+            raise ConfigError(f"{prefix}.{key} must be >= {low}, got {value}")
+
+
+def above(section: Any, prefix: str, **bounds: float) -> None:
+    """``ConfigError`` naming the key unless every ``section.key > bound``."""
+    for key, low in bounds.items():
+        value = getattr(section, key)
+        if not value > low:
+            raise ConfigError(f"{prefix}.{key} must be > {low}, got {value}")
 
 
 @dataclass
@@ -249,6 +287,12 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
+    def validate(self) -> None:
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed must be in [0, 2**63), got {self.seed}")
+        if not DEVICE_RE.match(self.device):
+            raise ConfigError(f"device must be cpu, cuda, cuda:N, mps or auto, got '{self.device}'")
+
     def to_dict(self) -> dict:
         """Plain dict in the YAML layout (the algorithm's section under its own name)."""
         data = to_dict(self)
@@ -271,6 +315,8 @@ def build_config(data: dict) -> Config:
         algo_cls = ALGORITHMS.get(algo)
     except RegistryError as err:
         raise ConfigError(f"'algo': {err}") from None
+    if not (isinstance(algo_cls, type) and dataclasses.is_dataclass(getattr(algo_cls, "Config", None))):
+        raise ConfigError(f"'algo': '{algo}' is not an algorithm (a class with a Config dataclass)")
     # A user's algorithm given by dotted path may keep its options under its short name.
     short = algo.rsplit(":", 1)[-1].rsplit(".", 1)[-1]
     section = data.pop(algo, None) or (data.pop(short, None) if short != algo else None) or {}
@@ -287,9 +333,18 @@ def build_config(data: dict) -> Config:
     return cfg
 
 
-def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
-    """Read ``path`` (or the defaults when ``None``), apply ``key=value`` overrides, validate."""
-    data = load_yaml(path) if path else {}
+def load_config(path: str | None, overrides: list[str] | None = None, trusted: bool = True,
+                data: dict | None = None) -> Config:
+    """Read ``path`` (or ``data``, or the defaults), apply ``key=value`` overrides, validate.
+
+    ``trusted=False`` (a config from a run folder someone else wrote) refuses any component
+    named by import path (``package.module:callable``) or any command (``*_cmd`` reward
+    arguments) that came from the file rather than from the overrides: opening a run folder
+    must not run its author's code (``--trust-config`` lifts this).
+    """
+    data = dict(data) if data is not None else (load_yaml(path) if path else {})
+    if not trusted:
+        refuse_code_names(data, path or "the checkpoint's recorded config", overrides or [])
     for text in overrides or []:
         keys, value = parse_override(text)
         if keys == ["algo"] and isinstance(value, str) and data.get("algo") not in (None, value):
@@ -297,6 +352,165 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
             data.pop(data.get("algo"), None)
         apply_override(data, keys, value)
     return build_config(data)
+
+
+def _is_import_path(name: Any, registry: Any) -> bool:
+    return isinstance(name, str) and name not in registry and ("." in name or ":" in name)
+
+
+def code_names(data: dict) -> list[str]:
+    """``key='value'`` for every import path or command a raw config names."""
+    from advantageflow.algorithms import ALGORITHMS
+    from advantageflow.models import MODELS
+    from advantageflow.rewards import REWARDS
+    from advantageflow.tasks import TASKS
+
+    found = []
+    if _is_import_path(data.get("algo"), ALGORITHMS):
+        found.append(("algo", data.get("algo")))
+    for key, registry in (("model", MODELS), ("task", TASKS)):
+        section = data.get(key)
+        if isinstance(section, dict) and _is_import_path(section.get("name"), registry):
+            found.append((f"{key}.name", section.get("name")))
+    reward = data.get("reward")
+    if isinstance(reward, dict):
+        terms = [("reward", reward)]
+        comps = reward.get("components")
+        if isinstance(comps, list):
+            terms += [(f"reward.components[{i}]", c) for i, c in enumerate(comps) if isinstance(c, dict)]
+        for where, term in terms:
+            if _is_import_path(term.get("name"), REWARDS):
+                found.append((f"{where}.name", term.get("name")))
+            args = term.get("args")
+            if isinstance(args, dict):
+                found += [(f"{where}.args.{k}", v) for k, v in args.items() if str(k).endswith("cmd")]
+    return [f"{k}={v!r}" for k, v in found]
+
+
+def refuse_code_names(data: dict, source: str, overrides: list[str]) -> None:
+    """``ConfigError`` if ``data`` (read from ``source``) names code not replaced by an override."""
+    overridden = {text.split("=", 1)[0].strip() for text in overrides}
+    names = [n for n in code_names(data)
+             if not any(n.split("=", 1)[0].replace("[", ".").startswith(o) for o in overridden)]
+    if names:
+        raise ConfigError(
+            f"{source} names code to import or run ({', '.join(names)}); a run folder is data, not code: "
+            "pass --trust-config if you trust its author"
+        )
+
+
+# Keys that may change on --resume without changing the maths or the model: logging, eval and
+# checkpoint cadence, the length of the run and its budgets, chunk and micro-batch sizes (the
+# results do not depend on them), where things run, and caches.
+RESUME_SAFE_PREFIXES = (
+    "log.", "eval.", "checkpoint.", "train.epochs", "train.max_wall_s", "train.max_samples",
+    "train.max_bad_steps", "train.micro_batch_size", "sampler.batch_size", "reward.async_scoring",
+    "dist.timeout_s", "dist.strategy", "dist.find_unused_parameters", "dist.fsdp_reshard_after_forward",
+    "device", "model.cache_dir",
+)
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: data}
+
+
+def config_differences(old: dict, new: dict) -> tuple[list[str], list[str]]:
+    """``(refused, harmless)`` lists of ``key: old -> new`` between two plain configs."""
+    a, b = _flatten(old), _flatten(new)
+    refused, harmless = [], []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key, "<unset>"), b.get(key, "<unset>")
+        if va == vb or (isinstance(va, list) and isinstance(vb, tuple) and list(vb) == va):
+            continue
+        line = f"{key}: {va!r} -> {vb!r}"
+        safe = any(key == p or key.startswith(p if p.endswith(".") else p + ".") or key == p.rstrip(".")
+                   for p in RESUME_SAFE_PREFIXES)
+        (harmless if safe else refused).append(line)
+    return refused, harmless
+
+
+def check_resume_config(recorded: dict | None, cfg: Config, allow_change: bool, where: str) -> list[str]:
+    """Compare the config a checkpoint was trained with and ``cfg``; returns the accepted
+    changes (to note in the log) or raises ``ConfigError`` listing the ones that change the
+    maths or the model (unless ``allow_change``)."""
+    if recorded is None:
+        if allow_change:
+            return ["the checkpoint records no config; not compared"]
+        raise ConfigError(f"checkpoint '{where}' records no config, so --resume cannot check it; "
+                          "pass --allow-config-change to resume anyway")
+    refused, harmless = config_differences(recorded, cfg.to_dict())
+    if refused and not allow_change:
+        raise ConfigError(
+            f"--resume: the config differs from the one checkpoint '{where}' was trained with: "
+            f"{'; '.join(refused)} (pass --allow-config-change to resume anyway)"
+        )
+    return refused + harmless
+
+
+REWARD_ARG_RANGES_ATTR = "arg_ranges"
+
+
+def check_reward_args(term: RewardTerm, where: str) -> None:
+    """Numbers in a reward's ``args``: finite, and inside the ranges its factory declares.
+
+    A factory may declare ``arg_ranges = {"width": ((">", 0),), "modes": ((">=", 0), ("<=", 7))}``
+    (a list argument is checked item by item and must not be empty).
+    """
+    for key, value in term.args.items():
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"'{where}.args.{key}' must be finite, got {v}")
+    from advantageflow.rewards import REWARDS
+
+    try:
+        factory = REWARDS.get(term.name)
+    except RegistryError as err:
+        raise ConfigError(f"'{where}.name': {err}") from None
+    ops = {">": float.__gt__, ">=": float.__ge__, "<": float.__lt__, "<=": float.__le__}
+    for key, bounds in (getattr(factory, REWARD_ARG_RANGES_ATTR, None) or {}).items():
+        if key not in term.args:
+            continue
+        value = term.args[key]
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        if isinstance(value, (list, tuple)) and not items:
+            raise ConfigError(f"'{where}.args.{key}' must not be empty")
+        for v in items:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ConfigError(f"'{where}.args.{key}' must hold numbers, got {v!r}")
+            for op, bound in bounds:
+                if not ops[op](float(v), float(bound)):
+                    raise ConfigError(f"'{where}.args.{key}' must be {op} {bound}, got {v}")
+
+
+def preflight(cfg: Config) -> None:
+    """Every check ``train`` makes before loading weights (``validate`` runs it too): reward
+    arguments, the device, and the algorithm's options, beyond the per-key checks."""
+    from advantageflow.build import build_task
+
+    terms = cfg.reward.terms()
+    if not terms:
+        raise ConfigError("no reward configured: set reward.name (or reward.components)")
+    for i, term in enumerate(terms):
+        check_reward_args(term, "reward" if not cfg.reward.components else f"reward.components[{i}]")
+    if cfg.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={cfg.device} but CUDA is not available here; use device=cpu or auto")
+        index = int(cfg.device.split(":")[1]) if ":" in cfg.device else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"device={cfg.device} but only {torch.cuda.device_count()} CUDA device(s) exist")
+    if cfg.device == "mps":
+        import torch
+
+        if not torch.backends.mps.is_available():
+            raise ConfigError("device=mps but MPS is not available here; use device=cpu or auto")
+    build_task(cfg)  # reads prompt files: a bad one fails here, not after the model loads
 
 
 __all__ = [
@@ -312,6 +526,9 @@ __all__ = [
     "SamplerConfig",
     "TrainConfig",
     "build_config",
+    "check_resume_config",
     "closest",
+    "config_differences",
     "load_config",
+    "preflight",
 ]

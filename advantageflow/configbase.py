@@ -9,6 +9,7 @@ A field may be a *tagged union*: its dict's ``name`` key picks a dataclass from 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -88,6 +89,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"'{key}' must be a number, got {value!r}")
+        if not math.isfinite(float(value)):  # NaN passes every comparison-based range check
+            raise ConfigError(f"'{key}' must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -189,8 +192,17 @@ def load_yaml(path: str) -> dict:
             data = yaml.safe_load(fh)
     except FileNotFoundError:
         raise ConfigError(f"config file '{path}' does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file '{path}' is a directory") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text") from None
+    except OSError as err:
+        raise ConfigError(f"config file '{path}' cannot be read: {err.strerror or err}") from None
+    except RecursionError:
+        raise ConfigError(f"config file '{path}' is nested too deeply") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
+        first = " ".join(str(err).split())  # one line
+        raise ConfigError(f"config file '{path}' is not valid YAML: {first}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

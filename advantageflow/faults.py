@@ -3,7 +3,8 @@
 Set ``ADVANTAGEFLOW_KILL_AT=PHASE:N`` to make the process kill itself (``kill -9``, no
 clean-up) the ``N``-th time it reaches ``PHASE``; phases are ``rollout`` (after sampling),
 ``reward`` (after scoring), ``train`` (after an optimizer step) and ``checkpoint`` (after
-the checkpoint's files are written, before the rename that publishes it).  Unset, this costs
+the checkpoint's files are written, before the rename that publishes it) and ``rewrite``
+(a run-folder file such as ``metrics.jsonl`` written to its temporary name, before the rename).  Unset, this costs
 one dictionary lookup per call.
 """
 

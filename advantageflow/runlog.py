@@ -5,17 +5,59 @@ Metric vocabulary (one for every algorithm): ``reward/mean``, ``reward/std``,
 ``zero_std_ratio``, ``clipfrac`` ...), ``perf/<name>`` (``samples_per_s``, ``rollout_s``,
 ``train_s``; the cumulative cost counters ``network_rows_fwd``, ``network_rows_bwd``, ``flops``,
 ``eval_network_rows_fwd``, ``eval_flops`` of :mod:`advantageflow.compute`), ``eval/<name>``.
+
+Every file that is rewritten (``metrics.jsonl`` on resume, config, summaries, plots, sample
+grids) is written to a temporary file beside it, flushed, then renamed over the old one
+(:func:`atomic_path`): a kill at any moment leaves the old file or the new one, never a
+truncated one.  ``metrics.jsonl`` rows are appended; a torn last line is skipped on reading.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
+
+from advantageflow.faults import fault_point
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; once the block has written it, flush it to disk
+    and rename it over ``path`` (on an error the temporary file is removed, ``path`` untouched)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        fault_point("rewrite")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete the temporary files of writes killed before their rename (``.NAME.tmp-PID``)."""
+    for leftover in Path(folder).glob(".*.tmp-*"):
+        try:
+            leftover.unlink()
+        except OSError:
+            pass
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` (UTF-8) in one rename."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 class MetricsLogger:
@@ -54,9 +96,7 @@ class MetricsLogger:
             return
         rows = read_metrics(self.path)
         kept = [r for r in rows if r.get("epoch", 0) <= epoch]
-        with open(self.path, "w", encoding="utf-8") as fh:
-            for r in kept:
-                fh.write(json.dumps(r) + "\n")
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def close(self) -> None:
         if self._tb is not None:
@@ -69,6 +109,17 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value
+
+
+def as_number(value: Any) -> float | None:
+    """A logged metric as a float (``"nan"``/``"inf"`` strings included), else ``None``."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str) and value.strip().lower() in ("nan", "inf", "-inf", "infinity", "-infinity"):
+        return float(value)
+    return None
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -105,7 +156,8 @@ def plot_curves(rows: list[dict], out: Path, keys: tuple[str, ...] = ("reward/me
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return out
 
@@ -127,7 +179,8 @@ def save_samples(samples: Tensor, out: Path, title: str = "", ncol: int = 8, lab
         ax.set_ylim(-lim, lim)
         ax.set_title(title)
         fig.tight_layout()
-        fig.savefig(out, dpi=110)
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
         plt.close(fig)
         return out
     if samples.dim() != 4:
@@ -160,4 +213,5 @@ def save_image_grid(images: Tensor, out: Path, ncol: int = 8, labels: list[str] 
         canvas.paste(tile, (x, y))
         if labels:
             draw.text((x, y + cell_h), labels[i][: cell_w // 6], fill=(0, 0, 0))
-    canvas.save(out)
+    with atomic_path(out) as tmp:
+        canvas.save(tmp, format="PNG")

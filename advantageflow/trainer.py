@@ -23,9 +23,15 @@ from advantageflow.advantages import combined_advantages, group_advantages
 from advantageflow.algorithms import ALGORITHMS
 from advantageflow.algorithms.base import TrainContext
 from advantageflow.build import build_components, time_grid_for
-from advantageflow.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from advantageflow.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from advantageflow.compute import ComputeMeter, collect
-from advantageflow.config import Config
+from advantageflow.config import Config, check_resume_config, preflight
 from advantageflow.distributed import DistEnv, full_tensor, local_tensor
 from advantageflow.evaluation import EvalResult, WeightsEMA, evaluate_policy
 from advantageflow.faults import fault_point
@@ -33,7 +39,15 @@ from advantageflow.parallel import finite_gradients, make_strategy
 from advantageflow.rewards.async_scoring import AsyncRewardScorer
 from advantageflow.rewards.base import is_differentiable
 from advantageflow.rollouts import generate_and_score, plan_epoch, seeded_generator
-from advantageflow.runlog import MetricsLogger, plot_curves, read_metrics, save_samples
+from advantageflow.runlog import (
+    MetricsLogger,
+    as_number,
+    atomic_write_text,
+    plot_curves,
+    read_metrics,
+    remove_stale_temporaries,
+    save_samples,
+)
 from advantageflow.seeding import RowRandom
 
 
@@ -73,14 +87,24 @@ class LoopState:
 
 
 def check_run_dir(run_dir: Path, min_free_mb: float = 50.0) -> None:
-    """Fail before training if the run folder cannot be written or the disk is full."""
+    """Fail before training if the run folder, its checkpoints folder or its metrics file
+    cannot be written, or the disk is full (not after an epoch of work)."""
+    where = run_dir
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
+        for folder in (run_dir, run_dir / "checkpoints"):
+            where = folder
+            folder.mkdir(exist_ok=True)
+            probe = folder / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        remove_stale_temporaries(run_dir)  # left by a write killed before its rename
+        where = run_dir / "metrics.jsonl"
+        if where.exists():
+            with open(where, "a", encoding="utf-8"):
+                pass
     except OSError as err:
-        raise TrainingError(f"run folder '{run_dir}' is not writable: {err.strerror or err}") from None
+        raise TrainingError(f"'{where}' is not writable: {err.strerror or err}") from None
     free_mb = shutil.disk_usage(run_dir).free / 2**20
     if free_mb < min_free_mb:
         raise TrainingError(f"only {free_mb:.0f} MB free under '{run_dir}'; need at least {min_free_mb:.0f} MB")
@@ -91,8 +115,14 @@ def _mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
     return {k: sum(r[k] for r in rows if k in r) / sum(1 for r in rows if k in r) for k in keys}
 
 
-def train(cfg: Config, run_dir: str | Path, resume: bool = False, env: DistEnv | None = None) -> TrainResult:
-    """Run (or resume) the training described by ``cfg``, writing into ``run_dir``."""
+def train(cfg: Config, run_dir: str | Path, resume: bool = False, env: DistEnv | None = None,
+          allow_config_change: bool = False) -> TrainResult:
+    """Run (or resume) the training described by ``cfg``, writing into ``run_dir``.
+
+    On ``resume`` the config is compared with the one the checkpoint was trained with before
+    anything is written (:func:`advantageflow.config.check_resume_config`).
+    """
+    preflight(cfg)
     env = env or DistEnv.from_environment(cfg.device, cfg.dist.timeout_s)
     per_step = cfg.train.samples_per_epoch // cfg.train.steps_per_epoch
     if per_step % env.world_size:
@@ -104,9 +134,14 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, env: DistEnv |
     ckpt_root = run_dir / "checkpoints"
     if env.is_main:
         check_run_dir(run_dir)
-        if not resume and latest_checkpoint(ckpt_root) is not None:
+        if not resume and list_checkpoints(ckpt_root):
             raise TrainingError(f"'{run_dir}' already holds checkpoints; pass --resume or use a new --run-dir")
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    # The newest intact checkpoint (damaged newer ones are skipped with a warning), and the
+    # config it was trained with, checked before anything in the run folder changes.
+    path = latest_checkpoint(ckpt_root, warn=env.is_main) if resume else None
+    config_notes: list[str] = []
+    if path is not None:
+        config_notes = check_resume_config(_trained_config(path), cfg, allow_config_change, str(path))
     env.barrier()
 
     torch.manual_seed(cfg.seed)
@@ -133,22 +168,18 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, env: DistEnv |
     logger = MetricsLogger(run_dir, cfg.log.tensorboard, enabled=env.is_main)
     eval_ema = WeightsEMA(policy, cfg.eval.ema_decay) if cfg.eval.ema_decay > 0 else None
 
-    path = latest_checkpoint(ckpt_root) if resume else None
     if resume and path is None and env.is_main:
         print(f"[advantageflow] --resume: no complete checkpoint under '{ckpt_root}' yet; starting fresh")
         logger.truncate_after(-1)
     if path is not None:
-        ckpt = load_checkpoint(path, env.device)
-        policy.load_trainable_state(ckpt.policy)
-        strategy.load_optimizer_state(optimizer, ckpt.optimizer)
-        ema_state = ckpt.algorithm.pop(EVAL_EMA_KEY, None)
-        if eval_ema is not None and ema_state is not None:
-            eval_ema.load_state_dict(ema_state)
-        algo.load_state_dict(ckpt.algorithm)
-        state = LoopState(**ckpt.trainer["loop"])
+        state = _restore(path, env, policy, strategy, optimizer, algo, cfg, eval_ema)
         logger.truncate_after(state.epoch)
         if env.is_main:
             print(f"[advantageflow] resumed from {path} (epoch {state.epoch}, step {state.step})")
+            for note in config_notes:
+                print(f"[advantageflow] resume: config change accepted: {note}")
+    if env.is_main:
+        atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
 
     scorer = AsyncRewardScorer(reward) if cfg.reward.async_scoring else None
     train_prompts = task.train_prompts()
@@ -260,6 +291,47 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, env: DistEnv |
     result = _finish(cfg, env, run_dir, state, logger, stopped_by or "epochs")
     logger.close()
     return result
+
+
+def _trained_config(path: Path) -> dict | None:
+    """The config (plain dict) recorded in checkpoint ``path`` (verified first), if any."""
+    try:
+        with open(path / "trainer.json", encoding="utf-8") as fh:
+            recorded = json.load(fh).get("config")
+    except (OSError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"checkpoint '{path}' has an unreadable trainer.json ({type(err).__name__})") from None
+    return recorded if isinstance(recorded, dict) else None
+
+
+def _restore(path: Path, env: DistEnv, policy, strategy, optimizer, algo, cfg: Config,
+             eval_ema=None) -> LoopState:
+    """Load checkpoint ``path`` into the live objects (and the evaluation EMA, kept beside the
+    algorithm's state); one line if it does not fit them."""
+    ckpt = load_checkpoint(path, env.device)
+    try:
+        policy.load_trainable_state(ckpt.policy)
+        strategy.load_optimizer_state(optimizer, ckpt.optimizer)
+        ema_state = ckpt.algorithm.pop(EVAL_EMA_KEY, None)
+        if eval_ema is not None and ema_state is not None:
+            eval_ema.load_state_dict(ema_state)
+        algo.load_state_dict(ckpt.algorithm)
+    except (RuntimeError, KeyError, ValueError, TypeError) as err:
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"checkpoint '{path}' does not fit this config's model or algorithm "
+                              f"({type(err).__name__}: {first})") from None
+    # The optimizer's hyper-parameters are the config's (equal unless a change was allowed).
+    for group in optimizer.param_groups:
+        group.update(lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                     betas=tuple(cfg.train.adam_betas), eps=cfg.train.adam_eps)
+    loop = ckpt.trainer.get("loop")
+    try:
+        state = LoopState(**loop)
+        if not all(isinstance(getattr(state, k), int) and getattr(state, k) >= 0
+                   for k in ("epoch", "step", "samples", "bad_updates", "consecutive_bad")):
+            raise ValueError("negative or non-integer counters")
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint '{path}' has a malformed trainer.json 'loop' ({err})") from None
+    return state
 
 
 def policy_eval_mode(policy: Any, evaluating: bool) -> None:
@@ -396,8 +468,8 @@ def _evaluate(policy, task, reward, cfg, env, run_dir, tag, meter: ComputeMeter,
             shown = result.images if result.images.dim() == 2 else result.images[:64]  # all points
             save_samples(shown, run_dir / f"samples_{tag}.png", title=f"samples {tag}",
                          labels=labels[: len(shown)] if any(labels) else None)
-            with open(run_dir / f"eval_{tag}.json", "w", encoding="utf-8") as fh:
-                json.dump({"metrics": result.metrics, **_jsonable_details(result.details)}, fh, indent=1)
+            atomic_write_text(run_dir / f"eval_{tag}.json",
+                              json.dumps({"metrics": result.metrics, **_jsonable_details(result.details)}, indent=1))
     env.barrier()
     return result
 
@@ -427,7 +499,7 @@ def _save(cfg, env, strategy, root, policy, optimizer, algo, state: LoopState, e
         save_checkpoint(
             root, state.epoch, policy_state, optimizer_state, algo_state,
             {"loop": asdict(state), "algo": cfg.algo, "world_size": env.world_size,
-             "strategy": strategy.name}, keep=cfg.checkpoint.keep,
+             "strategy": strategy.name, "config": cfg.to_dict()}, keep=cfg.checkpoint.keep,
         )
     env.barrier()
 
@@ -446,10 +518,10 @@ def _finish(cfg: Config, env: DistEnv, run_dir: Path, state: LoopState, logger: 
         compute={k: v for k, v in state.compute.items() if v or not k.endswith("flops")},
     )
     highlights = [k for k in ("eval/reward_mean", "eval/strict", "eval/rewarded_fraction") if k in after]
-    changes = " | ".join(f"{k[5:]} {before.get(k, float('nan')):.3f} -> {after[k]:.3f}" for k in highlights)
+    changes = " | ".join(f"{k[5:]} {_fmt(before.get(k))} -> {_fmt(after[k])}" for k in highlights)
     train_rewards = [r["reward/mean"] for r in rows if "reward/mean" in r]
     if not changes and train_rewards:
-        changes = f"train reward {train_rewards[0]:.3f} -> {train_rewards[-1]:.3f}"
+        changes = f"train reward {_fmt(train_rewards[0])} -> {_fmt(train_rewards[-1])}"
     result.summary = (
         f"[advantageflow] {cfg.algo} on {cfg.task.name}: {changes} | {state.epoch} epochs, {state.step} steps, "
         f"{state.samples} samples in {state.wall_s:.1f}s ({result.samples_per_s:.1f} samples/s), "
@@ -457,9 +529,8 @@ def _finish(cfg: Config, env: DistEnv, run_dir: Path, state: LoopState, logger: 
     )
     if env.is_main:
         plot_curves(rows, run_dir / "reward_curve.png", keys=("reward/mean", "eval/reward_mean"))
-        (run_dir / "summary.txt").write_text(result.summary + "\n")
-        with open(run_dir / "summary.json", "w", encoding="utf-8") as fh:
-            json.dump(asdict(result), fh, indent=1)
+        atomic_write_text(run_dir / "summary.txt", result.summary + "\n")
+        atomic_write_text(run_dir / "summary.json", json.dumps(_json_safe(asdict(result)), indent=1))
         _write_before_after(run_dir, before, after)
         print(result.summary)
     return result
@@ -472,5 +543,24 @@ def _write_before_after(run_dir: Path, before: dict, after: dict) -> None:
     lines = ["| metric | before | after |", "|---|---|---|"]
     for k in keys:
         b, a = before.get(k), after.get(k)
-        lines.append(f"| {k} | {'' if b is None else f'{b:.3f}'} | {'' if a is None else f'{a:.3f}'} |")
-    (run_dir / "eval_before_after.md").write_text("\n".join(lines) + "\n")
+        lines.append(f"| {k} | {'' if b is None else _fmt(b)} | {'' if a is None else _fmt(a)} |")
+    atomic_write_text(run_dir / "eval_before_after.md", "\n".join(lines) + "\n")
+
+
+def _fmt(value: Any) -> str:
+    """A metric with 3 decimals; NaN, infinities (also as logged strings) and others as text."""
+    number = as_number(value)
+    if number is None:
+        return "n/a" if value is None else str(value)
+    return f"{number:.3f}"
+
+
+def _json_safe(obj: Any) -> Any:
+    """Non-finite floats as strings ("nan"), as in metrics.jsonl: strict JSON readers accept it."""
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    return obj

@@ -80,7 +80,14 @@ def as_components(out: Any, name: str, batch: int) -> dict[str, Tensor]:
     items = out.items() if isinstance(out, dict) else [(name, out)]
     result = {}
     for key, value in items:
-        value = torch.as_tensor(value) if not isinstance(value, Tensor) else value
+        if not isinstance(value, Tensor):
+            try:
+                value = torch.as_tensor(value)
+            except (TypeError, ValueError, RuntimeError):
+                got = type(value).__name__
+                raise RewardError(f"reward '{key}' returned {got}, expected ({batch},) numbers") from None
+        if not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64, torch.int16, torch.uint8)):
+            raise RewardError(f"reward '{key}' returned {value.dtype} values, expected ({batch},) numbers")
         if value.dim() != 1 or value.shape[0] != batch:
             raise RewardError(
                 f"reward '{key}' returned shape {tuple(value.shape)}, expected ({batch},)"
@@ -130,7 +137,14 @@ class CompositeReward:
         batch = images.shape[0]
         components: dict[str, Tensor] = {}
         for name, reward in self.rewards.items():
-            out = as_components(call_reward(reward, images, prompts, metadata), name, batch)
+            try:
+                raw = call_reward(reward, images, prompts, metadata)
+            except RewardError:
+                raise
+            except Exception as err:  # noqa: BLE001 - a user's reward failing ends the run in one line
+                first = (str(err).strip().splitlines() or [""])[0][:200]
+                raise RewardError(f"reward '{name}' raised {type(err).__name__}: {first}") from err
+            out = as_components(raw, name, batch)
             if len(out) > 1:
                 # A reward returning named parts: "score" is the reward, the rest is logged.
                 if "score" not in out:

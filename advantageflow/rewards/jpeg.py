@@ -37,6 +37,7 @@ class JpegIncompressibility:
     differentiable = False
     sign = 1.0
     name = "jpeg_incompressibility"
+    arg_ranges = {"quality": ((">=", 1), ("<=", 100))}
 
     def __init__(self, quality: int = 95) -> None:
         if not 1 <= int(quality) <= 100:

@@ -82,6 +82,8 @@ class OcrReward:
     """
 
     differentiable = False
+    arg_ranges = {"psm": ((">=", 0), ("<=", 13)), "workers": ((">=", 1),), "upscale": ((">=", 1), ("<=", 16)),
+                  "timeout": ((">", 0),), "omp_threads": ((">=", 1),)}
 
     def __init__(
         self,

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import json
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
 from advantageflow.rewards.base import RewardError
@@ -95,8 +97,39 @@ def _b64(text: object, what: str) -> bytes:
         raise BadRequest(f"{what} is not valid base64") from err
 
 
-def decode_request(body: bytes, max_batch_items: int, max_pixels: int) -> ScoreRequest:
-    """Parse and validate a request body; :class:`BadRequest` for anything malformed."""
+class TooLarge(BadRequest):
+    """A request over a pixel budget (HTTP 413)."""
+
+
+@dataclass
+class ParsedRequest:
+    """A request checked up to decoding: the PNG bytes (or the float array), prompts,
+    metadata, and ``pixels``, the decoded pixels it will take (from the PNG headers)."""
+
+    prompts: list[str]
+    metadata: list[dict]
+    pixels: int
+    pngs: list[bytes] | None = None
+    array: np.ndarray | None = None
+    max_pixels: int = 0
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    """``(width, height)`` from a PNG's header, without decoding it."""
+    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        raise ValueError("not a PNG image")
+    try:
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as img:
+            return img.size
+    except Exception as err:  # noqa: BLE001 - PIL raises many types for corrupt data
+        raise ValueError(f"corrupt PNG: {type(err).__name__}") from err
+
+
+def parse_request(body: bytes, max_batch_items: int, max_pixels: int, max_request_pixels: int | None = None,
+                  max_prompt_chars: int | None = None) -> ParsedRequest:
+    """Everything but decoding: JSON, fields, prompt lengths, and each image's size read from
+    its header (:class:`TooLarge` over ``max_pixels`` per image or ``max_request_pixels`` in
+    all), so nothing large is allocated for a request that will be refused."""
     try:
         obj = loads_strict(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
@@ -108,40 +141,75 @@ def decode_request(body: bytes, max_batch_items: int, max_pixels: int) -> ScoreR
         raise BadRequest(f"unknown fields {sorted(unknown)} (images|array, prompts, metadata)")
     if ("images" in obj) == ("array" in obj):
         raise BadRequest("give exactly one of 'images' (base64 PNGs) or 'array'")
-    samples = _decode_images(obj["images"], max_batch_items, max_pixels) if "images" in obj else (
-        _decode_array(obj["array"], max_batch_items, max_pixels))
-    batch = samples.shape[0]
+    budget = max_request_pixels or max_pixels * max_batch_items
+    if "images" in obj:
+        pngs, pixels = _image_bytes(obj["images"], max_batch_items, max_pixels, budget)
+        parsed = ParsedRequest([], [], pixels, pngs=pngs, max_pixels=max_pixels)
+        batch = len(pngs)
+    else:
+        array = _decode_array(obj["array"], max_batch_items, max_pixels, budget)
+        parsed = ParsedRequest([], [], math.ceil(array.size / 3), array=array)
+        batch = array.shape[0]
     prompts = obj.get("prompts")
     if not isinstance(prompts, list) or len(prompts) != batch or not all(isinstance(p, str) for p in prompts):
         raise BadRequest(f"'prompts' must be a list of {batch} strings")
+    if max_prompt_chars is not None:
+        longest = max((len(p) for p in prompts), default=0)
+        if longest > max_prompt_chars:
+            raise BadRequest(f"a prompt of {longest} characters exceeds the limit of {max_prompt_chars}")
     metadata = obj.get("metadata")
     if metadata is None:
         metadata = [{} for _ in range(batch)]
     if (not isinstance(metadata, list) or len(metadata) != batch
             or not all(isinstance(m, dict) for m in metadata)):
         raise BadRequest(f"'metadata' must be a list of {batch} objects")
-    return ScoreRequest(samples, prompts, metadata)
+    parsed.prompts, parsed.metadata = prompts, metadata
+    return parsed
 
 
-def _decode_images(images: object, max_batch_items: int, max_pixels: int) -> Tensor:
-    if not isinstance(images, list) or not images:
-        raise BadRequest("'images' must be a non-empty list of base64 PNG strings")
-    if len(images) > max_batch_items:
-        raise BadRequest(f"{len(images)} images exceed the limit of {max_batch_items}")
+def materialise(parsed: ParsedRequest) -> ScoreRequest:
+    """Decode a parsed request's images (or wrap its array) into a :class:`ScoreRequest`."""
+    if parsed.array is not None:
+        return ScoreRequest(torch.from_numpy(parsed.array.astype(np.float32)), parsed.prompts, parsed.metadata)
     arrays = []
-    for i, text in enumerate(images):
+    for i, png in enumerate(parsed.pngs or []):
         try:
-            arrays.append(decode_png(_b64(text, f"images[{i}]"), max_pixels))
-        except BadRequest:
-            raise
+            arrays.append(decode_png(png, parsed.max_pixels))
         except ValueError as err:
             raise BadRequest(f"images[{i}]: {err}") from err
     if len({a.shape for a in arrays}) != 1:
         raise BadRequest("all images of a request must have the same size")
-    return from_uint8(np.stack(arrays))
+    return ScoreRequest(from_uint8(np.stack(arrays)), parsed.prompts, parsed.metadata)
 
 
-def _decode_array(spec: object, max_batch_items: int, max_values: int) -> Tensor:
+def decode_request(body: bytes, max_batch_items: int, max_pixels: int, max_request_pixels: int | None = None,
+                   max_prompt_chars: int | None = None) -> ScoreRequest:
+    """Parse and validate a request body; :class:`BadRequest` for anything malformed."""
+    return materialise(parse_request(body, max_batch_items, max_pixels, max_request_pixels, max_prompt_chars))
+
+
+def _image_bytes(images: object, max_batch_items: int, max_pixels: int, budget: int) -> tuple[list[bytes], int]:
+    if not isinstance(images, list) or not images:
+        raise BadRequest("'images' must be a non-empty list of base64 PNG strings")
+    if len(images) > max_batch_items:
+        raise BadRequest(f"{len(images)} images exceed the limit of {max_batch_items}")
+    pngs, total = [], 0
+    for i, text in enumerate(images):
+        png = _b64(text, f"images[{i}]")
+        try:
+            width, height = png_size(png)
+        except ValueError as err:
+            raise BadRequest(f"images[{i}]: {err}") from err
+        if width * height > max_pixels:
+            raise TooLarge(f"images[{i}]: image {width}x{height} exceeds the limit of {max_pixels} pixels")
+        total += width * height
+        if total > budget:
+            raise TooLarge(f"the images of this request exceed the limit of {budget} pixels in all")
+        pngs.append(png)
+    return pngs, total
+
+
+def _decode_array(spec: object, max_batch_items: int, max_values: int, budget: int) -> np.ndarray:
     if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data"}:
         raise BadRequest("'array' must be an object with exactly dtype, shape, data")
     if spec["dtype"] != "float32":
@@ -153,15 +221,15 @@ def _decode_array(spec: object, max_batch_items: int, max_values: int) -> Tensor
     if shape[0] > max_batch_items:
         raise BadRequest(f"batch of {shape[0]} exceeds the limit of {max_batch_items}")
     count = math.prod(shape)
-    if count > max_values * max_batch_items:
-        raise BadRequest("'array' is too large")
+    if count > 3 * budget:  # the float memory of an image request at the pixel budget
+        raise TooLarge(f"'array' of {count} values exceeds the limit of {3 * budget}")
     data = _b64(spec["data"], "'array.data'")
     if len(data) != 4 * count:
         raise BadRequest(f"'array.data' has {len(data)} bytes, shape {shape} needs {4 * count}")
     arr = np.frombuffer(data, dtype="<f4").reshape(shape)
     if not np.isfinite(arr).all():
         raise BadRequest("'array' contains non-finite values")
-    return torch.from_numpy(arr.astype(np.float32))
+    return arr
 
 
 def encode_response(scores: Tensor, components: dict[str, Tensor]) -> bytes:

@@ -16,25 +16,34 @@ def read_prompt_file(path: str) -> list[Prompt]:
     p = Path(path).expanduser()
     if not p.is_file():
         raise ConfigError(f"prompt file '{path}' does not exist")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"prompt file '{path}' is not UTF-8 text (byte {err.start})") from None
+    except OSError as err:
+        raise ConfigError(f"prompt file '{path}' cannot be read: {err.strerror or err}") from None
+    if "\x00" in text:
+        raise ConfigError(f"prompt file '{path}' is binary (holds NUL bytes)")
     prompts = []
-    with open(p, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            line = line.strip()
-            if not line:
-                continue
-            if p.suffix == ".jsonl":
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ConfigError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-                if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                    raise ConfigError(f"{path}:{lineno}: each line needs a string 'prompt'")
-                meta = row.get("metadata", {})
-                if not isinstance(meta, dict):
-                    raise ConfigError(f"{path}:{lineno}: 'metadata' must be an object")
-                prompts.append(Prompt(row["prompt"], meta))
-            else:
-                prompts.append(Prompt(line))
+    for lineno, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        if p.suffix == ".jsonl":
+            try:
+                row = json.loads(line)
+            except RecursionError:
+                raise ConfigError(f"{path}:{lineno}: nested too deeply") from None
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                raise ConfigError(f"{path}:{lineno}: each line needs a string 'prompt'")
+            meta = row.get("metadata", {})
+            if not isinstance(meta, dict):
+                raise ConfigError(f"{path}:{lineno}: 'metadata' must be an object")
+            prompts.append(Prompt(row["prompt"], meta))
+        else:
+            prompts.append(Prompt(line))
     if not prompts:
         raise ConfigError(f"prompt file '{path}' holds no prompts")
     return prompts
