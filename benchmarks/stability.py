@@ -104,8 +104,15 @@ def parse_variant(text: str) -> tuple[str, tuple[str, list[str]]]:
     return name, (algo, [s for s in sets.split(";") if s])
 
 
+def _finite(value) -> bool:
+    """The logger writes non-finite floats as the strings ``nan`` / ``inf`` / ``-inf``."""
+    if isinstance(value, str):
+        return value not in ("nan", "inf", "-inf")
+    return not isinstance(value, float) or math.isfinite(value)
+
+
 def _finite_row(row: dict) -> bool:
-    return all(math.isfinite(v) for v in row.values() if isinstance(v, float)) and "stats/skipped_updates" not in row
+    return all(_finite(v) for v in row.values()) and "stats/skipped_updates" not in row
 
 
 def summarize(cell: Cell, rows: list[dict], max_drop: float) -> Cell:
@@ -114,7 +121,7 @@ def summarize(cell: Cell, rows: list[dict], max_drop: float) -> Cell:
     cell.evals = [(int(r["epoch"]), float(r[METRIC])) for r in rows if METRIC in r]
     bad = [int(r["epoch"]) for r in rows if not _finite_row(r)]
     cell.first_nonfinite_epoch = min(bad) if bad else None
-    mses = [r["stats/fm_mse"] for r in rows if isinstance(r.get("stats/fm_mse"), float)]
+    mses = [float(r["stats/fm_mse"]) for r in rows if "stats/fm_mse" in r]
     cell.max_fm_mse = max(mses) if mses else math.nan
     values = [v for _, v in cell.evals]
     if values:
@@ -140,12 +147,73 @@ def run_cell(name: str, algo: str, overrides: list[str], seed: int, factor: floa
     sets = [*overrides, f"train.epochs={epochs}", f"eval.every={eval_every}"]
     cfg = build("toy2d", algo, seed, base_lr * factor, spec, run_dir, sets)
     t0 = time.perf_counter()
-    ended = train_with_budget(cfg, run_dir, math.inf)
+    try:
+        ended = train_with_budget(cfg, run_dir, math.inf)
+    except Exception as err:  # noqa: BLE001 - e.g. the trainer's final report on a non-finite metric
+        ended = f"crashed after training: {type(err).__name__}: {err}"
     cell = Cell(name, algo, seed, factor, cfg.train.lr, epochs, ended=ended)
     cell.seconds = time.perf_counter() - t0
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     shutil.rmtree(run_dir, ignore_errors=True)
     return summarize(cell, rows, max_drop)
+
+
+DIAGNOSTIC_PANELS = [
+    ("held-out rewarded fraction", [(METRIC, "")], False),
+    ("||f - x0||^2 by advantage sign", [("stats/fit_neg", "A < 0"), ("stats/fit_pos", "A > 0")], True),
+    ("||f - x0||^2 by time", [("stats/fit_small_t", "t < 0.5"), ("stats/fit_large_t", "t >= 0.5")], True),
+    ("max |x0| of the rollouts", [("stats/x0_absmax", "")], True),
+    ("rms(f - f_old) after 1st update", [("stats/old_drift_neg", "A < 0"), ("stats/old_drift_pos", "A > 0")], True),
+    ("step to per-sample target, A < 0", [("stats/neg_target_step", "")], True),
+    ("adaptive weight 1/mean|f - x0|", [("stats/weight_min", "min"), ("stats/weight_max", "max")], True),
+    ("grad norm (before clip)", [("stats/grad_norm", "")], True),
+]
+
+
+def diagnose(names: list[str], extra: dict, seed: int, factor: float, epochs: int, eval_every: int,
+             png: Path, work: Path) -> dict[str, list[dict]]:
+    """Run each config once (same seed) keeping its metrics, and plot the ``stats/...`` diagnostics."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from benchmarks.convergence import TASKS, build
+
+    runs: dict[str, list[dict]] = {}
+    for name in names:
+        algo, overrides = resolve(name, extra)
+        base_lr = build("toy2d", algo, seed, None, TASKS["toy2d"], work, overrides).train.lr
+        run_dir = work / f"diag_{name}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        cfg = build("toy2d", algo, seed, base_lr * factor, TASKS["toy2d"], run_dir,
+                    [*overrides, f"train.epochs={epochs}", f"eval.every={eval_every}"])
+        try:
+            ended = train_with_budget(cfg, run_dir, math.inf)
+        except Exception as err:  # noqa: BLE001 - see run_cell
+            ended = f"crashed after training: {err}"
+        runs[name] = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        print(f"[stability] diagnose {name}: {ended}", flush=True)
+    fig, axes = plt.subplots(2, 4, figsize=(18, 7.5))
+    styles = ["-", "--", ":"]
+    for ax, (title, series, log) in zip(axes.flat, DIAGNOSTIC_PANELS):
+        for (name, rows), style in zip(runs.items(), styles):
+            for k, (key, label) in enumerate(series):
+                pts = [(r["epoch"], float(r[key])) for r in rows if key in r and _finite(r[key])]
+                if pts:
+                    ax.plot(*zip(*pts), style, color=f"C{k}", lw=1.2,
+                            label=f"{name}" + (f", {label}" if label else ""))
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("epoch")
+        if log:
+            ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"AdvantageFlow on the 2-D task, seed {seed}, lr x{factor:g}: solid = {names[0]}"
+                 + (f", dashed = {names[1]}" if len(names) > 1 else ""), fontsize=11)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=80)
+    return runs
 
 
 def _fmt(v: float | None, digits: int = 3) -> str:
@@ -162,8 +230,8 @@ def table(cells: list[dict]) -> str:
     rows = []
     for (name, factor), cs in groups.items():
         cs = sorted(cs, key=lambda c: c["seed"])
-        def per_seed(key, digits=3):
-            return " / ".join(_fmt(c[key], digits) for c in cs)
+        def per_seed(key, cs=cs):
+            return " / ".join(_fmt(c[key]) for c in cs)
         rows.append([
             name, f"x{factor:g}", " ".join(str(c["seed"]) for c in cs), f"{sum(c['stable'] for c in cs)}/{len(cs)}",
             per_seed("final"), per_seed("best"), per_seed("min_after"),
@@ -190,7 +258,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", action="store_true", help="keep the cells already in <out>.jsonl")
     ap.add_argument("--table-only", action="store_true", help="re-render <out>.md from <out>.jsonl")
     ap.add_argument("--work-dir", default=None)
+    ap.add_argument("--diagnose", default=None, metavar="PNG",
+                    help="instead of the grid: run --configs once each (first seed and lr factor) and plot "
+                         "their stats/ diagnostics into PNG (rows: benchmarks/results/stability_diagnostics.json)")
     args = ap.parse_args(argv)
+    if args.diagnose:
+        set_threads(1)
+        work = Path(tempfile.mkdtemp(prefix="af_diag_"))
+        runs = diagnose([n for n in args.configs.split(",") if n], dict(parse_variant(v) for v in args.variant),
+                        int(args.seeds.split(",")[0]), float(args.lr_factors.split(",")[0]), args.epochs,
+                        args.eval_every, Path(args.diagnose), work)
+        with open(RESULTS / "stability_diagnostics.json", "w", encoding="utf-8") as fh:
+            json.dump({"command": command_line(), "commit": git_commit(), "runs": runs}, fh)
+        shutil.rmtree(work, ignore_errors=True)
+        return 0
     stem = Path(args.out)
     stem.parent.mkdir(parents=True, exist_ok=True)
     cells_path = stem.with_suffix(".jsonl")
