@@ -9,6 +9,8 @@ keep its rollouts near the data and keep its reward.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from advantageflow.algorithms.advantageflow import (
@@ -122,3 +124,28 @@ def test_shipped_toy_config_stays_finite_at_three_times_its_lr(tmp_path, toy_ove
     assert max(float(r["stats/fm_mse"]) for r in trained) < 20.0
     evals = [float(r["eval/rewarded_fraction"]) for r in rows if "eval/rewarded_fraction" in r]
     assert evals[-1] > evals[0] + 0.3, evals
+
+
+def test_stability_benchmark_summary_reads_drops_and_non_finite_rows():
+    import sys
+
+    sys.path.insert(0, str(REPO))
+    from benchmarks.stability import Cell, summarize
+
+    def row(epoch, value=None, **extra):
+        out = {"epoch": epoch, "perf/epoch_s": 0.01, "stats/fm_mse": 1.0, **extra}
+        if value is not None:
+            out["eval/rewarded_fraction"] = value
+        return out
+
+    rows = [{"epoch": 0, "eval/rewarded_fraction": 0.3}, row(1), row(2, 0.9), row(3, 0.6), row(4, 0.88)]
+    cell = summarize(Cell("x", "advantageflow", 0, 1.0, 1e-3, 4), rows, 0.05)
+    assert (cell.best, cell.best_epoch, cell.min_after, cell.final) == (0.9, 2, 0.6, 0.88)
+    assert math.isclose(cell.drop, 0.3) and cell.first_nonfinite_epoch is None and not cell.stable
+    # The logger writes non-finite floats as strings; a skipped update counts too.
+    rows = [{"epoch": 0, "eval/rewarded_fraction": 0.3}, row(1, 0.5), row(2, **{"loss/total": "nan"}),
+            row(3, 0.52, **{"stats/skipped_updates": 1})]
+    cell = summarize(Cell("x", "advantageflow", 0, 1.0, 1e-3, 3), rows, 0.05)
+    assert cell.first_nonfinite_epoch == 2 and not cell.stable
+    rows = [{"epoch": 0, "eval/rewarded_fraction": 0.3}, row(1, 0.5), row(2, 0.48)]
+    assert summarize(Cell("x", "advantageflow", 0, 1.0, 1e-3, 2), rows, 0.05).stable
