@@ -256,8 +256,8 @@ class AdvantageFlow:
             weight = torch.ones_like(per_sample)
             if cfg.adaptive_weight:
                 scale = mean_flat((f_theta - batch.x0).abs()).detach().clamp_min(1e-5)
-                weight = 1.0 / scale
-            per_sample = per_sample * weight
+                per_sample = per_sample / scale
+                weight = 1.0 / scale  # reported only
             loss = per_sample.mean() / cfg.draws_per_sample
             metrics = {
                 "loss/policy": float((adv * terms["fit"]).mean().detach()),
