@@ -71,6 +71,78 @@ def per_sample_minimiser(
     return (a * x0 + gamma * f_old + lambda_ref * f_ref) / (a + gamma + lambda_ref)
 
 
+def trust_region_loss(
+    f_theta: Tensor, x0: Tensor, f_old: Tensor, f_ref: Tensor | None, advantages: Tensor,
+    gamma: float, lambda_ref: float, radius: float,
+) -> Tensor:
+    """Per-sample ``(B,)`` AdvantageFlow loss with its minimiser kept within ``radius`` of ``f_old``.
+
+    The paper's per-sample loss is the quadratic ``c ||f - f*||^2 + const`` with
+    ``c = A + gamma + lambda`` and ``f* =`` :func:`per_sample_minimiser`.  We keep that
+    curvature but move the target to ``f_old + s (f* - f_old)``, ``s = min(1, radius /
+    rms(f* - f_old))``: one epoch can pull ``f`` at most ``radius`` (root mean square over the
+    sample's dimensions) from the rollout policy.  Where no target is moved, the gradient equals
+    the paper's exactly (ours, not the paper's: ``advantageflow.target_radius``).
+
+    Args: as :func:`advantageflow_loss`; needs ``A + gamma + lambda > 0`` per sample.
+    """
+    f_old = f_old.detach()
+    anchor = f_old if f_ref is None else f_ref.detach()
+    lam = lambda_ref if f_ref is not None else 0.0
+    curvature = advantages + gamma + lam
+    target = per_sample_minimiser(x0, f_old, anchor, advantages, gamma, lam)
+    step = target - f_old
+    size = mean_flat(step**2).sqrt()
+    shrink = (radius / size.clamp_min(1e-12)).clamp(max=1.0)
+    target = f_old + step * shrink.reshape(-1, *([1] * (step.dim() - 1)))
+    return curvature * mean_flat((f_theta - target) ** 2)
+
+
+def _masked_mean(values: Tensor, mask: Tensor) -> float:
+    """Mean of ``values`` over ``mask`` (0 when the mask is empty, so every step logs every key)."""
+    n = mask.sum()
+    return float((values * mask).sum() / n) if bool(n > 0) else 0.0
+
+
+def diagnostics(
+    terms: dict[str, Tensor], adv: Tensor, t: Tensor, weight: Tensor, f_old: Tensor, x0: Tensor,
+    anchor_weight: float, first_step: bool,
+) -> dict[str, float]:
+    """Cheap per-update ``stats/...`` for studying the loss's stability (no extra forward pass).
+
+    ``fit`` (``||f - x0||^2``) split by the sign of ``A`` and by ``t < 1/2``; the adaptive
+    weight's mean / min / max; ``|x0|`` (rollouts escaping the data's support); the size of the
+    step to the per-sample minimiser, ``|A| / (A + gamma + lambda) * rms(x0 - f_old)``
+    (ignoring the small ref anchor), for negative advantages; and, after the first update of an
+    epoch, ``rms(f_theta - f_old)``: how far the epoch's updates have moved ``f``.
+
+    Args: terms: :func:`advantageflow_loss`'s ``(B,)`` terms.  adv, t, weight: ``(B,)``.
+        f_old, x0: ``(B, *S)``.  anchor_weight: ``gamma + lambda_ref``.
+    """
+    with torch.no_grad():
+        fit, neg, small_t = terms["fit"], (adv < 0).to(adv), (t < 0.5).to(adv)
+        to_target = (adv.abs() / (adv + anchor_weight).clamp_min(1e-6)) * mean_flat((x0 - f_old) ** 2).sqrt()
+        out = {
+            "stats/fit_pos": _masked_mean(fit, 1 - neg),
+            "stats/fit_neg": _masked_mean(fit, neg),
+            "stats/fit_small_t": _masked_mean(fit, small_t),
+            "stats/fit_large_t": _masked_mean(fit, 1 - small_t),
+            "stats/fit_max": float(fit.max()),
+            "stats/weight_mean": float(weight.mean()),
+            "stats/weight_min": float(weight.min()),
+            "stats/weight_max": float(weight.max()),
+            "stats/x0_absmax": float(x0.abs().max()),
+            "stats/neg_target_step": _masked_mean(to_target, neg),
+            "stats/neg_fraction": float(neg.mean()),
+        }
+        if not first_step:
+            drift = terms["anchor_old"].sqrt()
+            out["stats/old_drift"] = float(drift.mean())
+            out["stats/old_drift_neg"] = _masked_mean(drift, neg)
+            out["stats/old_drift_pos"] = _masked_mean(drift, 1 - neg)
+        return out
+
+
 class AdvantageFlow:
     """The AdvantageFlow algorithm (see the module docstring)."""
 
@@ -86,6 +158,9 @@ class AdvantageFlow:
             adaptive_weight: DiffusionNFT's per-sample weight ``1 / sg(mean|f - x0|)``.
             old_policy: ``epoch`` (theta frozen at the rollouts) or ``ema``.
             ema_rate, ema_max_decay, ema_delay: the EMA schedule when ``old_policy: ema``.
+            negative_scale: negative advantages are multiplied by this (1: the paper; ours).
+            target_radius: > 0 bounds how far one epoch's per-sample target may lie from
+                ``f_old`` (:func:`trust_region_loss`; 0: the paper's loss; ours).
             draws_per_sample: independent ``(t, eps)`` draws per sample and update.
             time_sampling: ``uniform`` / ``logit_normal`` over ``[t_min, t_max]``, or
                 ``grid``: the rollout grid's own times.
@@ -103,6 +178,8 @@ class AdvantageFlow:
         time_sampling: Literal["uniform", "logit_normal", "grid"] = "uniform"
         t_min: float = 0.0
         t_max: float = 1.0
+        negative_scale: float = 1.0
+        target_radius: float = 0.0
 
         def validate(self) -> None:
             from advantageflow.configbase import ConfigError
@@ -112,6 +189,14 @@ class AdvantageFlow:
                     f"advantageflow: gamma + lambda_ref = {self.gamma + self.lambda_ref} <= 1, so "
                     "samples with advantage near -1 make the loss non-convex (unstable)",
                     stacklevel=2,
+                )
+            if self.negative_scale < 0:
+                raise ConfigError("advantageflow.negative_scale must be >= 0")
+            if self.target_radius < 0:
+                raise ConfigError("advantageflow.target_radius must be >= 0 (0 turns the trust region off)")
+            if self.target_radius > 0 and self.gamma + self.lambda_ref - self.negative_scale <= 0:
+                raise ConfigError(
+                    "advantageflow.target_radius needs gamma + lambda_ref > negative_scale (a convex per-sample loss)"
                 )
             if self.draws_per_sample < 1:
                 raise ConfigError("draws_per_sample must be >= 1")
@@ -142,6 +227,8 @@ class AdvantageFlow:
     def losses(self, batch: Rollout, ctx: TrainContext) -> Iterator[LossOutput]:
         cfg, policy = self.cfg, ctx.policy
         adv = scaled_advantages(batch.advantages, cfg.adv_clip).to(batch.x0.dtype)
+        if cfg.negative_scale != 1.0:
+            adv = torch.where(adv < 0, adv * cfg.negative_scale, adv)
         rows = ctx.row_random(len(batch))
         for _ in range(cfg.draws_per_sample):
             t = self._times(batch, rows)
@@ -162,19 +249,25 @@ class AdvantageFlow:
             per_sample, terms = advantageflow_loss(
                 f_theta, batch.x0, f_old, f_ref, adv, cfg.gamma, cfg.lambda_ref
             )
+            if cfg.target_radius > 0:
+                per_sample = trust_region_loss(
+                    f_theta, batch.x0, f_old, f_ref, adv, cfg.gamma, cfg.lambda_ref, cfg.target_radius
+                )
+            weight = torch.ones_like(per_sample)
             if cfg.adaptive_weight:
                 scale = mean_flat((f_theta - batch.x0).abs()).detach().clamp_min(1e-5)
                 per_sample = per_sample / scale
+                weight = 1.0 / scale  # reported only
             loss = per_sample.mean() / cfg.draws_per_sample
-            yield LossOutput(
-                loss,
-                {
-                    "loss/policy": float((adv * terms["fit"]).mean().detach()),
-                    "loss/anchor_old": float(terms["anchor_old"].mean().detach()),
-                    "loss/anchor_ref": float(terms["anchor_ref"].mean().detach()),
-                    "stats/fm_mse": float(terms["fit"].mean().detach()),
-                },
-            )
+            metrics = {
+                "loss/policy": float((adv * terms["fit"]).mean().detach()),
+                "loss/anchor_old": float(terms["anchor_old"].mean().detach()),
+                "loss/anchor_ref": float(terms["anchor_ref"].mean().detach()),
+                "stats/fm_mse": float(terms["fit"].mean().detach()),
+            }
+            metrics.update(diagnostics(terms, adv, t, weight, f_old, batch.x0, cfg.gamma + cfg.lambda_ref,
+                                       first_step=self.old.fresh))
+            yield LossOutput(loss, metrics)
 
     def after_step(self, policy: Any, step: int) -> None:
         self.old.after_step(policy, step)
