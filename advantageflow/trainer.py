@@ -27,6 +27,7 @@ from advantageflow.config import Config
 from advantageflow.distributed import DistEnv, full_tensor, local_tensor
 from advantageflow.evaluation import EvalResult, evaluate_policy
 from advantageflow.faults import fault_point
+from advantageflow.numerics import numerics_header, numerics_record, thread_invariant_kernels
 from advantageflow.parallel import finite_gradients, make_strategy
 from advantageflow.rewards.async_scoring import AsyncRewardScorer
 from advantageflow.rewards.base import is_differentiable
@@ -49,6 +50,7 @@ class TrainResult:
     samples: int
     wall_s: float
     samples_per_s: float
+    numerics: dict[str, Any] = field(default_factory=dict)  # what the numbers depend on (numerics.py)
     eval_before: dict[str, float] = field(default_factory=dict)
     eval_after: dict[str, float] = field(default_factory=dict)
     summary: str = ""
@@ -82,10 +84,11 @@ def check_run_dir(run_dir: Path, min_free_mb: float = 50.0) -> None:
 
 
 def _mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
-    keys = {k for r in rows for k in r}
+    keys = dict.fromkeys(k for r in rows for k in r)  # first-seen order: a set's follows the hash seed
     return {k: sum(r[k] for r in rows if k in r) / sum(1 for r in rows if k in r) for k in keys}
 
 
+@thread_invariant_kernels()
 def train(cfg: Config, run_dir: str | Path, resume: bool = False, env: DistEnv | None = None) -> TrainResult:
     """Run (or resume) the training described by ``cfg``, writing into ``run_dir``."""
     env = env or DistEnv.from_environment(cfg.device, cfg.dist.timeout_s)
@@ -101,7 +104,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, env: DistEnv |
         check_run_dir(run_dir)
         if not resume and latest_checkpoint(ckpt_root) is not None:
             raise TrainingError(f"'{run_dir}' already holds checkpoints; pass --resume or use a new --run-dir")
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        (run_dir / "config.yaml").write_text(numerics_header() + cfg.to_yaml())
     env.barrier()
 
     torch.manual_seed(cfg.seed)
@@ -394,7 +397,7 @@ def _finish(cfg: Config, env: DistEnv, run_dir: Path, state: LoopState, logger: 
     before = state.eval_before
     result = TrainResult(
         run_dir=str(run_dir), epochs=state.epoch, steps=state.step, samples=state.samples,
-        wall_s=state.wall_s, samples_per_s=state.samples / max(state.wall_s, 1e-9),
+        wall_s=state.wall_s, samples_per_s=state.samples / max(state.wall_s, 1e-9), numerics=numerics_record(),
         eval_before=before, eval_after=after,
     )
     highlights = [k for k in ("eval/reward_mean", "eval/strict", "eval/rewarded_fraction") if k in after]
