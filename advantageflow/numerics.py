@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 STRICT_CBWR = "AUTO,STRICT"
-_CBWR_ALL, _CBWR_BRANCH, _CBWR_STRICT = -1, 1, 0x10000
+_CBWR_ALL, _CBWR_STRICT = -1, 0x10000
 # oneMKL's mkl_service.h: code-path (branch) constants of mkl_cbwr_get / mkl_cbwr_set.
 _CBWR_BRANCHES = {
     0: "OFF", 1: "BRANCH_OFF", 2: "AUTO", 3: "COMPATIBLE", 4: "SSE2", 6: "SSSE3", 7: "SSE4_1",
@@ -68,6 +68,9 @@ def _mkl_library() -> ctypes.CDLL | None:
 def blas_mode() -> dict[str, Any]:
     """What MKL is doing about reproducibility: ``{"blas", "mkl_cbwr", "strict", "mkl_branch"}``.
 
+    ``mkl_cbwr`` is the mode in MKL_CBWR's spelling (``AUTO,STRICT``), ``mkl_branch`` the code
+    path it runs (``AVX512_E1``: the CPU's own unless a path is forced).
+
     ``strict`` is True when MKL's results do not depend on the thread count; None when it
     cannot be read (no MKL, or its service functions are not reachable).
     """
@@ -78,12 +81,13 @@ def blas_mode() -> dict[str, Any]:
         return {"blas": "MKL", "mkl_cbwr": os.environ.get("MKL_CBWR"), "strict": None, "mkl_branch": None}
     get = getattr(lib, "mkl_serv_cbwr_get", None) or lib.mkl_cbwr_get
     mode = int(get(ctypes.c_int(_CBWR_ALL)))
-    branch = _CBWR_BRANCHES.get(mode & 0xFFFF, str(mode & 0xFFFF))
+    setting = _CBWR_BRANCHES.get(mode & 0xFFFF, str(mode & 0xFFFF))
+    branch = setting
     auto = getattr(lib, "mkl_serv_cbwr_get_auto_branch", None)
-    if branch == "AUTO" and auto is not None:
-        branch = f"AUTO ({_CBWR_BRANCHES.get(int(auto()), 'unknown')})"
+    if setting in ("OFF", "BRANCH_OFF", "AUTO") and auto is not None:  # MKL dispatches by CPU
+        branch = _CBWR_BRANCHES.get(int(auto()), "unknown")
     strict = bool(mode & _CBWR_STRICT)
-    return {"blas": "MKL", "mkl_cbwr": branch + (",STRICT" if strict else ""), "strict": strict, "mkl_branch": branch}
+    return {"blas": "MKL", "mkl_cbwr": setting + (",STRICT" if strict else ""), "strict": strict, "mkl_branch": branch}
 
 
 @contextlib.contextmanager
@@ -148,7 +152,8 @@ def numerics_header(record: dict[str, Any] | None = None) -> str:
     rec = record or numerics_record()
     return (
         f"# numerics: torch {rec['torch']} ({str(rec['torch_git'])[:10]}), cpu capability {rec['cpu_capability']}, "
-        f"BLAS {rec['blas']} {rec['mkl_cbwr'] or ''}, oneDNN {'on' if rec['onednn_enabled'] else 'off'}, "
-        f"{rec['threads']} torch threads, {rec['cpu']}, python {rec['python']}, numpy {rec['numpy']}\n"
+        f"BLAS {rec['blas']} {rec['mkl_cbwr'] or ''} {rec['mkl_branch'] or ''}, "
+        f"oneDNN {'on' if rec['onednn_enabled'] else 'off'}, "
+        f"torch threads {rec['threads']}, {rec['cpu']}, python {rec['python']}, numpy {rec['numpy']}\n"
     ).replace("  ", " ")
 
