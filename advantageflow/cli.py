@@ -223,9 +223,11 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         from advantageflow.configbase import ConfigError
 
         raise ConfigError(f"unknown pretraining target '{args.what}' (known: shapes)")
+    from advantageflow.numerics import thread_invariant_kernels
     from advantageflow.tasks.shapes.pretrain import main as pretrain_main
 
-    return int(pretrain_main(args.rest) or 0)
+    with thread_invariant_kernels():  # the shipped weights must not depend on the thread count
+        return int(pretrain_main(args.rest) or 0)
 
 
 def cmd_serve_reward(args: argparse.Namespace) -> int:

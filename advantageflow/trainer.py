@@ -35,6 +35,7 @@ from advantageflow.config import Config, check_resume_config, preflight
 from advantageflow.distributed import DistEnv, full_tensor, local_tensor
 from advantageflow.evaluation import EvalResult, WeightsEMA, evaluate_policy
 from advantageflow.faults import fault_point
+from advantageflow.numerics import numerics_header, numerics_record, thread_invariant_kernels
 from advantageflow.parallel import finite_gradients, make_strategy
 from advantageflow.rewards.async_scoring import AsyncRewardScorer
 from advantageflow.rewards.base import is_differentiable
@@ -65,6 +66,7 @@ class TrainResult:
     samples: int
     wall_s: float
     samples_per_s: float
+    numerics: dict[str, Any] = field(default_factory=dict)  # what the numbers depend on (numerics.py)
     eval_before: dict[str, float] = field(default_factory=dict)
     eval_after: dict[str, float] = field(default_factory=dict)
     summary: str = ""
@@ -111,10 +113,11 @@ def check_run_dir(run_dir: Path, min_free_mb: float = 50.0) -> None:
 
 
 def _mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
-    keys = {k for r in rows for k in r}
+    keys = dict.fromkeys(k for r in rows for k in r)  # first-seen order: a set's follows the hash seed
     return {k: sum(r[k] for r in rows if k in r) / sum(1 for r in rows if k in r) for k in keys}
 
 
+@thread_invariant_kernels()
 def train(cfg: Config, run_dir: str | Path, resume: bool = False, env: DistEnv | None = None,
           allow_config_change: bool = False) -> TrainResult:
     """Run (or resume) the training described by ``cfg``, writing into ``run_dir``.
@@ -179,7 +182,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, env: DistEnv |
             for note in config_notes:
                 print(f"[advantageflow] resume: config change accepted: {note}")
     if env.is_main:
-        atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+        atomic_write_text(run_dir / "config.yaml", numerics_header() + cfg.to_yaml())
 
     scorer = AsyncRewardScorer(reward) if cfg.reward.async_scoring else None
     train_prompts = task.train_prompts()
@@ -513,7 +516,7 @@ def _finish(cfg: Config, env: DistEnv, run_dir: Path, state: LoopState, logger: 
     before = state.eval_before
     result = TrainResult(
         run_dir=str(run_dir), epochs=state.epoch, steps=state.step, samples=state.samples,
-        wall_s=state.wall_s, samples_per_s=state.samples / max(state.wall_s, 1e-9),
+        wall_s=state.wall_s, samples_per_s=state.samples / max(state.wall_s, 1e-9), numerics=numerics_record(),
         eval_before=before, eval_after=after, stopped_by=stopped_by,
         compute={k: v for k, v in state.compute.items() if v or not k.endswith("flops")},
     )
