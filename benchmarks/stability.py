@@ -187,7 +187,8 @@ def diagnose(names: list[str], extra: dict, seed: int, factor: float, epochs: in
         run_dir = work / f"diag_{name}"
         shutil.rmtree(run_dir, ignore_errors=True)
         cfg = build("toy2d", algo, seed, base_lr * factor, TASKS["toy2d"], run_dir,
-                    [*overrides, f"train.epochs={epochs}", f"eval.every={eval_every}"])
+                    [*overrides, f"train.epochs={epochs}", f"eval.every={eval_every}",
+                     *(["advantageflow.diagnostics=true"] if algo == "advantageflow" else [])])
         try:
             ended = train_with_budget(cfg, run_dir, math.inf)
         except Exception as err:  # noqa: BLE001 - see run_cell

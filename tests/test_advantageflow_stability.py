@@ -112,7 +112,7 @@ def test_shipped_toy_config_stays_finite_at_three_times_its_lr(tmp_path, toy_ove
     epochs = 40
     cfg = load_config(str(REPO / "configs" / "toy2d_advantageflow.yaml"), toy_overrides + [
         f"train.lr={3 * shipped.train.lr}", f"train.epochs={epochs}", "eval.every=20",
-        "eval.samples_per_prompt=512", f"checkpoint.every={epochs}",
+        "eval.samples_per_prompt=512", f"checkpoint.every={epochs}", "advantageflow.diagnostics=true",
     ])
     train(cfg, tmp_path / "run")  # raises TrainingError if non-finite updates stop the run
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")

@@ -178,6 +178,10 @@ class AdvantageFlow:
         time_sampling: Literal["uniform", "logit_normal", "grid"] = "uniform"
         t_min: float = 0.0
         t_max: float = 1.0
+        # log the stability diagnostics (:func:`diagnostics`); off by default because their
+        # subset means and maxima depend on how a step's rows are split into micro-batches and
+        # processes, unlike every other metric
+        diagnostics: bool = False
         negative_scale: float = 1.0
         target_radius: float = 0.0
 
@@ -265,8 +269,9 @@ class AdvantageFlow:
                 "loss/anchor_ref": float(terms["anchor_ref"].mean().detach()),
                 "stats/fm_mse": float(terms["fit"].mean().detach()),
             }
-            metrics.update(diagnostics(terms, adv, t, weight, f_old, batch.x0, cfg.gamma + cfg.lambda_ref,
-                                       first_step=self.old.fresh))
+            if cfg.diagnostics:
+                metrics.update(diagnostics(terms, adv, t, weight, f_old, batch.x0, cfg.gamma + cfg.lambda_ref,
+                                           first_step=self.old.fresh))
             yield LossOutput(loss, metrics)
 
     def after_step(self, policy: Any, step: int) -> None:
