@@ -12,7 +12,7 @@ from advantageflow.trainer import train
 def test_main_job_smoke_run_on_a_few_prompts(tmp_path):
     cfg = load_config(None, [
         "train.epochs=2", "train.prompts_per_epoch=2", "train.group_size=4", "train.steps_per_epoch=1",
-        "sampler.steps=4", "sampler.eval_steps=4", "eval.every=2", "eval.num_prompts=4",
+        "sampler.steps=4", "sampler.eval_steps=4", "eval.every=2", "eval.num_prompts=6",
         "eval.samples_per_prompt=2", "log.tensorboard=false", "log.progress=false",
     ])
     result = train(cfg, tmp_path / "run")
