@@ -51,3 +51,22 @@ class PerSamplePolicy(PolicyBase):
             yield
         finally:
             self._use_ref = False
+
+
+def minimise_losses(algo, batch, policy: PerSamplePolicy, max_iter: int) -> None:
+    """Run L-BFGS on ``policy.param`` until the algorithm's summed loss on ``batch`` is minimal
+    (one fixed loss generator seed, so every evaluation draws the same times)."""
+    import torch
+
+    from advantageflow.algorithms.base import TrainContext
+
+    opt = torch.optim.LBFGS([policy.param], max_iter=max_iter, tolerance_grad=1e-12, tolerance_change=1e-15)
+
+    def closure():
+        opt.zero_grad()
+        ctx = TrainContext(policy=policy, generator=torch.Generator().manual_seed(9), step=0)
+        loss = sum(term.loss for term in algo.losses(batch, ctx))
+        loss.backward()
+        return loss
+
+    opt.step(closure)

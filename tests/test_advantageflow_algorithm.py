@@ -8,7 +8,7 @@ from advantageflow.algorithms.advantageflow import AdvantageFlow, advantageflow_
 from advantageflow.algorithms.base import TrainContext
 from advantageflow.sampling import time_grid
 from advantageflow.types import Rollout
-from tests.policies import PerSamplePolicy
+from tests.policies import PerSamplePolicy, minimise_losses
 
 
 def _rollout(batch: int, dim: int, adv: torch.Tensor, seed: int = 1) -> Rollout:
@@ -83,16 +83,7 @@ def test_training_a_linear_model_reaches_the_per_sample_minimiser():
     algo.begin_epoch(policy)
     p_old = policy.param.detach().clone()
     algo.old.fresh = False  # force the explicit old pass so f_old is the snapshot's prediction
-    opt = torch.optim.LBFGS([policy.param], max_iter=300, tolerance_grad=1e-12, tolerance_change=1e-15)
-
-    def closure():
-        opt.zero_grad()
-        ctx = TrainContext(policy=policy, generator=torch.Generator().manual_seed(9), step=0)
-        loss = sum(term.loss for term in algo.losses(batch, ctx))
-        loss.backward()
-        return loss
-
-    opt.step(closure)
+    minimise_losses(algo, batch, policy, max_iter=300)
     x_t, t = policy.last_inputs
     tt = t[:, None]
     a = (adv_raw / 5.0)[:, None]

@@ -19,14 +19,13 @@ from advantageflow.algorithms.advantageflow import (
     per_sample_minimiser,
     trust_region_loss,
 )
-from advantageflow.algorithms.base import TrainContext
 from advantageflow.config import load_config
 from advantageflow.runlog import read_metrics
 from advantageflow.sampling import time_grid
 from advantageflow.trainer import train
 from advantageflow.types import Rollout
 from tests.conftest import REPO
-from tests.policies import PerSamplePolicy
+from tests.policies import PerSamplePolicy, minimise_losses
 
 
 def _tensors(seed: int, b: int = 6, d: int = 5):
@@ -83,16 +82,7 @@ def test_training_a_linear_model_reaches_the_scaled_and_clipped_minimiser():
     algo.begin_epoch(policy)
     p_old = policy.param.detach().clone()
     algo.old.fresh = False
-    opt = torch.optim.LBFGS([policy.param], max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15)
-
-    def closure():
-        opt.zero_grad()
-        ctx = TrainContext(policy=policy, generator=torch.Generator().manual_seed(9), step=0)
-        loss = sum(term.loss for term in algo.losses(batch, ctx))
-        loss.backward()
-        return loss
-
-    opt.step(closure)
+    minimise_losses(algo, batch, policy, max_iter=500)
     x_t, t = policy.last_inputs
     tt = t[:, None]
     a = adv_raw[:, None] / 5.0
