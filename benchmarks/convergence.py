@@ -54,8 +54,12 @@ from benchmarks.common import (  # noqa: E402
     train_with_budget,
 )
 
-ALGOS = ("advantageflow", "awm", "diffusion_nft", "epg", "ram", "flow_grpo", "draft")
+ALGOS = ("advantageflow", "awm", "diffusion_nft", "epg", "ram", "flow_grpo", "flow_grpo_fast", "draft")
 BASELINE = "flow_grpo"
+# Methods that are another preset of an algorithm: name -> (algorithm, config whose algorithm
+# section is the preset).  Flow-GRPO-Fast: the authors' Fast preset (CPS, noise 0.8, an SDE
+# window of 3 steps inside the first half of the grid, clip 1e-5, no KL), as shipped for SD3.5.
+VARIANTS = {"flow_grpo_fast": ("flow_grpo", "configs/sd3_5m_flow_grpo_fast.yaml")}
 
 
 @dataclass
@@ -90,9 +94,12 @@ def load_yaml(path: Path) -> dict:
     return yaml.safe_load(path.read_text())
 
 
-def algo_config_dict(task: str, algo: str) -> dict:
-    """The raw config of ``algo`` on ``task`` (see the module docstring for ShapesEval)."""
+def algo_config_dict(task: str, method: str) -> dict:
+    """The raw config of ``method`` on ``task`` (see the module docstring for ShapesEval)."""
+    algo, preset = VARIANTS.get(method, (method, None))
     own = load_yaml(ROOT / "configs" / f"toy2d_{algo}.yaml")
+    if preset is not None:
+        own[algo] = load_yaml(ROOT / preset)[algo]
     if task == "toy2d":
         return own
     main_path = ROOT / "configs" / "shapes_advantageflow.yaml"
@@ -307,7 +314,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma list multiplying each config's lr: the tuning sweep (default 0.3,1,3; quick: 1)")
     ap.add_argument("--tuning-seed", type=int, default=1000)
     ap.add_argument("--algos", default=None, help="comma list (default: all that apply to the task)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per run (runs are sequential)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="runs at a time, each in its own process (2 on a 2-core machine: all cores busy; the "
+                         "compute counters, not seconds, then carry the comparison)")
+    ap.add_argument("--resume", action="store_true",
+                    help="reuse the finished runs recorded in <out>.runs.jsonl by an interrupted benchmark")
     ap.add_argument("--target", type=float, default=None, help="absolute target (default: base + task delta)")
     ap.add_argument("--target-delta", type=float, default=None,
                     help="target = base + this (default 0.4 on toy2d, 0.2 on shapes)")
@@ -359,7 +371,6 @@ def main(argv: list[str] | None = None) -> int:
 
     # Target: mean base value over the reported seeds (the base model is shared; only the
     # held-out noise depends on the seed), read from the first method's epoch-0 evaluation.
-    results: dict[str, list[Curve]] = {}
     lrs: dict[str, float] = {}
     target = args.target
     tuning_log: list[str] = []
@@ -369,14 +380,22 @@ def main(argv: list[str] | None = None) -> int:
             "machine_start": machine_start, "eval_every": spec.eval_every}
     # Runs are interleaved (every method's run for one lr factor / seed, then the next), so a
     # change of load on the shared machine hits every method alike.
-    tuned: dict[str, list[tuple[float, Curve]]] = {a: [] for a in algos}
+    ledger_path = stem.with_suffix(".runs.jsonl")
+    ledger = Ledger(ledger_path, settings={
+        "task": args.task, "budget_s": budget_s, "budget_samples": args.budget_samples,
+        "extra": [*spec.extra, *args.set], "eval_every": spec.eval_every}, resume=args.resume)
     base_lr = {a: build(args.task, a, 0, None, spec, work, args.set).train.lr for a in algos}
+    tuned: dict[str, list[tuple[float, Curve]]] = {a: [] for a in algos}
+
+    def jobs_for(pairs: list[tuple[int, str, float]]) -> dict[tuple[int, str, float], Curve]:
+        return run_jobs(pairs, args.task, spec, budget_s, args.budget_samples, work, args.keep_runs, args.set,
+                        ledger, args.workers, args.threads)
+
     if len(factors) > 1:
-        for f in factors:
-            for algo in algos:
-                lr = base_lr[algo] * f
-                tuned[algo].append((lr, run_one(args.task, algo, args.tuning_seed, lr, spec, budget_s, work,
-                                                args.keep_runs, args.set, args.budget_samples)))
+        sweep = [(args.tuning_seed, algo, base_lr[algo] * f) for f in factors for algo in algos]
+        done = jobs_for(sweep)
+        for algo in algos:
+            tuned[algo] = [(lr, done[(seed, a, lr)]) for seed, a, lr in sweep if a == algo]
         t_target = target if target is not None else tuned[algos[0]][0][1].values[0] + spec.target_delta
         for algo in algos:
             lrs[algo] = min(tuned[algo], key=lambda tc: score_for_tuning(tc[1], t_target))[0]
@@ -386,26 +405,81 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[convergence] tuned {tuning_log[-1]}", flush=True)
     else:
         lrs.update({a: base_lr[a] * factors[0] for a in algos})
-    results = {a: [] for a in algos}
-    text = ""
-    for k, seed in enumerate(seeds):
-        for algo in algos:
-            results[algo].append(run_one(args.task, algo, seed, lrs[algo], spec, budget_s, work, args.keep_runs,
-                                         args.set, args.budget_samples))
-        done = seeds[: k + 1]
-        t = target if target is not None else (
-            sum(c.values[0] for c in results[algos[0]]) / len(done) + spec.target_delta)
-        # Saved after every seed, so an interrupted benchmark still leaves its table.
-        data.update({"target": t, "lrs": lrs, "tuning_log": tuning_log, "machine_end": machine_line(),
-                     "elapsed_s": time.perf_counter() - t_start, "seeds": done,
-                     "curves": {a: [vars(c) for c in cs] for a, cs in results.items()}})
-        with open(stem.with_suffix(".json"), "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=1)
-        text = write_report(data, stem)
+    reported = [(seed, algo, lrs[algo]) for seed in seeds for algo in algos]
+    done = jobs_for(reported)
+    results = {a: [done[(seed, a, lrs[a])] for seed in seeds] for a in algos}
+    t = target if target is not None else (
+        sum(c.values[0] for c in results[algos[0]]) / len(seeds) + spec.target_delta)
+    data.update({"target": t, "lrs": lrs, "tuning_log": tuning_log, "machine_end": machine_line(),
+                 "elapsed_s": time.perf_counter() - t_start + ledger.earlier_s, "workers": args.workers,
+                 "curves": {a: [vars(c) for c in cs] for a, cs in results.items()}})
+    with open(stem.with_suffix(".json"), "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=1)
+    text = write_report(data, stem)
     print(text)
     if not args.work_dir:
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+class Ledger:
+    """Every finished run of one benchmark, one JSON line each (``<stem>.runs.jsonl``), so an
+    interrupted benchmark continues where it stopped (``--resume``) instead of starting again.
+
+    A line is reused only when the benchmark's settings (task, budgets, overrides, evaluation
+    period) are those it was made with; ``--resume`` refuses a ledger made with other settings.
+    """
+
+    def __init__(self, path: Path, settings: dict, resume: bool) -> None:
+        self.path, self.settings, self.runs, self.earlier_s = path, settings, {}, 0.0
+        if not resume or not path.exists():
+            path.write_text(json.dumps({"settings": settings}) + "\n")
+            return
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if not lines or lines[0].get("settings") != settings:
+            raise SystemExit(f"convergence: {path} was made with other settings "
+                             f"({lines[0].get('settings') if lines else 'empty'}); run without --resume to start again")
+        for entry in lines[1:]:
+            self.runs[(entry["seed"], entry["method"], entry["lr"])] = Curve(**entry["curve"])
+            self.earlier_s += entry.get("wall_s", 0.0)
+        print(f"[convergence] --resume: {len(self.runs)} finished run(s) read from {path}", flush=True)
+
+    def add(self, key: tuple[int, str, float], curve: Curve, wall_s: float) -> None:
+        self.runs[key] = curve
+        seed, method, lr = key
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"seed": seed, "method": method, "lr": lr, "wall_s": round(wall_s, 1),
+                                 "commit": git_commit(), "curve": vars(curve)}) + "\n")
+
+
+def _run_job(job: tuple, threads: int) -> tuple[Curve, float]:
+    """One run in a worker process (``--workers``): ``job`` = the arguments of :func:`run_one`."""
+    set_threads(threads)
+    t0 = time.perf_counter()
+    return run_one(*job), time.perf_counter() - t0
+
+
+def run_jobs(pairs: list[tuple[int, str, float]], task: str, spec: TaskSpec, budget_s: float, budget_samples: int,
+             work: Path, keep: bool, extra: list[str], ledger: Ledger, workers: int,
+             threads: int) -> dict[tuple[int, str, float], Curve]:
+    """Run every ``(seed, method, lr)`` not in ``ledger`` (in the given order; ``workers`` at a
+    time, each in its own process with ``threads`` torch threads), recording each as it ends."""
+    todo = [p for p in pairs if p not in ledger.runs]
+    jobs = {p: (task, p[1], p[0], p[2], spec, budget_s, work, keep, extra, budget_samples) for p in todo}
+    if workers <= 1:
+        for p, job in jobs.items():
+            curve, wall = _run_job(job, threads)
+            ledger.add(p, curve, wall)
+    elif jobs:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_run_job, job, threads): p for p, job in jobs.items()}
+            for fut in as_completed(futures):
+                curve, wall = fut.result()
+                ledger.add(futures[fut], curve, wall)
+    return {p: ledger.runs[p] for p in pairs}
 
 
 def budget_text(budget_s: float, budget_samples: int) -> str:

@@ -70,6 +70,36 @@ def test_convergence_sample_budget(tmp_path, toy_cache):
     assert "256 samples of training" in stem.with_suffix(".md").read_text()
 
 
+def test_convergence_workers_and_resume(tmp_path, toy_cache):
+    """Two worker processes give the same curves as one (sample budget: deterministic runs), and
+    ``--resume`` reuses every finished run from the ledger instead of training again."""
+    common = ["--task", "toy2d", "--quick", "--seeds", "1", "--budget-samples", "256", "--lr-factors", "1",
+              "--algos", "flow_grpo,flow_grpo_fast", "--set", f"model.cache_dir={toy_cache}",
+              "--set", "model.pretrain_steps=1500", "--set", "eval.samples_per_prompt=128"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert convergence.main([*common, "--out", str(one)]) == 0
+    assert convergence.main([*common, "--out", str(two), "--workers", "2"]) == 0
+    a, b = (json.loads(p.with_suffix(".json").read_text()) for p in (one, two))
+    for method in ("flow_grpo", "flow_grpo_fast"):
+        assert a["curves"][method][0]["values"] == b["curves"][method][0]["values"]
+        assert a["curves"][method][0]["rows"] == b["curves"][method][0]["rows"]
+    # the Fast preset trains on its SDE window only: fewer backward rows than Flow-GRPO
+    assert a["curves"]["flow_grpo_fast"][0]["rows"][-1] < a["curves"]["flow_grpo"][0]["rows"][-1]
+    ledger = one.with_suffix(".runs.jsonl").read_text().splitlines()
+    assert len(ledger) == 1 + 2  # the settings, then one line per finished run
+    # a resumed benchmark trains nothing (the ledger gains no line) and renders the same result
+    rc = convergence.main([*common, "--out", str(one), "--resume"])
+    assert rc == 0 and one.with_suffix(".runs.jsonl").read_text().splitlines() == ledger
+    assert json.loads(one.with_suffix(".json").read_text())["curves"] == a["curves"]
+    # other settings: refused, not mixed
+    try:
+        convergence.main([*common[:-2], "--set", "eval.samples_per_prompt=64", "--out", str(one), "--resume"])
+    except SystemExit as err:
+        assert "other settings" in str(err)
+    else:
+        raise AssertionError("a ledger made with other settings was reused")
+
+
 def test_throughput_toy_counts_network_rows(tmp_path, toy_cache):
     stem = tmp_path / "thr"
     rc = throughput.main([

@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch", type=int, default=4)
     p.add_argument("--conv-channels", type=int, default=16, help="full-resolution conv stem/head channels (0 = none)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", default="", help="start from the weights of this asset folder (its architecture wins)")
+    p.add_argument("--time-sampling", choices=("uniform", "logit_normal"), default="uniform",
+                   help="training times: U(0, 1), or SD3's logit-normal (Esser et al. 2024, Sec. 3.1; m 0, s 1)")
     p.add_argument("--save-every", type=int, default=0, help="also save snapshots OUT/step_K every K steps")
     p.add_argument("--resume-every", type=int, default=250, help="steps between resume states (0 = none)")
     p.add_argument("--guidance", type=float, default=1.0, help="guidance_scale recorded in config.json")
@@ -140,6 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = DiTConfig(patch=args.patch, width=args.width, depth=args.depth, heads=args.heads,
                     conv_channels=args.conv_channels)
     net = ShapesDiT(cfg)
+    if args.init:
+        from advantageflow.models.dit import load_asset
+
+        net, _ = load_asset(args.init)
+        net.train()
+        cfg = net.cfg
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.0)
     final_ratio = args.lr_final / args.lr
@@ -176,7 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         x0, prompts = sample_batch(rng, args.batch_size, args.cfg_dropout)
         tokens = tokenize(prompts, cfg.max_tokens)
         eps = torch.randn(x0.shape, generator=noise_gen)
-        t = torch.rand(x0.shape[0], generator=noise_gen)
+        if args.time_sampling == "logit_normal":
+            t = torch.sigmoid(torch.randn(x0.shape[0], generator=noise_gen))
+        else:
+            t = torch.rand(x0.shape[0], generator=noise_gen)
         tb = t.view(-1, 1, 1, 1)
         x_t = (1 - tb) * x0 + tb * eps
         loss = ((net(x_t, t, tokens) - (eps - x0)) ** 2).mean()
