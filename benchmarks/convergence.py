@@ -81,10 +81,11 @@ TASKS = {
     # 2-D task: base puts ~0.35 of its mass on the 3 rewarded modes (of 8); the target is
     # base + 0.4, i.e. three quarters of the mass where the reward is.
     "toy2d": TaskSpec("eval/rewarded_fraction", 0.4, 3, ALGOS, ["eval.samples_per_prompt=1024"]),
-    # ShapesEval: GenEval-style strict accuracy on the 46 held-out prompts; target base + 0.2.
-    # Every held-out prompt twice per evaluation (92 images, ~10 s on one core).
-    "shapes": TaskSpec("eval/strict", 0.2, 3, tuple(a for a in ALGOS if a != "draft"),
-                       ["eval.num_prompts=46", "eval.samples_per_prompt=2"]),
+    # ShapesEval v2: GenEval-style strict accuracy on the 96 held-out evaluation slots (16 per
+    # tag), two samples each (192 images, 32 per tag, ~13 s on one core: se about 0.025 per
+    # curve point; the main job's own evaluation uses 9 samples); target base + 0.2.
+    "shapes": TaskSpec("eval/strict", 0.2, 5, tuple(a for a in ALGOS if a != "draft"),
+                       ["eval.num_prompts=96", "eval.samples_per_prompt=2"]),
 }
 
 
