@@ -62,6 +62,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 }
 
 
+# The per-algorithm flow-matching fit (docs/metrics.md); results saved before the rename
+# logged it as "stats/fm_mse".
+FIT_KEYS = ("stats/x0_mse", "stats/velocity_mse", "stats/fm_mse")
+
 @dataclass
 class Cell:
     """One run's outcome (see the module docstring)."""
@@ -81,7 +85,7 @@ class Cell:
     min_after: float = math.nan
     drop: float = math.nan
     first_nonfinite_epoch: int | None = None
-    max_fm_mse: float = math.nan
+    max_fm_mse: float = math.nan  # the largest flow-matching fit logged (FIT_KEYS)
     stable: bool = False
     seconds: float = 0.0
 
@@ -121,7 +125,7 @@ def summarize(cell: Cell, rows: list[dict], max_drop: float) -> Cell:
     cell.evals = [(int(r["epoch"]), float(r[METRIC])) for r in rows if METRIC in r]
     bad = [int(r["epoch"]) for r in rows if not _finite_row(r)]
     cell.first_nonfinite_epoch = min(bad) if bad else None
-    mses = [float(r["stats/fm_mse"]) for r in rows if "stats/fm_mse" in r]
+    mses = [float(r[key]) for r in rows for key in FIT_KEYS if key in r]
     cell.max_fm_mse = max(mses) if mses else math.nan
     values = [v for _, v in cell.evals]
     if values:

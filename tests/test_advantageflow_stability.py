@@ -106,12 +106,12 @@ def test_shipped_toy_config_stays_finite_at_three_times_its_lr(tmp_path, toy_ove
     ])
     train(cfg, tmp_path / "run")  # raises TrainingError if non-finite updates stop the run
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
-    trained = [r for r in rows if "stats/fm_mse" in r]
+    trained = [r for r in rows if "stats/x0_mse" in r]
     assert len(trained) == epochs
     assert not any("stats/skipped_updates" in r for r in rows)
     # The rollouts stay near the data (the mixture's modes lie within radius ~4).
     assert max(float(r["stats/x0_absmax"]) for r in trained) < 10.0
-    assert max(float(r["stats/fm_mse"]) for r in trained) < 20.0
+    assert max(float(r["stats/x0_mse"]) for r in trained) < 20.0
     evals = [float(r["eval/rewarded_fraction"]) for r in rows if "eval/rewarded_fraction" in r]
     assert evals[-1] > evals[0] + 0.3, evals
 
@@ -123,7 +123,7 @@ def test_stability_benchmark_summary_reads_drops_and_non_finite_rows():
     from benchmarks.stability import Cell, summarize
 
     def row(epoch, value=None, **extra):
-        out = {"epoch": epoch, "perf/epoch_s": 0.01, "stats/fm_mse": 1.0, **extra}
+        out = {"epoch": epoch, "perf/epoch_s": 0.01, "stats/x0_mse": 1.0, **extra}
         if value is not None:
             out["eval/rewarded_fraction"] = value
         return out

@@ -267,7 +267,7 @@ class AdvantageFlow:
                 "loss/policy": float((adv * terms["fit"]).mean().detach()),
                 "loss/anchor_old": float(terms["anchor_old"].mean().detach()),
                 "loss/anchor_ref": float(terms["anchor_ref"].mean().detach()),
-                "stats/fm_mse": float(terms["fit"].mean().detach()),
+                "stats/x0_mse": float(terms["fit"].mean().detach()),
             }
             if cfg.diagnostics:
                 metrics.update(diagnostics(terms, adv, t, weight, f_old, batch.x0, cfg.gamma + cfg.lambda_ref,

@@ -158,8 +158,8 @@ def scaled_grid_range(grid_steps: int, low: int, high: int, reference_steps: int
 class AWM:
     """Advantage Weighted Matching (see the module docstring).
 
-    Metrics: ``loss/policy``, ``loss/kl_ref`` (``||v - v_ref||^2``), ``loss/kl_ema``,
-    ``stats/ratio_mean``, ``stats/clipfrac``, ``stats/fm_mse``, ``stats/t_mean``.
+    Metrics: ``loss/policy``, ``loss/ref_velocity_mse`` (``||v - v_ref||^2``), ``loss/ema_velocity_mse``,
+    ``stats/ratio_mean``, ``stats/clipfrac``, ``stats/velocity_mse``, ``stats/t_mean``.
     """
 
     @dataclass
@@ -291,11 +291,11 @@ class AWM:
                 out.loss.mean() / len(indices),
                 {
                     "loss/policy": float(out.policy.detach().mean()),
-                    "loss/kl_ref": float(out.reg_ref.detach().mean()),
-                    "loss/kl_ema": float(out.reg_ema.detach().mean()),
+                    "loss/ref_velocity_mse": float(out.reg_ref.detach().mean()),
+                    "loss/ema_velocity_mse": float(out.reg_ema.detach().mean()),
                     "stats/ratio_mean": float(out.ratio.detach().mean()),
                     "stats/clipfrac": float(clipped.mean()),
-                    "stats/fm_mse": float(mean_flat((v_theta.detach() - u) ** 2).mean()),
+                    "stats/velocity_mse": float(mean_flat((v_theta.detach() - u) ** 2).mean()),
                     "stats/t_mean": float(t.mean()),
                 },
             )

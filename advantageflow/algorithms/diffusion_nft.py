@@ -115,7 +115,7 @@ def nft_loss(
 class DiffusionNFT:
     """DiffusionNFT (see the module docstring).
 
-    Metrics: ``loss/policy``, ``loss/kl`` (``||v - v_ref||^2``), ``loss/positive``,
+    Metrics: ``loss/policy``, ``loss/ref_velocity_mse`` (``||v - v_ref||^2``), ``loss/positive``,
     ``loss/negative``, ``stats/r_mean``, ``stats/old_decay``.
     """
 
@@ -214,7 +214,7 @@ class DiffusionNFT:
                 out.loss.mean() / len(all_t),
                 {
                     "loss/policy": float(out.policy.detach().mean()),
-                    "loss/kl": float(out.reg_ref.detach().mean()),
+                    "loss/ref_velocity_mse": float(out.reg_ref.detach().mean()),
                     "loss/positive": float(out.positive.detach().mean()),
                     "loss/negative": float(out.negative.detach().mean()),
                     "stats/r_mean": float(r.detach().mean()),

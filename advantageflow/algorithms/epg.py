@@ -70,7 +70,7 @@ def epg_loss(
 class EPG:
     """ELBO policy gradient (see the module docstring).
 
-    Metrics: ``loss/policy``, ``loss/kl`` (``l_theta - l_ref``), ``stats/rho_mean``,
+    Metrics: ``loss/policy``, ``loss/ref_elbo_gap`` (``l_theta - l_ref``), ``stats/rho_mean``,
     ``stats/elbo`` (``l_theta``).
     """
 
@@ -138,7 +138,7 @@ class EPG:
             out.loss.mean(),
             {
                 "loss/policy": float(out.policy.detach().mean()),
-                "loss/kl": float(out.kl.detach().mean()),
+                "loss/ref_elbo_gap": float(out.kl.detach().mean()),
                 "stats/rho_mean": float(out.rho.detach().mean()),
                 "stats/elbo": float(l_theta.detach().mean()),
             },

@@ -62,8 +62,8 @@ def ram_loss(v_theta: Tensor, v_ref: Tensor, u: Tensor, advantages: Tensor, eta:
 class RAM:
     """Reinforce Adjoint Matching (see the module docstring).
 
-    Metrics: ``loss/policy`` (the regression loss), ``loss/kl`` (``||v - v_ref||^2``),
-    ``stats/fm_mse``, ``stats/nonconvex_frac`` (samples with ``eta A <= -1``).
+    Metrics: ``loss/policy`` (the regression loss), ``loss/ref_velocity_mse`` (``||v - v_ref||^2``),
+    ``stats/velocity_mse``, ``stats/nonconvex_frac`` (samples with ``eta A <= -1``).
     """
 
     @dataclass
@@ -120,8 +120,8 @@ class RAM:
                 out.loss.mean() / cfg.draws_per_sample,
                 {
                     "loss/policy": float(out.loss.detach().mean()),
-                    "loss/kl": float(out.reg_ref.detach().mean()),
-                    "stats/fm_mse": float(out.fm.detach().mean()),
+                    "loss/ref_velocity_mse": float(out.reg_ref.detach().mean()),
+                    "stats/velocity_mse": float(out.fm.detach().mean()),
                     "stats/nonconvex_frac": float((cfg.eta * adv <= -1.0).float().mean()),
                 },
             )
