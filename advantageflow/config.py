@@ -506,22 +506,31 @@ def preflight(cfg: Config) -> None:
     from advantageflow.algorithms import ALGORITHMS
     from advantageflow.build import build_task
     from advantageflow.models import MODELS
-    from advantageflow.rewards import REWARDS
     from advantageflow.rewards.base import check_reward_gradient
 
     terms = cfg.reward.terms()
     if not terms:
         raise ConfigError("no reward configured: set reward.name (or reward.components)")
-    keys = reward_keys(cfg.reward)
-    for key, term in zip(keys, terms):
+    rewards = []
+    for key, term in zip(reward_keys(cfg.reward), terms):
         check_reward_args(term, key.removesuffix(".name"))
-    factories = [(k, t.name, REWARDS.get(t.name)) for k, t in zip(keys, terms)]
-    check_reward_gradient(cfg.algo, ALGORITHMS.get(cfg.algo), factories)
+        # Cheap rewards are built (their constructors' checks run); the others are judged by factory.
+        rewards.append((key, term.name, _built_if_cheap(term, key.removesuffix(".name"))))
+    check_reward_gradient(cfg.algo, ALGORITHMS.get(cfg.algo), rewards)
     _check_device(cfg.device)
     model_check = getattr(MODELS.get(cfg.model.name), "preflight", None)
     if callable(model_check):
         model_check(cfg.model)  # e.g. model.path: a folder, a hub id or tiny:KIND
     build_task(cfg)  # reads prompt files: a bad one fails here, not after the model loads
+
+
+def _built_if_cheap(term: RewardTerm, where: str) -> Any:
+    """The built reward if its factory ``builds_cheaply`` (no weights, no network), else the factory."""
+    from advantageflow.build import build_reward_term
+    from advantageflow.rewards import REWARDS
+
+    factory = REWARDS.get(term.name)
+    return build_reward_term(term, where) if getattr(factory, "builds_cheaply", False) else factory
 
 
 def _check_device(device: str) -> None:

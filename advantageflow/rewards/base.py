@@ -9,7 +9,9 @@ models (``(B, 2)`` points for the 2-D task).  ``metadata`` is one dict per sampl
 prompt's structured spec, for verifiable rewards).  A reward may be ``async def``; it may
 set ``differentiable = True`` when its output keeps the autograd graph of ``images`` (DRaFT
 needs this).  Rewards are found by registry name or dotted path (``pkg.module:factory``);
-the factory is called with the config's ``args``.
+the factory is called with the config's ``args``.  A factory that sets ``builds_cheaply = True``
+(no weights, no network) is built by ``advantageflow validate`` too, so that its constructor's
+checks (e.g. the OCR reward's tesseract) fail there rather than at the start of training.
 """
 
 from __future__ import annotations
