@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 
-from advantageflow.config import Config, RewardConfig
+from advantageflow.config import Config, RewardConfig, RewardTerm, reward_keys
 from advantageflow.configbase import ConfigError
 from advantageflow.models import MODELS
-from advantageflow.rewards import CompositeReward, build_reward
+from advantageflow.rewards import CompositeReward, RewardError, build_reward
 from advantageflow.tasks import TASKS
 
 
@@ -31,19 +31,26 @@ def build_task(cfg: Config) -> Any:
     return TASKS.get(cfg.task.name)(cfg.task)
 
 
+def build_reward_term(term: RewardTerm, where: str = "reward") -> Any:
+    """One reward of the config (``where``: ``reward`` or ``reward.components[i]``), with a
+    one-line ``ConfigError`` naming its ``args`` if its factory refuses them or the environment
+    (e.g. no tesseract for ``ocr``)."""
+    try:
+        return build_reward(term.name, term.args)
+    except (TypeError, ValueError, RewardError) as err:
+        raise ConfigError(f"'{where}.args': reward '{term.name}': {err}") from None
+
+
 def build_reward_fn(cfg: RewardConfig) -> CompositeReward:
     terms = cfg.terms()
     if not terms:
         raise ConfigError("no reward configured: set reward.name (or reward.components)")
     rewards, weights = {}, {}
-    for term in terms:
+    for term, where in zip(terms, reward_keys(cfg)):
         key = term.name.rsplit(":", 1)[-1].rsplit(".", 1)[-1]
         if key in rewards:
             raise ConfigError(f"reward '{key}' appears twice in reward.components")
-        try:
-            rewards[key] = build_reward(term.name, term.args)
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"reward '{term.name}': {err}") from None
+        rewards[key] = build_reward_term(term, where.removesuffix(".name"))
         weights[key] = term.weight
     return CompositeReward(rewards, weights)
 

@@ -466,11 +466,16 @@ def check_reward_args(term: RewardTerm, where: str) -> None:
             if isinstance(v, float) and not math.isfinite(v):
                 raise ConfigError(f"'{where}.args.{key}' must be finite, got {v}")
     from advantageflow.rewards import REWARDS
+    from advantageflow.rewards.base import check_factory_args
 
     try:
         factory = REWARDS.get(term.name)
     except RegistryError as err:
         raise ConfigError(f"'{where}.name': {err}") from None
+    try:
+        check_factory_args(factory, term.args)
+    except ValueError as err:
+        raise ConfigError(f"'{where}.args': reward '{term.name}': {err}") from None
     ops = {">": float.__gt__, ">=": float.__ge__, "<": float.__lt__, "<=": float.__le__}
     for key, bounds in (getattr(factory, REWARD_ARG_RANGES_ATTR, None) or {}).items():
         if key not in term.args:
@@ -487,30 +492,61 @@ def check_reward_args(term: RewardTerm, where: str) -> None:
                     raise ConfigError(f"'{where}.args.{key}' must be {op} {bound}, got {v}")
 
 
+def reward_keys(cfg: RewardConfig) -> list[str]:
+    """The config key naming each reward term: ``reward.name`` or ``reward.components[i].name``."""
+    if not cfg.components:
+        return ["reward.name"]
+    return [f"reward.components[{i}].name" for i in range(len(cfg.components))]
+
+
 def preflight(cfg: Config) -> None:
     """Every check ``train`` makes before loading weights (``validate`` runs it too): reward
-    arguments, the device, and the algorithm's options, beyond the per-key checks."""
+    names and arguments, the device, the model's path, the prompt files, and whether the
+    algorithm can use the reward (DRaFT needs a differentiable one), beyond the per-key checks."""
+    from advantageflow.algorithms import ALGORITHMS
     from advantageflow.build import build_task
+    from advantageflow.models import MODELS
+    from advantageflow.rewards.base import check_reward_gradient
 
     terms = cfg.reward.terms()
     if not terms:
         raise ConfigError("no reward configured: set reward.name (or reward.components)")
-    for i, term in enumerate(terms):
-        check_reward_args(term, "reward" if not cfg.reward.components else f"reward.components[{i}]")
-    if cfg.device.startswith("cuda"):
+    rewards = []
+    for key, term in zip(reward_keys(cfg.reward), terms):
+        check_reward_args(term, key.removesuffix(".name"))
+        # Cheap rewards are built (their constructors' checks run); the others are judged by factory.
+        rewards.append((key, term.name, _built_if_cheap(term, key.removesuffix(".name"))))
+    check_reward_gradient(cfg.algo, ALGORITHMS.get(cfg.algo), rewards)
+    _check_device(cfg.device)
+    model_check = getattr(MODELS.get(cfg.model.name), "preflight", None)
+    if callable(model_check):
+        model_check(cfg.model)  # e.g. model.path: a folder, a hub id or tiny:KIND
+    build_task(cfg)  # reads prompt files: a bad one fails here, not after the model loads
+
+
+def _built_if_cheap(term: RewardTerm, where: str) -> Any:
+    """The built reward if its factory ``builds_cheaply`` (no weights, no network), else the factory."""
+    from advantageflow.build import build_reward_term
+    from advantageflow.rewards import REWARDS
+
+    factory = REWARDS.get(term.name)
+    return build_reward_term(term, where) if getattr(factory, "builds_cheaply", False) else factory
+
+
+def _check_device(device: str) -> None:
+    if device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
-            raise ConfigError(f"device={cfg.device} but CUDA is not available here; use device=cpu or auto")
-        index = int(cfg.device.split(":")[1]) if ":" in cfg.device else 0
+            raise ConfigError(f"device={device} but CUDA is not available here; use device=cpu or auto")
+        index = int(device.split(":")[1]) if ":" in device else 0
         if index >= torch.cuda.device_count():
-            raise ConfigError(f"device={cfg.device} but only {torch.cuda.device_count()} CUDA device(s) exist")
-    if cfg.device == "mps":
+            raise ConfigError(f"device={device} but only {torch.cuda.device_count()} CUDA device(s) exist")
+    if device == "mps":
         import torch
 
         if not torch.backends.mps.is_available():
             raise ConfigError("device=mps but MPS is not available here; use device=cpu or auto")
-    build_task(cfg)  # reads prompt files: a bad one fails here, not after the model loads
 
 
 __all__ = [
@@ -531,4 +567,5 @@ __all__ = [
     "config_differences",
     "load_config",
     "preflight",
+    "reward_keys",
 ]

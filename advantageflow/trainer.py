@@ -31,14 +31,14 @@ from advantageflow.checkpoint import (
     save_checkpoint,
 )
 from advantageflow.compute import ComputeMeter, collect
-from advantageflow.config import Config, check_resume_config, preflight
+from advantageflow.config import Config, check_resume_config, preflight, reward_keys
 from advantageflow.distributed import DistEnv, full_tensor, local_tensor
 from advantageflow.evaluation import EvalResult, WeightsEMA, evaluate_policy
 from advantageflow.faults import fault_point
 from advantageflow.numerics import numerics_header, numerics_record, thread_invariant_kernels
 from advantageflow.parallel import finite_gradients, make_strategy
 from advantageflow.rewards.async_scoring import AsyncRewardScorer
-from advantageflow.rewards.base import is_differentiable
+from advantageflow.rewards.base import check_reward_gradient
 from advantageflow.rollouts import generate_and_score, plan_epoch, seeded_generator
 from advantageflow.runlog import (
     MetricsLogger,
@@ -154,11 +154,9 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, env: DistEnv |
     strategy.wrap(policy)  # before anything holds the parameters (FSDP2 replaces them by shards)
     meter = ComputeMeter.for_policy(policy, cfg.log.flops)
     algo = ALGORITHMS.get(cfg.algo)(cfg.algorithm, policy)
-    if getattr(algo, "requires_differentiable_reward", False) and not is_differentiable(reward):
-        raise TrainingError(
-            f"algo '{cfg.algo}' back-propagates through the reward, but the configured reward is not "
-            "differentiable; choose one that declares differentiable = True"
-        )
+    # Again on the built rewards: a factory function declares differentiability only once built.
+    built = [(k, t.name, r) for k, t, r in zip(reward_keys(cfg.reward), cfg.reward.terms(), reward.rewards.values())]
+    check_reward_gradient(cfg.algo, type(algo), built)
     params = policy.trainable_parameters()
     # What this process holds of them (its shards under FSDP2); gradients and AdamW's two
     # moments add three times as much.

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from advantageflow.config import load_config
+from advantageflow.config import ConfigError, load_config
 from advantageflow.runlog import read_metrics
-from advantageflow.trainer import TrainingError, train
+from advantageflow.trainer import train
 from tests.conftest import REPO
 
 # name -> (epochs, minimum gain of eval/reward_mean).  The shipped configs run 30 epochs; the
@@ -41,7 +41,7 @@ def test_draft_refuses_a_non_differentiable_reward_before_training(tmp_path, toy
     cfg = load_config(str(REPO / "configs" / "toy2d_draft.yaml"), toy_overrides + [
         "reward.name=toy2d_modes", "reward.args={modes: [0, 1, 2]}", "train.epochs=1", "eval.every=0",
     ])
-    with pytest.raises(TrainingError, match="not differentiable"):
+    with pytest.raises(ConfigError, match="'reward.name': algo 'draft' .* reward 'toy2d_modes' is not differentiable"):
         train(cfg, tmp_path / "run")
 
 

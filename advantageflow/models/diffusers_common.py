@@ -16,6 +16,7 @@ import contextlib
 import copy
 import gc
 import os
+import re
 import resource
 import sys
 from collections.abc import Iterator
@@ -121,12 +122,9 @@ def memory_per_process(device: torch.device | str | None = None) -> dict[str, fl
 
 def load_pipeline(pipeline_cls: Any, path: str, dtype: torch.dtype) -> Any:
     """``pipeline_cls.from_pretrained(path, torch_dtype=dtype)`` with a one-line error."""
-    import os
     import warnings
 
-    local = path.startswith(("/", ".", "~")) or os.sep in path.strip("/").split(os.sep, 1)[0]
-    if local and not os.path.isdir(os.path.expanduser(path)):
-        raise ConfigError(f"model.path '{path}' is not a folder (give a diffusers model folder or a hub id)")
+    check_model_path(path)
     try:
         with warnings.catch_warnings():  # diffusers >= 0.41 prefers `dtype`; older ones need this
             warnings.filterwarnings("ignore", message=".*torch_dtype.*")
@@ -140,6 +138,40 @@ def load_pipeline(pipeline_cls: Any, path: str, dtype: torch.dtype) -> Any:
 
 
 TINY_PREFIX = "tiny:"
+# A Hugging Face repo id: owner/name of letters, digits, '-', '_', '.' (no '--' or '..').
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94})/[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94})$")
+
+
+def _tiny_spec(path: str) -> tuple[str, int]:
+    """``tiny:KIND[:SEED]`` -> ``(KIND, SEED)``; ``ConfigError`` if malformed."""
+    from advantageflow.testing.tiny_pipelines import BUILDERS
+
+    kind, _, seed = path[len(TINY_PREFIX) :].partition(":")
+    if kind not in BUILDERS or (seed and not seed.isdigit()):
+        raise ConfigError(f"model.path '{path}': expected tiny:sd3 or tiny:flux, optionally tiny:KIND:SEED")
+    return kind, int(seed or 0)
+
+
+def check_model_path(path: str) -> None:
+    """``ConfigError`` naming ``model.path`` unless it is ``tiny:KIND[:SEED]``, an existing
+    folder, or plausibly a hub id (``owner/name``; whether the hub has it is known only when
+    loading).  ``validate`` and :func:`load_pipeline` both run it."""
+    if not path:
+        raise ConfigError("model.path must be a hub id or a local folder")
+    if path.startswith(TINY_PREFIX):
+        _tiny_spec(path)
+        return
+    local = os.path.expanduser(path)
+    if os.path.isdir(local):
+        return
+    looks_local = path.startswith(("/", ".", "~")) or path.count("/") > 1 or "\\" in path
+    if os.path.exists(local) or looks_local:
+        raise ConfigError(f"model.path '{path}' is not a folder (give a diffusers model folder or a hub id)")
+    if not HUB_ID_RE.match(path) or "--" in path or ".." in path:
+        raise ConfigError(
+            f"model.path '{path}' is neither an existing folder nor a hub id of the form 'owner/name' "
+            "(e.g. stabilityai/stable-diffusion-3.5-medium)"
+        )
 
 
 def resolve_path(path: str) -> str:
@@ -148,12 +180,9 @@ def resolve_path(path: str) -> str:
     a folder, returned as is."""
     if not path.startswith(TINY_PREFIX):
         return path
-    from advantageflow.testing.tiny_pipelines import BUILDERS, tiny_pipeline_dir
+    from advantageflow.testing.tiny_pipelines import tiny_pipeline_dir
 
-    kind, _, seed = path[len(TINY_PREFIX):].partition(":")
-    if kind not in BUILDERS or (seed and not seed.isdigit()):
-        raise ConfigError(f"model.path '{path}': expected tiny:sd3 or tiny:flux, optionally tiny:KIND:SEED")
-    return tiny_pipeline_dir(kind, int(seed or 0))
+    return tiny_pipeline_dir(*_tiny_spec(path))
 
 
 def add_lora(transformer: nn.Module, lora: LoraOptions) -> None:
@@ -232,6 +261,11 @@ class DiffusersPolicy(PolicyBase):
     @classmethod
     def pipeline_class(cls) -> Any:  # pragma: no cover - overridden
         raise NotImplementedError
+
+    @classmethod
+    def preflight(cls, cfg: Any) -> None:
+        """The checks :meth:`from_config` makes before loading weights (``validate`` runs them)."""
+        check_model_path(cfg.path)
 
     @classmethod
     def from_config(cls, cfg: Any, device: str = "cpu") -> DiffusersPolicy:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from advantageflow.configbase import ConfigError
 from advantageflow.models.base import FrozenCopyPolicy, guided
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "shapes_dit"
@@ -218,17 +219,24 @@ class ShapesDiT(nn.Module):
         return self.head_out(F.silu(self.head_norm(h)))
 
 
-def load_asset(path: str | Path = "") -> tuple[ShapesDiT, dict]:
-    """The network and its ``config.json`` from an asset folder ('' = the shipped one)."""
-    from safetensors.torch import load_file
-
-    folder = Path(path) if path else ASSET_DIR
+def asset_files(path: str | Path = "") -> tuple[Path, Path]:
+    """``(config.json, model.safetensors)`` of an asset folder ('' = the shipped one);
+    ``FileNotFoundError`` naming the folder if either is missing."""
+    folder = Path(path).expanduser() if path else ASSET_DIR
     cfg_file, weights = folder / "config.json", folder / "model.safetensors"
     if not cfg_file.exists() or not weights.exists():
         raise FileNotFoundError(
             f"no ShapesDiT checkpoint in '{folder}' (needs config.json and model.safetensors; "
             f"make one with 'advantageflow pretrain shapes --out {folder}')"
         )
+    return cfg_file, weights
+
+
+def load_asset(path: str | Path = "") -> tuple[ShapesDiT, dict]:
+    """The network and its ``config.json`` from an asset folder ('' = the shipped one)."""
+    from safetensors.torch import load_file
+
+    cfg_file, weights = asset_files(path)
     meta = json.loads(cfg_file.read_text())
     net = ShapesDiT(DiTConfig(**meta["model"]))
     net.load_state_dict(load_file(str(weights)))
@@ -279,6 +287,14 @@ class ShapesDiTPolicy(FrozenCopyPolicy):
         self.vocab = tuple(self.meta.get("vocab", VOCAB))
         if len(self.vocab) != c.vocab_size:
             raise ValueError(f"the asset's vocabulary has {len(self.vocab)} words, its network {c.vocab_size}")
+
+    @classmethod
+    def preflight(cls, cfg: Config) -> None:
+        """The check :meth:`from_config` makes before loading weights (``validate`` runs it)."""
+        try:
+            asset_files(cfg.path)
+        except FileNotFoundError as err:
+            raise ConfigError(f"model.path: {err}") from None
 
     @classmethod
     def from_config(cls, cfg: Config, device: str = "cpu") -> ShapesDiTPolicy:

@@ -9,7 +9,9 @@ models (``(B, 2)`` points for the 2-D task).  ``metadata`` is one dict per sampl
 prompt's structured spec, for verifiable rewards).  A reward may be ``async def``; it may
 set ``differentiable = True`` when its output keeps the autograd graph of ``images`` (DRaFT
 needs this).  Rewards are found by registry name or dotted path (``pkg.module:factory``);
-the factory is called with the config's ``args``.
+the factory is called with the config's ``args``.  A factory that sets ``builds_cheaply = True``
+(no weights, no network) is built by ``advantageflow validate`` too, so that its constructor's
+checks (e.g. the OCR reward's tesseract) fail there rather than at the start of training.
 """
 
 from __future__ import annotations
@@ -96,27 +98,59 @@ def as_components(out: Any, name: str, batch: int) -> dict[str, Tensor]:
     return result
 
 
-def _factory_kwargs(factory: Any, args: dict, name: str) -> dict:
-    """Reject unknown factory arguments with a suggestion, before calling it."""
+def check_factory_args(factory: Any, args: dict) -> dict:
+    """``args`` if ``factory(**args)`` binds: a ``ValueError`` names an unknown argument (with a
+    suggestion) or a missing required one, before the factory runs (``validate`` runs it too)."""
     try:
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError):
         return args
-    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        return args
-    valid = [k for k, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    for key in args:
-        if key not in valid:
-            hint = closest(key, valid)
-            more = f"; did you mean '{hint}'?" if hint else ""
-            raise ValueError(f"unknown argument '{key}'{more} (valid: {valid})")
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    valid = [k for k, p in params.items() if p.kind in named]
+    if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        for key in args:
+            if key not in valid:
+                hint = closest(key, valid)
+                more = f"; did you mean '{hint}'?" if hint else ""
+                raise ValueError(f"unknown argument '{key}'{more} (valid: {valid})")
+    missing = [k for k in valid if params[k].default is inspect.Parameter.empty and k not in args]
+    if missing:
+        raise ValueError(f"missing required argument(s) {missing} (give them under args:)")
     return args
+
+
+def declared_differentiable(reward_or_factory: Any) -> bool | None:
+    """What a built reward, or a reward class, declares (``differentiable``, default False);
+    ``None`` for a factory function that declares nothing (known only once built)."""
+    if hasattr(reward_or_factory, "differentiable"):
+        return is_differentiable(reward_or_factory)
+    return None if inspect.isroutine(reward_or_factory) else False
+
+
+def check_reward_gradient(algo: str, algo_cls: Any, rewards: list[tuple[str, str, Any]]) -> None:
+    """``ConfigError`` when ``algo_cls`` back-propagates through the reward
+    (``requires_differentiable_reward``, e.g. DRaFT) and a reward is not differentiable.
+
+    ``rewards``: ``(config key, reward name, the built reward or its factory)`` per term; the
+    trainer checks the built rewards, ``validate`` (:func:`advantageflow.config.preflight`)
+    their factories.
+    """
+    from advantageflow.configbase import ConfigError
+
+    if not getattr(algo_cls, "requires_differentiable_reward", False):
+        return
+    for where, name, reward in rewards:
+        if declared_differentiable(reward) is False:
+            raise ConfigError(
+                f"'{where}': algo '{algo}' back-propagates through the reward, but reward '{name}' is not "
+                "differentiable; choose one that declares differentiable = True (e.g. toy2d_smooth, pickscore)"
+            )
 
 
 def build_reward(name: str, args: dict | None = None) -> Any:
     """Instantiate the reward registered as ``name`` (or at a dotted path) with ``args``."""
     factory = REWARDS.get(name)
-    return factory(**_factory_kwargs(factory, dict(args or {}), name))
+    return factory(**check_factory_args(factory, dict(args or {})))
 
 
 class CompositeReward:

@@ -35,6 +35,7 @@ class JpegIncompressibility:
     """Reward = JPEG size in kB at ``quality`` (DDPO: 95).  ``(B, 3, H, W)`` -> ``(B,)``."""
 
     differentiable = False
+    builds_cheaply = True  # validate builds it: the constructor's checks run before training
     sign = 1.0
     name = "jpeg_incompressibility"
     arg_ranges = {"quality": ((">=", 1), ("<=", 100))}

@@ -82,6 +82,7 @@ class OcrReward:
     """
 
     differentiable = False
+    builds_cheaply = True  # validate builds it: a missing tesseract is found before training
     arg_ranges = {"psm": ((">=", 0), ("<=", 13)), "workers": ((">=", 1),), "upscale": ((">=", 1), ("<=", 16)),
                   "timeout": ((">", 0),), "omp_threads": ((">=", 1),)}
 

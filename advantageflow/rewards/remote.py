@@ -46,6 +46,7 @@ class RemoteReward:
     """
 
     differentiable = False
+    builds_cheaply = True  # no request until the first score
 
     def __init__(
         self,

@@ -1,5 +1,10 @@
 """A task from a prompt list: a ``.txt`` file (one prompt per line), a ``.jsonl`` file
-(``{"prompt": ..., "metadata": {...}}`` per line), or prompts given inline."""
+(``{"prompt": ..., "metadata": {...}}`` per line), or prompts given inline.
+
+A relative path that does not exist in the working folder is looked up among the package's
+shipped sets (``advantageflow/assets/prompts``, made by :mod:`advantageflow.prompts.generate`),
+so ``prompts/pickscore_train.txt`` works from a source checkout and from an installed package.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +13,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from advantageflow.configbase import ConfigError
+from advantageflow.registry import closest
 from advantageflow.tasks.base import Prompt
 
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+SHIPPED = ASSETS / "prompts"
 
-def read_prompt_file(path: str) -> list[Prompt]:
-    """Prompts of a ``.txt`` or ``.jsonl`` file, with a one-line error naming a bad line."""
+
+def shipped_prompt_sets() -> list[str]:
+    """``prompts/NAME`` of every shipped prompt file."""
+    return sorted(f"prompts/{p.name}" for p in SHIPPED.glob("*") if p.suffix in (".txt", ".jsonl"))
+
+
+def resolve_prompt_path(path: str, key: str = "task.path") -> Path:
+    """``path`` itself if it is a file, else the shipped file at ``assets/PATH`` (relative paths
+    only); a ``ConfigError`` naming ``key`` (with the closest shipped set) if neither exists."""
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise ConfigError(f"prompt file '{path}' does not exist")
+    if p.is_file():
+        return p
+    if p.is_dir():
+        raise ConfigError(f"{key}: prompt file '{path}' is a folder, not a file")
+    if not p.is_absolute() and (ASSETS / p).is_file():
+        return ASSETS / p
+    hint = closest(path, shipped_prompt_sets()) if not p.is_absolute() else None
+    more = f"; did you mean the shipped '{hint}'?" if hint else ""
+    raise ConfigError(f"{key}: prompt file '{path}' does not exist{more} (shipped: {', '.join(shipped_prompt_sets())})")
+
+
+def read_prompt_file(path: str, key: str = "task.path") -> list[Prompt]:
+    """Prompts of a ``.txt`` or ``.jsonl`` file, with a one-line error naming a bad line."""
+    p = resolve_prompt_path(path, key)
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
@@ -51,7 +78,11 @@ def read_prompt_file(path: str) -> list[Prompt]:
 
 class PromptFileTask:
     """Train/test split of a prompt list: the last ``test_fraction`` of it is held out
-    (at least one prompt when there are two or more; all prompts when there is one)."""
+    (at least one prompt when there are two or more; all prompts when there is one).
+
+    ``test_path``: a separate test file (e.g. ``prompts/pickscore_test.txt``); then every
+    prompt of ``path`` trains and ``test_fraction`` is not used.
+    """
 
     @dataclass
     class Config:
@@ -59,6 +90,7 @@ class PromptFileTask:
         path: str = ""
         prompts: list[str] = field(default_factory=list)
         test_fraction: float = 0.1
+        test_path: str = ""
 
         def validate(self) -> None:
             if bool(self.path) == bool(self.prompts):
@@ -69,6 +101,9 @@ class PromptFileTask:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         items = read_prompt_file(cfg.path) if cfg.path else [Prompt(p) for p in cfg.prompts]
+        if cfg.test_path:
+            self._train, self._test = items, read_prompt_file(cfg.test_path, "task.test_path")
+            return
         n_test = int(round(len(items) * cfg.test_fraction))
         if len(items) > 1:
             n_test = min(max(n_test, 1), len(items) - 1)

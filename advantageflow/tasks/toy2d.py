@@ -45,6 +45,7 @@ class ModeReward:
     """1 for points whose nearest mode is rewarded and within 3 mode-stds of it, else 0."""
 
     differentiable = False
+    builds_cheaply = True
     arg_ranges = {"modes": ((">=", 0), ("<=", 7))}  # checked by `validate` (an empty list rewards nothing)
 
     def __init__(self, modes: list[int] = (0, 1, 2)) -> None:
@@ -60,6 +61,7 @@ class SmoothModeReward:
     """Differentiable: ``sum_k exp(-||x - mu_k||^2 / (2 w^2))`` over the rewarded modes."""
 
     differentiable = True
+    builds_cheaply = True
     arg_ranges = {"modes": ((">=", 0), ("<=", 7)), "width": ((">", 0),)}  # width 0: every reward 0
 
     def __init__(self, modes: list[int] = (0, 1, 2), width: float = 0.5) -> None:

@@ -34,6 +34,7 @@ class ShapesEvalReward:
     """
 
     differentiable = False
+    builds_cheaply = True
 
     def __init__(self, strict_weight: float = 0.0) -> None:
         if not 0.0 <= strict_weight <= 1.0:
