@@ -276,7 +276,7 @@ def cmd_configs(args: argparse.Namespace) -> int:
 
     shipped = shipped_configs()
     if args.to is None and not args.names:
-        width = max(len(name) for name in shipped)
+        width = max((len(name) for name in shipped), default=0)
         for name, path in shipped.items():
             print(f"{name:<{width}}  {_first_comment(path)}")
         return 0
