@@ -6,6 +6,8 @@
     advantageflow sample [CONFIG] [key=value ...] --checkpoint DIR --prompt TEXT [--num N] [--out DIR]
     advantageflow pretrain shapes [...]
     advantageflow serve-reward NAME [...]
+    advantageflow configs [NAME ...] [--to DIR [--force]]
+    advantageflow --version
 
 Bad input ends with one line on stderr and exit status 2; a failure while running (a damaged
 checkpoint, a failing reward, a full disk) with one line and exit status 1; never a
@@ -22,9 +24,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-
-REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
 
 EXIT_RUNTIME, EXIT_USAGE = 1, 2
 
@@ -236,8 +235,79 @@ def cmd_serve_reward(args: argparse.Namespace) -> int:
     return int(serve_main([args.name, *args.rest]) or 0)
 
 
+def configs_dir() -> Path:
+    """The shipped example configs: ``advantageflow/_configs`` in an installed wheel (setup.py
+    copies them in), else the source checkout's (or editable install's) ``configs/``."""
+    here = Path(__file__).resolve().parent
+    for folder in (here / "_configs", here.parent / "configs"):
+        if folder.is_dir():
+            return folder
+    raise FileNotFoundError(f"no shipped configs next to '{here}' (neither _configs/ nor ../configs/)")
+
+
+def shipped_configs() -> dict[str, Path]:
+    """``{name: path}`` of the shipped configs, by name (the file name without ``.yaml``)."""
+    return {p.stem: p for p in sorted(configs_dir().glob("*.yaml"))}
+
+
+def _pick_configs(names: list[str], shipped: dict[str, Path]) -> list[Path]:
+    from advantageflow.configbase import ConfigError
+    from advantageflow.registry import closest
+
+    picked = []
+    for name in names:
+        stem = name.removesuffix(".yaml")
+        if stem not in shipped:
+            near = closest(stem, list(shipped))
+            hint = f"; did you mean '{near}'?" if near else " (list them: advantageflow configs)"
+            raise ConfigError(f"no shipped config '{name}'{hint}")
+        picked.append(shipped[stem])
+    return picked
+
+
+def _first_comment(path: Path) -> str:
+    line = path.read_text(encoding="utf-8").split("\n", 1)[0]
+    return line.lstrip("#").strip() if line.startswith("#") else ""
+
+
+def cmd_configs(args: argparse.Namespace) -> int:
+    """List the shipped configs; with NAME print one; with ``--to DIR`` copy NAMEs (none: all)."""
+    from advantageflow.configbase import ConfigError
+
+    shipped = shipped_configs()
+    if args.to is None and not args.names:
+        width = max((len(name) for name in shipped), default=0)
+        for name, path in shipped.items():
+            print(f"{name:<{width}}  {_first_comment(path)}")
+        return 0
+    picked = _pick_configs(args.names, shipped) if args.names else list(shipped.values())
+    if args.to is None:
+        for path in picked:
+            sys.stdout.write(path.read_text(encoding="utf-8"))
+        return 0
+    out = Path(args.to)
+    clash = [str(out / p.name) for p in picked if (out / p.name).exists()]
+    if clash and not args.force:  # checked before writing anything: all or nothing
+        raise ConfigError(f"'{clash[0]}' exists (--force overwrites)")
+    out.mkdir(parents=True, exist_ok=True)
+    for path in picked:
+        (out / path.name).write_bytes(path.read_bytes())
+    print(f"[advantageflow] copied {len(picked)} config(s) to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="advantageflow", description=__doc__.split("\n")[0], allow_abbrev=False)
+    from advantageflow import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="advantageflow",
+        allow_abbrev=False,
+        description="Online RL fine-tuning of flow-matching image generators (AdvantageFlow, AWM, Flow-GRPO, "
+        "DiffusionNFT, EPG, RAM, DRaFT).",
+        epilog="Bad input ends with one line on stderr and exit status 2, a failure while running with one "
+        "line and exit status 1.",
+    )
+    parser.add_argument("--version", action="version", version=f"advantageflow {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     trust_help = "import the code a run folder's config names (package.module:callable); only for folders you trust"
 
@@ -285,6 +355,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="registered reward name or dotted path")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="server options (--host, --port, --token, ...)")
     p.set_defaults(func=cmd_serve_reward)
+
+    p = sub.add_parser(
+        "configs", help="list the shipped example configs, print one, or copy them to a folder", allow_abbrev=False
+    )
+    p.add_argument("names", nargs="*", metavar="NAME", help="config name(s) (as listed; .yaml optional)")
+    p.add_argument("--to", metavar="DIR", help="copy NAME(s) into DIR (no NAME: all of them)")
+    p.add_argument("--force", action="store_true", help="overwrite files already in DIR")
+    p.set_defaults(func=cmd_configs)
     return parser
 
 

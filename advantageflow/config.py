@@ -242,7 +242,6 @@ class DistConfig:
             raise ConfigError("dist.timeout_s must be > 0")
 
 
-ALGO_KEYS = ("algo",)
 DEVICE_RE = re.compile(r"^(cpu|auto|mps|cuda(:\d+)?)$")
 
 

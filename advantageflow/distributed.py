@@ -22,12 +22,14 @@ from torch import Tensor
 
 @dataclass
 class DistEnv:
-    """Attributes: rank, world_size, local_rank, device."""
+    """Attributes: rank, world_size, local_rank, device; owns_group: this env initialised the
+    process group (so :meth:`shutdown` destroys it; one made by someone else stays)."""
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    owns_group: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -46,14 +48,15 @@ class DistEnv:
         rank = int(os.environ["RANK"])
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         dev = _resolve_device(device, local_rank)
-        if not dist.is_initialized():
+        owns = not dist.is_initialized()
+        if owns:
             backend = "nccl" if dev.type == "cuda" else "gloo"
             if dev.type == "cuda":
                 torch.cuda.set_device(dev)
             dist.init_process_group(
                 backend=backend, timeout=datetime.timedelta(seconds=timeout_s)
             )
-        return cls(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+        return cls(rank=rank, world_size=world, local_rank=local_rank, device=dev, owns_group=owns)
 
     def all_gather_cat(self, tensor: Tensor) -> Tensor:
         """Concatenate every rank's ``(n, ...)`` tensor along dim 0, in rank order.
@@ -112,8 +115,10 @@ class DistEnv:
         return bool(t.item() > 0)
 
     def shutdown(self) -> None:
-        if self.active and dist.is_initialized():
+        """Destroy the process group if :meth:`from_environment` initialised it."""
+        if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+        self.owns_group = False
 
 
 @functools.cache

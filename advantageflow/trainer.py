@@ -123,17 +123,28 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, env: DistEnv |
     """Run (or resume) the training described by ``cfg``, writing into ``run_dir``.
 
     On ``resume`` the config is compared with the one the checkpoint was trained with before
-    anything is written (:func:`advantageflow.config.check_resume_config`).
+    anything is written (:func:`advantageflow.config.check_resume_config`).  However the run
+    ends, the background reward scorer is shut down, and the process group too when this call
+    initialised it (no ``env`` given).
     """
     preflight(cfg)
-    env = env or DistEnv.from_environment(cfg.device, cfg.dist.timeout_s)
+    with contextlib.ExitStack() as cleanup:
+        if env is None:
+            env = DistEnv.from_environment(cfg.device, cfg.dist.timeout_s)
+            cleanup.callback(env.shutdown)  # runs last: after the scorer's shutdown
+        return _train(cfg, Path(run_dir), resume, env, allow_config_change, cleanup)
+
+
+def _train(
+    cfg: Config, run_dir: Path, resume: bool, env: DistEnv, allow_config_change: bool, cleanup: contextlib.ExitStack
+) -> TrainResult:
+    """:func:`train`'s body; what must be released however it ends goes on ``cleanup``."""
     per_step = cfg.train.samples_per_epoch // cfg.train.steps_per_epoch
     if per_step % env.world_size:
         raise TrainingError(
             f"{per_step} samples per optimizer step (train.prompts_per_epoch * train.group_size / "
             f"train.steps_per_epoch) cannot be split evenly over {env.world_size} processes"
         )
-    run_dir = Path(run_dir)
     ckpt_root = run_dir / "checkpoints"
     if env.is_main:
         check_run_dir(run_dir)
@@ -182,7 +193,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, env: DistEnv |
     if env.is_main:
         atomic_write_text(run_dir / "config.yaml", numerics_header() + cfg.to_yaml())
 
-    scorer = AsyncRewardScorer(reward) if cfg.reward.async_scoring else None
+    # Shut down on the way out (on an error without waiting for queued scores).
+    scorer = cleanup.enter_context(AsyncRewardScorer(reward)) if cfg.reward.async_scoring else None
     train_prompts = task.train_prompts()
     cache_prompts = getattr(policy, "cache_prompts", None)
     if callable(cache_prompts):  # encode every prompt once; text encoders may then be released

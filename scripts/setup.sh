@@ -26,7 +26,7 @@ fi
 echo "[setup] creating $VENV (about a minute)"
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
-# The CPU build of PyTorch; the package itself only asks for torch>=2.2.
+# The CPU build of PyTorch, the version CI tests; the package itself only asks for torch>=2.6.
 "$VENV/bin/python" -m pip install -q "torch==2.13.0"
 "$VENV/bin/python" -m pip install -q -e ".[all]"
 echo "$WANT" > "$STAMP"

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+
+import pytest
 
 from advantageflow.cli import main
 from tests.conftest import REPO
@@ -47,3 +50,51 @@ def test_bad_checkpoint_path_is_one_line(tmp_path, capsys):
 def test_module_entry_point_help():
     out = subprocess.run([sys.executable, "-m", "advantageflow", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "train" in out.stdout and "serve-reward" in out.stdout
+
+
+def test_version_flag_prints_the_package_version(capsys):
+    import advantageflow
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"advantageflow {advantageflow.__version__}"
+
+
+@pytest.mark.parametrize("command", ["", "train", "eval", "sample", "configs"])
+def test_help_is_plain_text(capsys, command):
+    """No reStructuredText from docstrings (``literal``, :class:`X`) in what --help prints."""
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"] if command else ["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: advantageflow" in out
+    assert not re.search(r"``|:(class|func|mod|meth):`", out), out
+
+
+def test_configs_lists_prints_and_copies_the_shipped_configs(tmp_path, capsys):
+    shipped = sorted((REPO / "configs").glob("*.yaml"))
+    assert main(["configs"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert listed == [p.stem for p in shipped]
+    assert main(["configs", "toy2d_awm"]) == 0
+    assert capsys.readouterr().out == (REPO / "configs" / "toy2d_awm.yaml").read_text(encoding="utf-8")
+    # one (the .yaml suffix is optional), then all of them
+    assert main(["configs", "toy2d_awm.yaml", "--to", str(tmp_path / "one")]) == 0
+    assert [p.name for p in (tmp_path / "one").iterdir()] == ["toy2d_awm.yaml"]
+    assert main(["configs", "--to", str(tmp_path / "all")]) == 0
+    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == [p.name for p in shipped]
+    assert all((tmp_path / "all" / p.name).read_bytes() == p.read_bytes() for p in shipped)
+
+
+def test_configs_refuses_to_overwrite_and_names_unknown_configs(tmp_path, capsys):
+    (tmp_path / "toy2d_awm.yaml").write_text("mine")
+    assert main(["configs", "toy2d_ram", "toy2d_awm", "--to", str(tmp_path)]) == 2
+    assert "toy2d_awm.yaml' exists (--force overwrites)" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["toy2d_awm.yaml"]  # nothing written
+    assert (tmp_path / "toy2d_awm.yaml").read_text() == "mine"
+    assert main(["configs", "toy2d_awm", "--to", str(tmp_path), "--force"]) == 0
+    assert (tmp_path / "toy2d_awm.yaml").read_bytes() == (REPO / "configs" / "toy2d_awm.yaml").read_bytes()
+    assert main(["configs", "toy2d_flow_grop"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no shipped config 'toy2d_flow_grop'; did you mean 'toy2d_flow_grpo'?" in err[0]

@@ -142,6 +142,46 @@ def test_checkpoints_cross_world_sizes(tmp_path, toy_overrides, warm_cache, stra
     assert final[2].trainer["world_size"] == 2 and final[2].trainer["strategy"] == strategy
 
 
+# Run under torchrun: train() initialises the process group itself, so it destroys it at the end.
+OWN_GROUP = """
+import sys
+import torch.distributed as dist
+from advantageflow.config import load_config
+from advantageflow.trainer import train
+
+train(load_config(sys.argv[1], sys.argv[3:]), sys.argv[2])
+print("group after train:", dist.is_initialized())
+"""
+
+
+def test_train_destroys_the_process_group_it_initialised(tmp_path, toy_overrides, warm_cache):
+    script = tmp_path / "own_group.py"
+    script.write_text(OWN_GROUP)
+    cmd = [TORCHRUN, "--standalone", "--nproc-per-node", "2", str(script), TOY, str(tmp_path / "run"),
+           *_args(toy_overrides, "train.epochs=1")]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("group after train: False") == 2, out.stdout
+
+
+def test_an_env_leaves_a_process_group_it_did_not_create(monkeypatch):
+    import torch.distributed as dist
+
+    from advantageflow.distributed import DistEnv
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", "0")
+        env = DistEnv.from_environment("cpu")
+        assert env.active and not env.owns_group
+        env.shutdown()
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("mode", ["raise", "hang"])
 def test_failing_rank_ends_the_run(tmp_path, toy_overrides, warm_cache, mode):
     args = _args(toy_overrides, "train.epochs=6", "dist.timeout_s=20",

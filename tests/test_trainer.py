@@ -4,6 +4,8 @@ resuming continues exactly, the run folder has what a person opens."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import pytest
 
@@ -95,6 +97,21 @@ def test_async_scoring_overlapping_sampling_gives_identical_runs(tmp_path, toy_o
     train(load_config(TOY, base), tmp_path / "sync")
     train(load_config(TOY, base + ["reward.async_scoring=true"]), tmp_path / "async")
     assert _train_rows(tmp_path / "sync") == _train_rows(tmp_path / "async")
+
+
+def test_a_failing_run_shuts_its_reward_scorer_down(tmp_path, toy_overrides):
+    def scorer_threads() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name.startswith("reward")}
+
+    before = scorer_threads()
+    crashing = toy_overrides + ["train.epochs=3", "eval.every=0", "reward.async_scoring=true",
+                                "reward.name=tests.helpers_rewards:CrashingModeReward", "reward.args={crash_at: 2}"]
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(load_config(TOY, crashing), tmp_path / "run")
+    deadline = time.monotonic() + 10  # shut down without waiting: the idle worker leaves soon after
+    while scorer_threads() - before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not scorer_threads() - before
 
 
 @pytest.mark.parametrize("algo", ["advantageflow", "awm", "epg"])

@@ -52,7 +52,6 @@ class FlowPolicy(Protocol):
     Attributes:
         sample_shape: per-sample state shape ``S`` (e.g. ``(2,)`` or ``(C, H, W)``).
         device: where the model lives.
-        differentiable_decode: whether :meth:`decode` keeps the autograd graph.
     """
 
     sample_shape: tuple[int, ...]
@@ -92,8 +91,6 @@ class PolicyBase:
     ``trainable_named_parameters``, the attributes of :class:`FlowPolicy` and ``_active``
     (the network ``velocity`` calls).
     """
-
-    differentiable_decode: bool = True
 
     def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:  # pragma: no cover
         raise NotImplementedError

@@ -229,7 +229,6 @@ class DiffusersPolicy(PolicyBase):
         ref_transformer: frozen copy for full fine-tuning, else ``None``.
     """
 
-    differentiable_decode = True
     #: conditioning keys holding the unconditional (negative prompt) branch.
     NEGATIVE_KEYS: tuple[str, ...] = ()
 

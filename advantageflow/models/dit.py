@@ -272,7 +272,6 @@ class ShapesDiTPolicy(FrozenCopyPolicy):
         path: str = ""
 
     sample_shape = (3, 32, 32)
-    differentiable_decode = True
 
     def __init__(self, net: ShapesDiT, meta: dict | None = None, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
