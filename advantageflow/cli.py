@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -379,6 +380,11 @@ def main(argv: list[str] | None = None) -> int:
     previous = _install_sigterm()
     try:
         return args.func(args)
+    except BrokenPipeError:
+        # The reader went away (`advantageflow configs | head`): stop quietly, as Unix tools do;
+        # stdout goes to /dev/null so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt as err:
         what = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
         print(f"\n[advantageflow] {what}; the last checkpoint is intact (resume with --resume)", file=sys.stderr)

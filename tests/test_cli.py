@@ -98,3 +98,12 @@ def test_configs_refuses_to_overwrite_and_names_unknown_configs(tmp_path, capsys
     assert main(["configs", "toy2d_flow_grop"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no shipped config 'toy2d_flow_grop'; did you mean 'toy2d_flow_grpo'?" in err[0]
+
+
+def test_output_into_a_closed_pipe_ends_quietly():
+    """`advantageflow configs | head -1`: the reader has gone; no error line, SIGPIPE's status."""
+    proc = subprocess.Popen([sys.executable, "-m", "advantageflow", "configs"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=REPO)
+    proc.stdout.close()  # before the child has written anything: its first write fails with EPIPE
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == "", err
