@@ -149,10 +149,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from advantageflow.config import preflight
+    from advantageflow.config import convention_notes, preflight
 
     cfg = _load(args.items)
     preflight(cfg)
+    for line in convention_notes(cfg):
+        print(line)
     print(f"ok: algo={cfg.algo} model={cfg.model.name} task={cfg.task.name} "
           f"reward={[t.name for t in cfg.reward.terms()]} epochs={cfg.train.epochs}")
     return 0

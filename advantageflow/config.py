@@ -498,6 +498,21 @@ def reward_keys(cfg: RewardConfig) -> list[str]:
     return [f"reward.components[{i}].name" for i in range(len(cfg.components))]
 
 
+def convention_notes(cfg: Config) -> list[str]:
+    """One line per setting outside the algorithm's section that differs from what the method's
+    authors use (the algorithm's ``conventions``, :mod:`advantageflow.algorithms.base`)."""
+    from advantageflow.algorithms import ALGORITHMS
+
+    notes = []
+    for key, (want, why) in getattr(ALGORITHMS.get(cfg.algo), "conventions", {}).items():
+        node = cfg
+        for part in key.split("."):
+            node = getattr(node, part)
+        if node != want:
+            notes.append(f"note: {key} is {node!r}; {why} (set {key}={want} to follow the authors)")
+    return notes
+
+
 def preflight(cfg: Config) -> None:
     """Every check ``train`` makes before loading weights (``validate`` runs it too): reward
     names and arguments, the device, the model's path, the prompt files, and whether the
@@ -565,6 +580,7 @@ __all__ = [
     "closest",
     "config_differences",
     "load_config",
+    "convention_notes",
     "preflight",
     "reward_keys",
 ]

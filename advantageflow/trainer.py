@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from advantageflow.checkpoint import (
     save_checkpoint,
 )
 from advantageflow.compute import ComputeMeter, collect
-from advantageflow.config import Config, check_resume_config, preflight, reward_keys
+from advantageflow.config import Config, check_resume_config, convention_notes, preflight, reward_keys
 from advantageflow.distributed import DistEnv, full_tensor, local_tensor
 from advantageflow.evaluation import EvalResult, WeightsEMA, evaluate_policy
 from advantageflow.faults import fault_point
@@ -147,6 +148,8 @@ def _train(
         )
     ckpt_root = run_dir / "checkpoints"
     if env.is_main:
+        for line in convention_notes(cfg):
+            print(f"[advantageflow] {line}", file=sys.stderr)
         check_run_dir(run_dir)
         if not resume and list_checkpoints(ckpt_root):
             raise TrainingError(f"'{run_dir}' already holds checkpoints; pass --resume or use a new --run-dir")

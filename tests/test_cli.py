@@ -107,3 +107,17 @@ def test_output_into_a_closed_pipe_ends_quietly():
     proc.stdout.close()  # before the child has written anything: its first write fails with EPIPE
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141 and err == "", err
+
+
+def test_validate_notes_settings_the_algorithms_authors_do_not_use(capsys):
+    """An algorithm's conventions outside its section (EPG: no std in the advantage; AWM and
+    DiffusionNFT: no CFG, one step per epoch) are noted with the key to change, not refused."""
+    assert main(["validate", TOY, "algo=epg", "advantage.std=global", "sampler.guidance_scale=2.0"]) == 0
+    out = capsys.readouterr().out
+    assert "note: advantage.std is 'global'" in out and "advantage.std=none" in out
+    assert "note: sampler.guidance_scale is 2.0" in out and out.rstrip().splitlines()[-1].startswith("ok: algo=epg")
+    assert main(["validate", TOY, "algo=awm", "train.steps_per_epoch=2"]) == 0
+    assert "train.steps_per_epoch=1" in capsys.readouterr().out
+    for name in ("epg", "awm", "diffusion_nft"):  # the shipped configs follow their authors
+        assert main(["validate", str(REPO / "configs" / f"toy2d_{name}.yaml")]) == 0
+        assert "note:" not in capsys.readouterr().out

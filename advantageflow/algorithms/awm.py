@@ -162,6 +162,11 @@ class AWM:
     ``stats/ratio_mean``, ``stats/clipfrac``, ``stats/velocity_mse``, ``stats/t_mean``.
     """
 
+    conventions = {
+        "sampler.guidance_scale": (1.0, "AWM's rollouts and evaluation use no CFG"),
+        "train.steps_per_epoch": (1, "AWM takes one optimizer step per epoch"),
+    }
+
     @dataclass
     class Config:
         """Hyper-parameters; defaults are the authors' (SD3.5-M, GenEval).

@@ -24,7 +24,11 @@ Optional methods the trainer calls when present:
   of optimizer steps taken so far (counted from 1): once-per-epoch updates of an old policy.
 
 Optional class attributes read by the trainer: ``requires_differentiable_reward``
-(DRaFT), ``drop_zero_std_groups`` (Flow-GRPO filters groups whose rewards are all equal).
+(DRaFT), ``drop_zero_std_groups`` (Flow-GRPO filters groups whose rewards are all equal), and
+``conventions``: ``{dotted key outside the algorithm's section: (value, why)}``, the authors'
+settings of other sections that the method assumes (EPG: ``advantage.std: none``); a config
+that differs gets a note naming the key from ``validate`` and ``train``
+(:func:`advantageflow.config.convention_notes`), not an error: deviating may be the experiment.
 """
 
 from __future__ import annotations

@@ -119,6 +119,11 @@ class DiffusionNFT:
     ``loss/negative``, ``stats/r_mean``, ``stats/old_decay``.
     """
 
+    conventions = {
+        "sampler.guidance_scale": (1.0, "DiffusionNFT is CFG-free: rollouts with guidance 1"),
+        "train.steps_per_epoch": (1, "DiffusionNFT takes one optimizer step per epoch (GenEval, PickScore)"),
+    }
+
     @dataclass
     class Config:
         """Hyper-parameters; defaults are the authors' (GenEval / PickScore).

@@ -74,6 +74,11 @@ class EPG:
     ``stats/elbo`` (``l_theta``).
     """
 
+    conventions = {
+        "advantage.std": ("none", "EPG's advantage is R - mean_group(R), not divided by a std"),
+        "sampler.guidance_scale": (1.0, "EPG samples with ODE rollouts and no CFG"),
+    }
+
     @dataclass
     class Config:
         """Hyper-parameters (no official code; defaults are ours, documented).
