@@ -148,8 +148,6 @@ def _train(
         )
     ckpt_root = run_dir / "checkpoints"
     if env.is_main:
-        for line in convention_notes(cfg):
-            print(f"[advantageflow] {line}", file=sys.stderr)
         check_run_dir(run_dir)
         if not resume and list_checkpoints(ckpt_root):
             raise TrainingError(f"'{run_dir}' already holds checkpoints; pass --resume or use a new --run-dir")
@@ -159,6 +157,9 @@ def _train(
     config_notes: list[str] = []
     if path is not None:
         config_notes = check_resume_config(_trained_config(path), cfg, allow_config_change, str(path))
+    if env.is_main:  # the run will start: say where it departs from the method's authors
+        for line in convention_notes(cfg):
+            print(f"[advantageflow] {line}", file=sys.stderr)
     env.barrier()
 
     torch.manual_seed(cfg.seed)
