@@ -21,15 +21,17 @@ def test_curve_helpers():
     assert out[:4] == [0.1, 0.1, 0.5, 0.5] and math.isnan(out[4])
 
 
+def toy_args(toy_cache, *args: str) -> list[str]:
+    """A one-seed quick 2-D benchmark on the cached base model, plus ``args``."""
+    return ["--task", "toy2d", "--quick", "--seeds", "1", *args, "--set", f"model.cache_dir={toy_cache}",
+            "--set", "model.pretrain_steps=1500", "--set", "eval.samples_per_prompt=128"]
+
+
 def test_convergence_toy_budget_and_table(tmp_path, toy_cache):
     stem = tmp_path / "conv"
     work = tmp_path / "runs"
-    rc = convergence.main([
-        "--task", "toy2d", "--quick", "--seeds", "1", "--budget-s", "0.4", "--algos", "flow_grpo,awm",
-        "--out", str(stem), "--work-dir", str(work), "--keep-runs",
-        "--set", f"model.cache_dir={toy_cache}", "--set", "model.pretrain_steps=1500",
-        "--set", "eval.samples_per_prompt=128",
-    ])
+    rc = convergence.main(toy_args(toy_cache, "--budget-s", "0.4", "--algos", "flow_grpo,awm",
+                                   "--out", str(stem), "--work-dir", str(work), "--keep-runs"))
     assert rc == 0
     table = stem.with_suffix(".md").read_text()
     assert "| flow_grpo |" in table and "| awm |" in table and stem.with_suffix(".png").stat().st_size > 0
@@ -54,12 +56,8 @@ def test_convergence_toy_budget_and_table(tmp_path, toy_cache):
 
 def test_convergence_sample_budget(tmp_path, toy_cache):
     stem, work = tmp_path / "conv", tmp_path / "runs"
-    rc = convergence.main([
-        "--task", "toy2d", "--quick", "--seeds", "1", "--budget-samples", "256", "--algos", "flow_grpo,advantageflow",
-        "--out", str(stem), "--work-dir", str(work), "--keep-runs",
-        "--set", f"model.cache_dir={toy_cache}", "--set", "model.pretrain_steps=1500",
-        "--set", "eval.samples_per_prompt=128",
-    ])
+    rc = convergence.main(toy_args(toy_cache, "--budget-samples", "256", "--algos", "flow_grpo,advantageflow",
+                                   "--out", str(stem), "--work-dir", str(work), "--keep-runs"))
     assert rc == 0
     data = json.loads(stem.with_suffix(".json").read_text())
     assert data["budget_s"] == 0 and data["budget_samples"] == 256
@@ -73,9 +71,7 @@ def test_convergence_sample_budget(tmp_path, toy_cache):
 def test_convergence_workers_and_resume(tmp_path, toy_cache):
     """Two worker processes give the same curves as one (sample budget: deterministic runs), and
     ``--resume`` reuses every finished run from the ledger instead of training again."""
-    common = ["--task", "toy2d", "--quick", "--seeds", "1", "--budget-samples", "256", "--lr-factors", "1",
-              "--algos", "flow_grpo,flow_grpo_fast", "--set", f"model.cache_dir={toy_cache}",
-              "--set", "model.pretrain_steps=1500", "--set", "eval.samples_per_prompt=128"]
+    common = toy_args(toy_cache, "--budget-samples", "256", "--lr-factors", "1", "--algos", "flow_grpo,flow_grpo_fast")
     one, two = tmp_path / "one", tmp_path / "two"
     assert convergence.main([*common, "--out", str(one)]) == 0
     assert convergence.main([*common, "--out", str(two), "--workers", "2"]) == 0
@@ -93,7 +89,7 @@ def test_convergence_workers_and_resume(tmp_path, toy_cache):
     assert json.loads(one.with_suffix(".json").read_text())["curves"] == a["curves"]
     # other settings: refused, not mixed
     try:
-        convergence.main([*common[:-2], "--set", "eval.samples_per_prompt=64", "--out", str(one), "--resume"])
+        convergence.main([*common, "--set", "eval.samples_per_prompt=64", "--out", str(one), "--resume"])
     except SystemExit as err:
         assert "other settings" in str(err)
     else:
