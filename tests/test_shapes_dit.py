@@ -146,3 +146,22 @@ def test_shipped_model_fits_renders_better_than_an_untrained_one(shipped):
     assert flow_matching_loss(shipped, num_images=32, times=2) == trained  # deterministic
     untrained = ShapesDiTPolicy(ShapesDiT(DiTConfig(**json.loads((ASSET_DIR / "config.json").read_text())["model"])))
     assert trained < 0.7 * flow_matching_loss(untrained, num_images=32, times=2)
+
+
+@pytest.mark.parametrize("conv,mid", [(0, 0), (8, 0), (8, 8)])
+def test_every_architecture_variant_maps_images_to_velocities_and_trains_every_parameter(conv, mid):
+    torch.manual_seed(0)
+    net = ShapesDiT(DiTConfig(width=32, depth=1, heads=2, conv_channels=conv, mid_channels=mid))
+    with torch.no_grad():  # zero-initialised output layers would block gradients to the rest
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.randn(3, 3, 32, 32)
+    v = net(x, torch.rand(3), tokenize(["a red circle", "two bars", ""], 12))
+    assert v.shape == x.shape
+    v.pow(2).mean().backward()
+    assert [n for n, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum()] == []
+
+
+def test_half_resolution_stage_needs_the_full_resolution_one():
+    with pytest.raises(ValueError, match="mid_channels needs conv_channels"):
+        ShapesDiT(DiTConfig(conv_channels=0, mid_channels=8))

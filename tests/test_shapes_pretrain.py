@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from advantageflow.models.dit import ShapesDiTPolicy
-from advantageflow.tasks.shapes.pretrain import lr_factor, main
+from advantageflow.tasks.shapes.pretrain import flow_matching_loss, foreground_weights, lr_factor, main, sample_batch
 
 TINY = ["--width", "32", "--depth", "1", "--heads", "2", "--batch-size", "4", "--warmup", "2",
         "--eval-samples", "0", "--no-progress"]
@@ -76,3 +76,18 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
 def test_time_cap_stops_early_and_still_saves(tmp_path):
     assert main(["--steps", "1000", "--minutes", "1e-9", "--out", str(tmp_path), *TINY]) == 0
     assert json.loads((tmp_path / "config.json").read_text())["pretrain"]["steps_done"] == 1
+
+
+def test_foreground_weights_mark_the_objects_and_keep_the_loss_scale():
+    import random
+
+    x0, _ = sample_batch(random.Random(0), 4, 0.0)
+    assert foreground_weights(x0, 0.0) is None
+    w = foreground_weights(x0, 4.0)
+    assert w.shape == (4, 1, 32, 32) and set(w.unique().tolist()) == {1.0, 5.0}
+    lit = (x0 - x0[:, :, :1, :1]).abs().amax(dim=1, keepdim=True) > 0.1  # corner pixel = background
+    assert bool((w[lit] == 5.0).all())  # every object pixel is weighted
+    assert 0.05 < float((w > 1).float().mean()) < 0.5  # and the background mostly not
+    err = torch.full((4, 3, 32, 32), 2.0)
+    assert float(flow_matching_loss(err, torch.zeros_like(err), w)) == pytest.approx(4.0)
+    assert float(flow_matching_loss(err, torch.zeros_like(err), None)) == pytest.approx(4.0)

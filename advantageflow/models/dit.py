@@ -69,6 +69,7 @@ class DiTConfig:
     vocab_size: int = len(VOCAB)
     conv_channels: int = 0  # > 0: convolutional stem and head at full resolution (see ShapesDiT)
     conv_blocks: int = 1  # residual blocks of the convolutional head
+    mid_channels: int = 0  # > 0: a half-resolution convolutional stage around the transformer
 
 
 def timestep_embedding(t: Tensor, dim: int) -> Tensor:
@@ -177,7 +178,16 @@ class ShapesDiT(nn.Module):
             self.head_out = nn.Conv2d(k, cfg.channels, 3, padding=1)
             nn.init.zeros_(self.head_out.weight)
             nn.init.zeros_(self.head_out.bias)
-        self.patch_embed = nn.Conv2d(k or cfg.channels, w, p, stride=p)
+        m = cfg.mid_channels
+        if m:
+            if not k or p % 2:
+                raise ValueError("mid_channels needs conv_channels > 0 and an even patch")
+            self.down = nn.Conv2d(k, m, 3, stride=2, padding=1)
+            self.mid_in = ConvResBlock(m, w)
+            self.mid_out = ConvResBlock(m, w)
+            self.up = nn.Conv2d(m, k, 3, padding=1)
+        self.token_patch = p // 2 if m else p  # patch side on the map the transformer reads
+        self.patch_embed = nn.Conv2d(m or k or cfg.channels, w, self.token_patch, stride=self.token_patch)
         # fixed 2-D sin-cos positions (DiT, Sec. 3.2) plus a learned correction (zero at start)
         self.register_buffer("pos_fixed", sincos_2d(self.grid, w)[None], persistent=False)
         self.pos = nn.Parameter(torch.zeros(1, self.grid * self.grid, w))
@@ -189,30 +199,36 @@ class ShapesDiT(nn.Module):
         self.blocks = nn.ModuleList(Block(w, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.norm_out = nn.LayerNorm(w, elementwise_affine=False, eps=1e-6)
         self.ada_out = nn.Linear(w, 2 * w)
-        self.out = nn.Linear(w, p * p * (k or cfg.channels))
+        self.out = nn.Linear(w, self.token_patch**2 * (m or k or cfg.channels))
         for layer in (self.ada_out, self.out):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
     def forward(self, x: Tensor, t: Tensor, tokens: Tensor) -> Tensor:
         b, ch, hh, ww = x.shape
-        p, g = self.cfg.patch, self.grid
+        p, g = self.token_patch, self.grid
         txt = self.tok(tokens) + self.tok_pos[:, : tokens.shape[1]]  # (B, L, D)
         c = self.t_mlp(timestep_embedding(t, self.cfg.width).to(x.dtype)) + self.text_pool(txt.mean(dim=1))
-        stem = None
+        stem = mid = None
         if self.cfg.conv_channels:
             stem = self.stem_in(x)  # (B, K, H, W)
             x = stem
+        if self.cfg.mid_channels:
+            mid = self.mid_in(self.down(F.silu(stem)), c)  # (B, M, H/2, W/2)
+            x = mid
         img = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_fixed + self.pos  # (B, g*g, D)
         h = torch.cat([txt, img], dim=1)
         for block in self.blocks:
             h = block(h, c)
         shift, scale = self.ada_out(F.silu(c)).chunk(2, dim=1)
         h = self.out(modulate(self.norm_out(h[:, tokens.shape[1]:]), shift, scale))  # (B, g*g, p*p*K)
-        k = self.cfg.conv_channels or ch
-        h = h.view(b, g, g, p, p, k).permute(0, 5, 1, 3, 2, 4).reshape(b, k, hh, ww)
+        k = self.cfg.mid_channels or self.cfg.conv_channels or ch
+        h = h.view(b, g, g, p, p, k).permute(0, 5, 1, 3, 2, 4).reshape(b, k, g * p, g * p)
         if stem is None:
             return h
+        if mid is not None:
+            h = self.mid_out(h + mid, c)
+            h = self.up(F.interpolate(F.silu(h), scale_factor=2, mode="nearest"))
         h = h + stem
         for block in self.head_blocks:
             h = block(h, c)
