@@ -46,7 +46,7 @@ def _single(tmp_path, args) -> list[dict]:
 def test_accelerate_launch_two_processes_match_one(tmp_path, toy_overrides, warm_cache):  # noqa: F811
     accelerate = shutil.which("accelerate", path=str(BIN))
     if accelerate is None:
-        pytest.skip("accelerate is not installed (pip install accelerate)")
+        pytest.skip("accelerate is not installed (peft, in the diffusers extra, brings it)")
     args = _args(toy_overrides)
     cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
