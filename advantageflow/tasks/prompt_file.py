@@ -1,5 +1,6 @@
 """A task from a prompt list: a ``.txt`` file (one prompt per line), a ``.jsonl`` file
-(``{"prompt": ..., "metadata": {...}}`` per line), or prompts given inline.
+(``{"prompt": ..., "metadata": {...}}`` per line), a Hugging Face dataset
+(:mod:`advantageflow.tasks.hf_dataset`), or prompts given inline.
 
 A relative path that does not exist in the working folder is looked up among the package's
 shipped sets (``advantageflow/assets/prompts``, made by :mod:`advantageflow.prompts.generate`),
@@ -15,6 +16,7 @@ from pathlib import Path
 from advantageflow.configbase import ConfigError
 from advantageflow.registry import closest
 from advantageflow.tasks.base import Prompt
+from advantageflow.tasks.hf_dataset import read_hf_dataset
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 SHIPPED = ASSETS / "prompts"
@@ -81,7 +83,9 @@ class PromptFileTask:
     (at least one prompt when there are two or more; all prompts when there is one).
 
     ``test_path``: a separate test file (e.g. ``prompts/pickscore_test.txt``); then every
-    prompt of ``path`` trains and ``test_fraction`` is not used.
+    prompt of ``path`` trains and ``test_fraction`` is not used.  ``dataset``: a Hugging Face
+    dataset id or folder instead of ``path``: ``split`` trains, and ``test_split`` (when set)
+    is the held-out set, else the last ``test_fraction`` of ``split``.
     """
 
     @dataclass
@@ -91,18 +95,31 @@ class PromptFileTask:
         prompts: list[str] = field(default_factory=list)
         test_fraction: float = 0.1
         test_path: str = ""
+        dataset: str = ""  # Hugging Face dataset id or folder (instead of path)
+        split: str = "train"
+        test_split: str = ""
+        prompt_column: str = "prompt"
 
         def validate(self) -> None:
-            if bool(self.path) == bool(self.prompts):
-                raise ConfigError("task 'prompts' needs exactly one of 'path' or 'prompts'")
+            if sum(map(bool, (self.path, self.prompts, self.dataset))) != 1:
+                raise ConfigError("task 'prompts' needs exactly one of 'path', 'prompts' or 'dataset'")
+            if self.test_path and self.dataset:
+                raise ConfigError("task.test_path goes with task.path; with task.dataset use task.test_split")
+            if self.test_split and not self.dataset:
+                raise ConfigError("task.test_split names a split of task.dataset, which is not set")
             if not 0.0 <= self.test_fraction < 1.0:
                 raise ConfigError("task.test_fraction must be in [0, 1)")
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        items = read_prompt_file(cfg.path) if cfg.path else [Prompt(p) for p in cfg.prompts]
-        if cfg.test_path:
-            self._train, self._test = items, read_prompt_file(cfg.test_path, "task.test_path")
+        if cfg.dataset:
+            items = read_hf_dataset(cfg.dataset, cfg.split, cfg.prompt_column)
+        else:
+            items = read_prompt_file(cfg.path) if cfg.path else [Prompt(p) for p in cfg.prompts]
+        if cfg.test_path or cfg.test_split:
+            self._train = items
+            self._test = (read_prompt_file(cfg.test_path, "task.test_path") if cfg.test_path
+                          else read_hf_dataset(cfg.dataset, cfg.test_split, cfg.prompt_column, "task.test_split"))
             return
         n_test = int(round(len(items) * cfg.test_fraction))
         if len(items) > 1:
