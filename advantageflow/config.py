@@ -11,6 +11,7 @@ The algorithm is chosen by ``algo:`` and its options live in a section named aft
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
@@ -136,6 +137,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     adam_eps: float = 1e-8
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"  # adamw8bit: bitsandbytes' 8-bit moments
     grad_clip: float = 1.0
     max_bad_steps: int = 5
     max_wall_s: float = 0.0
@@ -291,6 +293,9 @@ class Config:
             raise ConfigError(f"seed must be in [0, 2**63), got {self.seed}")
         if not DEVICE_RE.match(self.device):
             raise ConfigError(f"device must be cpu, cuda, cuda:N, mps or auto, got '{self.device}'")
+        if self.train.optimizer == "adamw8bit" and self.dist.strategy == "fsdp":
+            raise ConfigError("train.optimizer=adamw8bit cannot step FSDP2's sharded (DTensor) parameters; "
+                              "use dist.strategy=ddp or train.optimizer=adamw")
 
     def to_dict(self) -> dict:
         """Plain dict in the YAML layout (the algorithm's section under its own name)."""
@@ -433,6 +438,22 @@ def config_differences(old: dict, new: dict) -> tuple[list[str], list[str]]:
     return refused, harmless
 
 
+def _with_missing(data: dict, flat: dict[str, Any]) -> dict:
+    """A copy of nested ``data`` with the dotted keys of ``flat`` added where it lacks them."""
+    out = copy.deepcopy(data)
+    for key, value in flat.items():
+        node, parts = out, key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                if part in node:
+                    break
+                node[part] = {}
+            node = node[part]
+        else:
+            node.setdefault(parts[-1], value)
+    return out
+
+
 def check_resume_config(recorded: dict | None, cfg: Config, allow_change: bool, where: str) -> list[str]:
     """Compare the config a checkpoint was trained with and ``cfg``; returns the accepted
     changes (to note in the log) or raises ``ConfigError`` listing the ones that change the
@@ -442,7 +463,12 @@ def check_resume_config(recorded: dict | None, cfg: Config, allow_change: bool, 
             return ["the checkpoint records no config; not compared"]
         raise ConfigError(f"checkpoint '{where}' records no config, so --resume cannot check it; "
                           "pass --allow-config-change to resume anyway")
-    refused, harmless = config_differences(recorded, cfg.to_dict())
+    now = cfg.to_dict()
+    # Keys added to the config after the checkpoint was written, set to their default, keep
+    # the old run's behaviour: fill them in so they do not count as changes.
+    defaults = _flatten(load_config(None, [f"algo={cfg.algo}"]).to_dict())
+    recorded = _with_missing(recorded, {k: v for k, v in _flatten(now).items() if defaults.get(k, object()) == v})
+    refused, harmless = config_differences(recorded, now)
     if refused and not allow_change:
         raise ConfigError(
             f"--resume: the config differs from the one checkpoint '{where}' was trained with: "

@@ -37,6 +37,7 @@ from advantageflow.distributed import DistEnv, full_tensor, local_tensor
 from advantageflow.evaluation import EvalResult, WeightsEMA, evaluate_policy
 from advantageflow.faults import fault_point
 from advantageflow.numerics import numerics_header, numerics_record, thread_invariant_kernels
+from advantageflow.optim import build_optimizer
 from advantageflow.parallel import finite_gradients, make_strategy
 from advantageflow.rewards.async_scoring import AsyncRewardScorer
 from advantageflow.rewards.base import check_reward_gradient
@@ -176,10 +177,7 @@ def _train(
     # What this process holds of them (its shards under FSDP2); gradients and AdamW's two
     # moments add three times as much.
     trainable_mb = sum(local_tensor(p).numel() * p.element_size() for p in params) / 2**20
-    optimizer = torch.optim.AdamW(
-        params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-        betas=tuple(cfg.train.adam_betas), eps=cfg.train.adam_eps,
-    )
+    optimizer = build_optimizer(params, cfg.train)
     state = LoopState()
     logger = MetricsLogger(run_dir, cfg.log.tensorboard, enabled=env.is_main)
     eval_ema = WeightsEMA(policy, cfg.eval.ema_decay) if cfg.eval.ema_decay > 0 else None
