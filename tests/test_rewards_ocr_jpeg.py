@@ -187,6 +187,7 @@ def test_builtins_registered():
         "hpsv2",
         "imagereward",
         "remote",
+        "vlm_judge",
         "toy2d_modes",
         "toy2d_smooth",
     ]:
