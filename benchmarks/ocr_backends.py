@@ -4,7 +4,7 @@
         [--backends ppocr,tesseract] [--out benchmarks/results/ocr_backends.md]
 
 The word set is the project's own OCR targets (``advantageflow.prompts.generate.ocr_targets``,
-words and short phrases), each rendered once per image size in one of three DejaVu fonts
+words, then short phrases), each rendered once per image size in one of three DejaVu fonts
 (Sans, Serif, Sans Mono, in turn), in lower, Title or UPPER case, dark text on a light
 background at a random size and place (seeded): 40-85 % of the image's width, or 10-25 %
 for a size written with an ``s`` (``512s``: small text, as on a sign in a generated scene).
