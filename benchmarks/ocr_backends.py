@@ -137,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         width = (0.1, 0.25) if small else (0.4, 0.85)
         label = f"{size} (small text)" if small else str(size)
         upscale = args.upscale_small if size < 128 else 1
-        rewards = {b: build_reward("ocr", {"backend": b, "upscale": upscale}) for b in backends}
+        # A generous tesseract timeout: on a loaded machine a niced process can wait long for a core.
+        extra = {"tesseract": {"timeout": 600}}
+        rewards = {b: build_reward("ocr", {"backend": b, "upscale": upscale, **extra.get(b, {})}) for b in backends}
         tallies = {b: Tally() for b in backends}
         rng = random.Random(f"{args.seed}:{spec}")
         warm = render_word("warm up", fonts[0][1], size, random.Random(1))
