@@ -27,7 +27,7 @@ BAD = [
     ),
     ([SD3, "reward.name=hpsv2"], "'reward.args': reward 'hpsv2': missing required argument(s) ['path']"),
     (
-        [SD3, "reward.name=ocr", "reward.args.tesseract_cmd=no-such-tesseract"],
+        [SD3, "reward.name=ocr", "reward.args.backend=tesseract", "reward.args.tesseract_cmd=no-such-tesseract"],
         "'reward.args': reward 'ocr': ocr reward: the 'no-such-tesseract' executable was not found",
     ),
     (

@@ -23,6 +23,7 @@ REWARDS.register("aesthetic", "advantageflow.rewards.clip_scorers:AestheticScore
 REWARDS.register("hpsv2", "advantageflow.rewards.clip_scorers:HPSv2Score")
 REWARDS.register("imagereward", "advantageflow.rewards.clip_scorers:ImageRewardScore")
 REWARDS.register("remote", "advantageflow.rewards.remote:RemoteReward")
+REWARDS.register("vlm_judge", "advantageflow.rewards.vlm_judge:VlmJudgeReward")
 
 __all__ = [
     "REWARDS",

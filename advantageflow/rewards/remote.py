@@ -1,10 +1,17 @@
-"""The ``remote`` reward: a client of :mod:`advantageflow.rewards.server`.
+"""The ``remote`` reward: a client of :mod:`advantageflow.rewards.server` (or of another
+project's reward server, ``protocol``).
 
 Sends the batch as JSON (PNG images, or raw float32 for non-image samples such as the 2-D
 task's points), retries transient failures with exponential backoff, and otherwise raises
 :class:`~advantageflow.rewards.base.RewardError` so the run stops (and can be resumed) rather
 than training on missing or NaN rewards.  Every response is validated: one finite number per
 sample in ``scores`` and in each component.
+
+``protocol``: ``advantageflow`` (default; ``POST /score``, JSON, never pickle),
+``flow_factory`` (Flow-Factory's ``POST /compute`` JSON) or ``flow_grpo`` (Flow-GRPO's pickled
+request to the URL as given; the pickled reply is read only through the restricted unpickler
+of :mod:`advantageflow.rewards.protocols`, and a reply naming anything but plain data ends the
+run at once).
 """
 
 from __future__ import annotations
@@ -20,7 +27,16 @@ from typing import Any
 
 from torch import Tensor
 
+from advantageflow.registry import closest
 from advantageflow.rewards.base import RewardError
+from advantageflow.rewards.protocols import (
+    PROTOCOLS,
+    UnsafePickleError,
+    decode_flow_factory_response,
+    decode_flow_grpo_response,
+    encode_flow_factory_request,
+    encode_flow_grpo_request,
+)
 from advantageflow.rewards.wire import decode_response, encode_request, loads_strict
 
 TOKEN_ENV = "ADVANTAGEFLOW_REWARD_TOKEN"
@@ -42,7 +58,12 @@ class RemoteReward:
             reset, timeouts, 5xx/429, unparsable or invalid responses).
         backoff: the first wait in seconds; doubled after each failure, capped at ``max_backoff``.
         encoding: ``auto`` (PNG for ``(B, 3, H, W)`` images, float32 otherwise), ``png``, or
-            ``float32`` (exact floats; the server then scores unquantised images).
+            ``float32`` (exact floats; the server then scores unquantised images).  Protocol
+            ``advantageflow`` only (Flow-Factory: PNG; Flow-GRPO: JPEG at quality 75).
+        protocol: ``advantageflow`` (``url`` + ``/score``), ``flow_factory`` (``url`` +
+            ``/compute``) or ``flow_grpo`` (``url`` as given, e.g. ``http://127.0.0.1:18085``).
+        score_key: ``flow_grpo`` only: the reply's key holding the scores (default: ``scores``
+            if present, else ``outputs``).
     """
 
     differentiable = False
@@ -57,6 +78,8 @@ class RemoteReward:
         backoff: float = 1.0,
         max_backoff: float = 30.0,
         encoding: str = "auto",
+        protocol: str = "advantageflow",
+        score_key: str | None = None,
     ) -> None:
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"remote reward: url must start with http:// or https://, got '{url}'")
@@ -64,8 +87,18 @@ class RemoteReward:
             raise ValueError(f"remote reward: unknown encoding '{encoding}' (auto, png, float32)")
         if retries < 0 or timeout <= 0 or backoff < 0:
             raise ValueError("remote reward: need retries >= 0, timeout > 0, backoff >= 0")
+        if protocol not in PROTOCOLS:
+            hint = closest(str(protocol), list(PROTOCOLS))
+            more = f"; did you mean '{hint}'?" if hint else ""
+            raise ValueError(f"remote reward: unknown protocol '{protocol}'{more} (options: {', '.join(PROTOCOLS)})")
+        if score_key is not None and protocol != "flow_grpo":
+            raise ValueError("remote reward: score_key applies to protocol 'flow_grpo' only")
+        if encoding != "auto" and protocol != "advantageflow":
+            raise ValueError(f"remote reward: encoding applies to protocol 'advantageflow' only, not '{protocol}'")
+        self.protocol, self.score_key = protocol, score_key
         base = url.rstrip("/")
-        self.url = base if base.endswith("/score") else base + "/score"
+        suffix = {"advantageflow": "/score", "flow_factory": "/compute", "flow_grpo": ""}[protocol]
+        self.url = base if base.endswith(suffix) else base + suffix
         self.token = token if token is not None else os.environ.get(TOKEN_ENV)
         self.timeout, self.retries = float(timeout), int(retries)
         self.backoff, self.max_backoff, self.encoding = float(backoff), float(max_backoff), encoding
@@ -76,7 +109,8 @@ class RemoteReward:
         self._opener = urllib.request.build_opener(*([urllib.request.ProxyHandler({})] if local else []))
 
     def _post(self, body: bytes) -> bytes:
-        headers = {"Content-Type": "application/json"}
+        ctype = "application/octet-stream" if self.protocol == "flow_grpo" else "application/json"
+        headers = {"Content-Type": ctype}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
         req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
@@ -92,19 +126,22 @@ class RemoteReward:
 
     def __call__(self, images: Tensor, prompts: list[str], metadata: list[dict]) -> Any:
         batch = images.shape[0]
-        body = encode_request(images, prompts, metadata, self.encoding)
+        body = self._encode(images, prompts, metadata)
         last = "no attempt made"
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(min(self.backoff * 2 ** (attempt - 1), self.max_backoff))
             try:
                 raw = self._post(body)
-                scores, parts = decode_response(raw, batch)
+                scores, parts = self._decode(raw, batch)
+            except UnsafePickleError as err:  # a hostile or broken server: retrying cannot help
+                raise RewardError(f"remote reward at {self.url}: {err}") from err
             except urllib.error.HTTPError as err:
                 detail = _error_detail(err)
                 if err.code in FATAL_STATUS:
-                    raise RewardError(f"remote reward at {self.url} refused the request: "
-                                      f"HTTP {err.code}: {detail}") from err
+                    raise RewardError(
+                        f"remote reward at {self.url} refused the request: HTTP {err.code}: {detail}"
+                    ) from err
                 last = f"HTTP {err.code}: {detail}"
             except (OSError, http.client.HTTPException) as err:  # refused, timeouts, resets, cut replies
                 reason = getattr(err, "reason", err)
@@ -116,9 +153,21 @@ class RemoteReward:
                     return scores.to(images.device)
                 dev = images.device
                 return {"score": scores.to(dev), **{k: v.to(dev) for k, v in parts.items()}}
-        raise RewardError(
-            f"remote reward at {self.url} failed after {self.retries + 1} attempts; last error: {last}"
-        )
+        raise RewardError(f"remote reward at {self.url} failed after {self.retries + 1} attempts; last error: {last}")
+
+    def _encode(self, images: Tensor, prompts: list[str], metadata: list[dict]) -> bytes:
+        if self.protocol == "flow_factory":
+            return encode_flow_factory_request(images, prompts, metadata)
+        if self.protocol == "flow_grpo":
+            return encode_flow_grpo_request(images, prompts, metadata)
+        return encode_request(images, prompts, metadata, self.encoding)
+
+    def _decode(self, raw: bytes, batch: int) -> tuple[Tensor, dict[str, Tensor]]:
+        if self.protocol == "flow_factory":
+            return decode_flow_factory_response(raw, batch), {}
+        if self.protocol == "flow_grpo":
+            return decode_flow_grpo_response(raw, batch, self.score_key)
+        return decode_response(raw, batch)
 
 
 def _error_detail(err: urllib.error.HTTPError) -> str:

@@ -6,6 +6,8 @@ header parsing are a maintained library's job.  JSON in, JSON out, never pickle;
 
 * ``GET /health`` -> ``{"status": "ok", "reward": NAME, "differentiable": false, "max_bytes": N, ...}``
 * ``POST /score`` -> ``{"scores": [...], "components": {...}}``
+* ``POST /compute`` (Flow-Factory's protocol, :mod:`advantageflow.rewards.protocols`):
+  ``{"prompt": [...], "image": [base64 PNG] | "video": [[...]]}`` -> ``{"rewards": [...]}``
 
 Safety: binds ``127.0.0.1`` unless told otherwise; bearer token checked on every route when
 set (401); bodies need a ``Content-Length`` (411) no larger than ``max_bytes`` (413) and
@@ -54,6 +56,7 @@ import yaml
 from torch import Tensor
 
 from advantageflow.rewards.base import as_components, build_reward, call_reward, is_differentiable
+from advantageflow.rewards.protocols import encode_flow_factory_response, parse_flow_factory_request
 from advantageflow.rewards.wire import (
     BadRequest,
     ScoreRequest,
@@ -100,8 +103,7 @@ class ByteBudget:
     async def acquire(self, n: int, timeout: float) -> bool:
         async with self._cond:
             try:
-                await asyncio.wait_for(self._cond.wait_for(lambda: self.used + n <= self.capacity),
-                                       max(0.0, timeout))
+                await asyncio.wait_for(self._cond.wait_for(lambda: self.used + n <= self.capacity), max(0.0, timeout))
             except asyncio.TimeoutError:
                 return False
             self.used += n
@@ -166,8 +168,10 @@ class ScorerPool:
         self.queue: queue.Queue[_Job | None] = queue.Queue()
         self.batches_scored = 0
         self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._loop, name=f"reward-scorer-{i}", daemon=True)
-                         for i in range(max(1, int(workers)))]
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"reward-scorer-{i}", daemon=True)
+            for i in range(max(1, int(workers)))
+        ]
         for t in self._threads:
             t.start()
 
@@ -268,8 +272,12 @@ class ScorerPool:
         out_list, start = [], 0
         for job in group:
             n = job.request.samples.shape[0]
-            out_list.append((scores[start:start + n].detach().cpu().float(),
-                             {k: v[start:start + n].detach().cpu().float() for k, v in parts.items()}))
+            out_list.append(
+                (
+                    scores[start : start + n].detach().cpu().float(),
+                    {k: v[start : start + n].detach().cpu().float() for k, v in parts.items()},
+                )
+            )
             start += n
         return out_list
 
@@ -292,8 +300,9 @@ def _json_response(status: int, payload: dict | bytes, headers: dict | None = No
 class RewardApp:
     """The ASGI application: routes, token, limits, deadline; scoring goes to the pool."""
 
-    def __init__(self, reward: Any, name: str, token: str | None, limits: ServerLimits,
-                 max_batch: int, workers: int) -> None:
+    def __init__(
+        self, reward: Any, name: str, token: str | None, limits: ServerLimits, max_batch: int, workers: int
+    ) -> None:
         from starlette.applications import Starlette
         from starlette.routing import Route
 
@@ -317,8 +326,13 @@ class RewardApp:
                 return self._health()
             if route == ("POST", "/score"):
                 return await self._score(request)
-            raise _Answer(404, f"no route {request.method} {request.url.path} (GET /health, POST /score)",
-                          close=request.method != "GET")
+            if route == ("POST", "/compute"):  # Flow-Factory's RemoteRewardClient
+                return await self._score(request, flow_factory=True)
+            raise _Answer(
+                404,
+                f"no route {request.method} {request.url.path} (GET /health, POST /score, POST /compute)",
+                close=request.method != "GET",
+            )
         except _Answer as answer:
             headers = {"Connection": "close"} if answer.close else {}
             if answer.status == 401:
@@ -335,16 +349,24 @@ class RewardApp:
             raise _Answer(401, "missing or wrong bearer token", close=True)
 
     def _health(self):
-        return _json_response(200, {"status": "ok", "reward": self.reward_name,
-                                    "differentiable": is_differentiable(self.scorer.reward),
-                                    "max_bytes": self.limits.max_bytes, "limits": asdict(self.limits)})
+        return _json_response(
+            200,
+            {
+                "status": "ok",
+                "reward": self.reward_name,
+                "differentiable": is_differentiable(self.scorer.reward),
+                "max_bytes": self.limits.max_bytes,
+                "limits": asdict(self.limits),
+            },
+        )
 
-    async def _score(self, request):
+    async def _score(self, request, flow_factory: bool = False):
+        """``/score`` (our JSON) or ``/compute`` (Flow-Factory's JSON): the same limits,
+        queue and scorer; only the body formats differ."""
         lim = self.limits
         deadline = time.monotonic() + lim.deadline_s
         length = request.headers.get("content-length")
-        if request.headers.get("transfer-encoding") or length is None or not length.isascii() \
-                or not length.isdigit():
+        if request.headers.get("transfer-encoding") or length is None or not length.isascii() or not length.isdigit():
             raise _Answer(411, "a Content-Length header is required", close=True)
         if int(length) > lim.max_bytes:
             raise _Answer(413, f"body of {length} bytes exceeds the limit of {lim.max_bytes}", close=True)
@@ -355,20 +377,25 @@ class RewardApp:
             self.bytes = ByteBudget(lim.max_inflight_bytes)
         n = int(length)
         if not await self.bytes.acquire(n, deadline - time.monotonic()):
-            raise _Answer(503, f"server busy: no room for a body of {n} bytes within the deadline "
-                               f"of {lim.deadline_s:g} s; retry later", close=True)
+            raise _Answer(
+                503,
+                f"server busy: no room for a body of {n} bytes within the deadline "
+                f"of {lim.deadline_s:g} s; retry later",
+                close=True,
+            )
         try:
             body = await self._read_body(request, n, deadline)
             loop = asyncio.get_running_loop()
-            request_data, pixels = await loop.run_in_executor(self.decoders, self._decode, body, deadline)
+            request_data, pixels = await loop.run_in_executor(self.decoders, self._decode, body, deadline, flow_factory)
             del body
         finally:
             await self.bytes.release(n)
         job = self.scorer.submit(request_data, pixels)
         del request_data
         try:
-            scores, parts = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job.future)),
-                                                   timeout=max(0.0, deadline - time.monotonic()))
+            scores, parts = await asyncio.wait_for(
+                asyncio.shield(asyncio.wrap_future(job.future)), timeout=max(0.0, deadline - time.monotonic())
+            )
         except asyncio.TimeoutError:
             self.scorer.abandon(job)
             raise _Answer(504, f"scoring did not finish within the deadline of {lim.deadline_s:g} s") from None
@@ -376,6 +403,8 @@ class RewardApp:
             first = (str(err).strip().splitlines() or [""])[0][:300]
             raise _Answer(500, f"reward failed: {type(err).__name__}: {first}") from None
         try:
+            if flow_factory:
+                return _json_response(200, encode_flow_factory_response(scores))
             return _json_response(200, encode_response(scores, parts))
         except ValueError as err:
             raise _Answer(500, f"reward failed: {err}") from None
@@ -392,26 +421,30 @@ class RewardApp:
         try:
             await asyncio.wait_for(pull(), timeout=max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:
-            raise _Answer(408, f"body not received within the deadline of {self.limits.deadline_s:g} s",
-                          close=True) from None
+            raise _Answer(
+                408, f"body not received within the deadline of {self.limits.deadline_s:g} s", close=True
+            ) from None
         if got != length:
             raise _Answer(400, f"body of {got} bytes, Content-Length says {length}", close=True)
         return b"".join(chunks)
 
-    def _decode(self, body: bytes, deadline: float) -> tuple[ScoreRequest, int]:
+    def _decode(self, body: bytes, deadline: float, flow_factory: bool = False) -> tuple[ScoreRequest, int]:
         """Parse, count the pixels from the headers, wait for room, then decode (a thread)."""
         lim = self.limits
+        parse = parse_flow_factory_request if flow_factory else parse_request
         try:
-            parsed = parse_request(body, lim.max_batch_items, lim.max_pixels, lim.max_request_pixels,
-                                   lim.max_prompt_chars)
+            parsed = parse(body, lim.max_batch_items, lim.max_pixels, lim.max_request_pixels, lim.max_prompt_chars)
         except TooLarge as err:
             raise _Answer(413, str(err)) from None
         except BadRequest as err:
             raise _Answer(400, str(err)) from None
         pixels = parsed.pixels
         if not self.budget.acquire(pixels, deadline - time.monotonic()):
-            raise _Answer(503, f"server busy: no room for {pixels} decoded pixels within the deadline "
-                               f"of {lim.deadline_s:g} s; retry later")
+            raise _Answer(
+                503,
+                f"server busy: no room for {pixels} decoded pixels within the deadline "
+                f"of {lim.deadline_s:g} s; retry later",
+            )
         try:
             request = materialise(parsed)
         except BaseException as err:
@@ -486,11 +519,14 @@ class RewardHTTPServer:
         import uvicorn
 
         self.limits = ServerLimits(
-            max_bytes=int(max_bytes), max_batch_items=int(max_batch_items), max_pixels=int(max_pixels),
+            max_bytes=int(max_bytes),
+            max_batch_items=int(max_batch_items),
+            max_pixels=int(max_pixels),
             max_request_pixels=int(max_request_pixels),
             max_inflight_pixels=int(max_inflight_pixels or 2 * max_request_pixels),
             max_prompt_chars=int(max_prompt_chars),
-            max_inflight_bytes=int(max_inflight_bytes or 4 * max_bytes), deadline_s=float(deadline_s),
+            max_inflight_bytes=int(max_inflight_bytes or 4 * max_bytes),
+            deadline_s=float(deadline_s),
             header_timeout_s=float(header_timeout_s),
         )
         self.app = RewardApp(reward, name, token, self.limits, max_batch, workers)
@@ -506,9 +542,14 @@ class RewardHTTPServer:
             raise
         self.server_address = self.socket.getsockname()[:2]
         config = uvicorn.Config(
-            self.app.asgi, lifespan="off", http=_header_deadline_protocol(self.limits.header_timeout_s),
-            log_level="info" if verbose else "warning", access_log=verbose,
-            limit_concurrency=max_connections, backlog=backlog, timeout_keep_alive=5,
+            self.app.asgi,
+            lifespan="off",
+            http=_header_deadline_protocol(self.limits.header_timeout_s),
+            log_level="info" if verbose else "warning",
+            access_log=verbose,
+            limit_concurrency=max_connections,
+            backlog=backlog,
+            timeout_keep_alive=5,
             timeout_graceful_shutdown=2,
         )
         self._server = uvicorn.Server(config)
@@ -529,8 +570,9 @@ class RewardHTTPServer:
 
     def start(self) -> RewardHTTPServer:
         """Serve on a background thread (for tests and notebooks)."""
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self.socket]},
-                                        name="reward-http", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self.socket]}, name="reward-http", daemon=True
+        )
         self._thread.start()
         end = time.monotonic() + 30
         while not self._server.started and self._thread.is_alive() and time.monotonic() < end:
@@ -595,30 +637,62 @@ def _positive(kind: type):
 def main(argv: list[str] | None = None) -> int:
     """``advantageflow serve-reward NAME [--host H] [--port P] [--token T] [limits] [--arg k=v]``."""
     d = ServerLimits()
-    parser = argparse.ArgumentParser(prog="advantageflow serve-reward", allow_abbrev=False,
-                                     description="Serve a registered reward over HTTP (JSON, no pickle).")
+    parser = argparse.ArgumentParser(
+        prog="advantageflow serve-reward",
+        allow_abbrev=False,
+        description="Serve a registered reward over HTTP (JSON, no pickle).",
+    )
     parser.add_argument("name", help="registered reward name or dotted path 'pkg.module:factory'")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (0 picks a free one)")
-    parser.add_argument("--token", default=None,
-                        help=f"bearer token required from clients (default: ${TOKEN_ENV} if set)")
+    parser.add_argument(
+        "--token", default=None, help=f"bearer token required from clients (default: ${TOKEN_ENV} if set)"
+    )
     parser.add_argument("--max-bytes", type=_positive(int), default=d.max_bytes, help="request size limit (413)")
-    parser.add_argument("--max-batch", type=_positive(int), default=256,
-                        help="most samples scored in one coalesced call")
-    parser.add_argument("--max-pixels", type=_positive(int), default=d.max_pixels,
-                        help="most pixels of one image, read from its header before decoding (413)")
-    parser.add_argument("--max-request-pixels", type=_positive(int), default=d.max_request_pixels,
-                        help="most pixels of all images of one request (413)")
-    parser.add_argument("--max-inflight-pixels", type=_positive(int), default=None,
-                        help="most decoded pixels held at once over all requests (default 2 x request limit)")
-    parser.add_argument("--max-prompt-chars", type=_positive(int), default=d.max_prompt_chars,
-                        help="longest prompt (400)")
-    parser.add_argument("--deadline", type=_positive(float), default=d.deadline_s,
-                        help="seconds a request may take, body to answer (408 / 503 / 504 beyond)")
-    parser.add_argument("--workers", type=_positive(int), default=2,
-                        help="scorer threads (1 if the reward cannot be called concurrently)")
-    parser.add_argument("--arg", action="append", type=_parse_arg, default=[], metavar="KEY=VALUE",
-                        help="reward argument (value parsed as YAML), repeatable")
+    parser.add_argument(
+        "--max-batch", type=_positive(int), default=256, help="most samples scored in one coalesced call"
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=_positive(int),
+        default=d.max_pixels,
+        help="most pixels of one image, read from its header before decoding (413)",
+    )
+    parser.add_argument(
+        "--max-request-pixels",
+        type=_positive(int),
+        default=d.max_request_pixels,
+        help="most pixels of all images of one request (413)",
+    )
+    parser.add_argument(
+        "--max-inflight-pixels",
+        type=_positive(int),
+        default=None,
+        help="most decoded pixels held at once over all requests (default 2 x request limit)",
+    )
+    parser.add_argument(
+        "--max-prompt-chars", type=_positive(int), default=d.max_prompt_chars, help="longest prompt (400)"
+    )
+    parser.add_argument(
+        "--deadline",
+        type=_positive(float),
+        default=d.deadline_s,
+        help="seconds a request may take, body to answer (408 / 503 / 504 beyond)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=_positive(int),
+        default=2,
+        help="scorer threads (1 if the reward cannot be called concurrently)",
+    )
+    parser.add_argument(
+        "--arg",
+        action="append",
+        type=_parse_arg,
+        default=[],
+        metavar="KEY=VALUE",
+        help="reward argument (value parsed as YAML), repeatable",
+    )
     parser.add_argument("--verbose", action="store_true", help="log every request")
     opts = parser.parse_args(argv)
     token = opts.token if opts.token is not None else os.environ.get(TOKEN_ENV)
@@ -628,14 +702,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot build reward '{opts.name}': {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     if not _is_loopback(opts.host) and not token:
-        print(f"warning: serving on {opts.host} without a token; anyone who can reach it can use it",
-              file=sys.stderr)
+        print(f"warning: serving on {opts.host} without a token; anyone who can reach it can use it", file=sys.stderr)
     try:
         server = RewardHTTPServer(
-            reward, opts.name, opts.host, opts.port, token=token, max_bytes=opts.max_bytes,
-            max_batch=opts.max_batch, max_pixels=opts.max_pixels, max_request_pixels=opts.max_request_pixels,
-            max_inflight_pixels=opts.max_inflight_pixels, max_prompt_chars=opts.max_prompt_chars,
-            deadline_s=opts.deadline, workers=opts.workers, verbose=opts.verbose,
+            reward,
+            opts.name,
+            opts.host,
+            opts.port,
+            token=token,
+            max_bytes=opts.max_bytes,
+            max_batch=opts.max_batch,
+            max_pixels=opts.max_pixels,
+            max_request_pixels=opts.max_request_pixels,
+            max_inflight_pixels=opts.max_inflight_pixels,
+            max_prompt_chars=opts.max_prompt_chars,
+            deadline_s=opts.deadline,
+            workers=opts.workers,
+            verbose=opts.verbose,
         )
     except OSError as err:
         print(f"error: cannot listen on {opts.host}:{opts.port}: {err.strerror or err}", file=sys.stderr)
@@ -649,8 +732,10 @@ def main(argv: list[str] | None = None) -> int:
     stops: list[int] = []
     previous = {}
     if threading.current_thread() is threading.main_thread():
-        previous = {sig: signal.signal(sig, lambda signum, frame: stops.append(signum))
-                    for sig in (signal.SIGINT, signal.SIGTERM)}
+        previous = {
+            sig: signal.signal(sig, lambda signum, frame: stops.append(signum))
+            for sig in (signal.SIGINT, signal.SIGTERM)
+        }
     try:
         server.run()
     finally:

@@ -78,8 +78,11 @@ def encode_request(samples: Tensor, prompts: list[str], metadata: list[dict] | N
         body["images"] = [base64.b64encode(png).decode("ascii") for png in encode_png(samples)]
     elif encoding == "float32":
         arr = samples.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4")
-        body["array"] = {"dtype": "float32", "shape": list(arr.shape),
-                         "data": base64.b64encode(arr.tobytes()).decode("ascii")}
+        body["array"] = {
+            "dtype": "float32",
+            "shape": list(arr.shape),
+            "data": base64.b64encode(arr.tobytes()).decode("ascii"),
+        }
     else:
         raise RewardError(f"remote reward: unknown encoding '{encoding}' (auto, png, float32)")
     try:
@@ -112,6 +115,7 @@ class ParsedRequest:
     pngs: list[bytes] | None = None
     array: np.ndarray | None = None
     max_pixels: int = 0
+    frames: int = 0  # > 0: the PNGs are B videos of this many frames each -> (B, T, 3, H, W)
 
 
 def png_size(data: bytes) -> tuple[int, int]:
@@ -125,8 +129,13 @@ def png_size(data: bytes) -> tuple[int, int]:
         raise ValueError(f"corrupt PNG: {type(err).__name__}") from err
 
 
-def parse_request(body: bytes, max_batch_items: int, max_pixels: int, max_request_pixels: int | None = None,
-                  max_prompt_chars: int | None = None) -> ParsedRequest:
+def parse_request(
+    body: bytes,
+    max_batch_items: int,
+    max_pixels: int,
+    max_request_pixels: int | None = None,
+    max_prompt_chars: int | None = None,
+) -> ParsedRequest:
     """Everything but decoding: JSON, fields, prompt lengths, and each image's size read from
     its header (:class:`TooLarge` over ``max_pixels`` per image or ``max_request_pixels`` in
     all), so nothing large is allocated for a request that will be refused."""
@@ -160,8 +169,7 @@ def parse_request(body: bytes, max_batch_items: int, max_pixels: int, max_reques
     metadata = obj.get("metadata")
     if metadata is None:
         metadata = [{} for _ in range(batch)]
-    if (not isinstance(metadata, list) or len(metadata) != batch
-            or not all(isinstance(m, dict) for m in metadata)):
+    if not isinstance(metadata, list) or len(metadata) != batch or not all(isinstance(m, dict) for m in metadata):
         raise BadRequest(f"'metadata' must be a list of {batch} objects")
     parsed.prompts, parsed.metadata = prompts, metadata
     return parsed
@@ -179,11 +187,19 @@ def materialise(parsed: ParsedRequest) -> ScoreRequest:
             raise BadRequest(f"images[{i}]: {err}") from err
     if len({a.shape for a in arrays}) != 1:
         raise BadRequest("all images of a request must have the same size")
-    return ScoreRequest(from_uint8(np.stack(arrays)), parsed.prompts, parsed.metadata)
+    samples = from_uint8(np.stack(arrays))
+    if parsed.frames:
+        samples = samples.reshape(-1, parsed.frames, *samples.shape[1:])
+    return ScoreRequest(samples, parsed.prompts, parsed.metadata)
 
 
-def decode_request(body: bytes, max_batch_items: int, max_pixels: int, max_request_pixels: int | None = None,
-                   max_prompt_chars: int | None = None) -> ScoreRequest:
+def decode_request(
+    body: bytes,
+    max_batch_items: int,
+    max_pixels: int,
+    max_request_pixels: int | None = None,
+    max_prompt_chars: int | None = None,
+) -> ScoreRequest:
     """Parse and validate a request body; :class:`BadRequest` for anything malformed."""
     return materialise(parse_request(body, max_batch_items, max_pixels, max_request_pixels, max_prompt_chars))
 
@@ -215,8 +231,11 @@ def _decode_array(spec: object, max_batch_items: int, max_values: int, budget: i
     if spec["dtype"] != "float32":
         raise BadRequest("'array.dtype' must be 'float32'")
     shape = spec["shape"]
-    if (not isinstance(shape, list) or not 1 <= len(shape) <= 5
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)):
+    if (
+        not isinstance(shape, list)
+        or not 1 <= len(shape) <= 5
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)
+    ):
         raise BadRequest("'array.shape' must be a list of 1 to 5 positive integers")
     if shape[0] > max_batch_items:
         raise BadRequest(f"batch of {shape[0]} exceeds the limit of {max_batch_items}")
@@ -234,8 +253,10 @@ def _decode_array(spec: object, max_batch_items: int, max_values: int, budget: i
 
 def encode_response(scores: Tensor, components: dict[str, Tensor]) -> bytes:
     """JSON bytes of a response; ``ValueError`` if anything is non-finite."""
-    body = {"scores": scores.detach().cpu().double().tolist(),
-            "components": {k: v.detach().cpu().double().tolist() for k, v in components.items()}}
+    body = {
+        "scores": scores.detach().cpu().double().tolist(),
+        "components": {k: v.detach().cpu().double().tolist() for k, v in components.items()},
+    }
     return json.dumps(body, allow_nan=False).encode()
 
 
