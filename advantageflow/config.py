@@ -32,15 +32,26 @@ from advantageflow.registry import RegistryError, closest
 
 
 def _model_config(name: str) -> type:
-    from advantageflow.models import MODELS
+    from advantageflow.models import MODELS, PolicyBase
 
-    return MODELS.get(name).Config
+    return _declared(MODELS.get(name), PolicyBase, name, "a model").Config
 
 
 def _task_config(name: str) -> type:
-    from advantageflow.tasks import TASKS
+    from advantageflow.tasks import TASKS, TaskBase
 
-    return TASKS.get(name).Config
+    return _declared(TASKS.get(name), TaskBase, name, "a task").Config
+
+
+def _declared(entry: Any, base: type, name: str, what: str) -> type:
+    """``entry`` if it is a subclass of ``base`` (which gives the members the trainer calls
+    their defaults) with a ``Config`` dataclass; a ``RegistryError`` naming ``base`` else."""
+    if not (isinstance(entry, type) and issubclass(entry, base)
+            and dataclasses.is_dataclass(getattr(entry, "Config", None))):
+        raise RegistryError(
+            f"'{name}' is not {what} (a subclass of {base.__module__}.{base.__name__} with a Config dataclass)"
+        )
+    return entry
 
 
 @dataclass
@@ -305,6 +316,7 @@ class Config:
 def build_config(data: dict) -> Config:
     """Validate a raw mapping into a :class:`Config`."""
     from advantageflow.algorithms import ALGORITHMS
+    from advantageflow.algorithms.base import AlgorithmBase
 
     data = dict(data)
     algo = data.get("algo", Config.algo)
@@ -314,8 +326,10 @@ def build_config(data: dict) -> Config:
         algo_cls = ALGORITHMS.get(algo)
     except RegistryError as err:
         raise ConfigError(f"'algo': {err}") from None
-    if not (isinstance(algo_cls, type) and dataclasses.is_dataclass(getattr(algo_cls, "Config", None))):
-        raise ConfigError(f"'algo': '{algo}' is not an algorithm (a class with a Config dataclass)")
+    try:
+        _declared(algo_cls, AlgorithmBase, algo, "an algorithm")
+    except RegistryError as err:
+        raise ConfigError(f"'algo': {err}") from None
     # A user's algorithm given by dotted path may keep its options under its short name.
     short = algo.rsplit(":", 1)[-1].rsplit(".", 1)[-1]
     section = data.pop(algo, None) or (data.pop(short, None) if short != algo else None) or {}
@@ -504,7 +518,7 @@ def convention_notes(cfg: Config) -> list[str]:
     from advantageflow.algorithms import ALGORITHMS
 
     notes = []
-    for key, (want, why) in getattr(ALGORITHMS.get(cfg.algo), "conventions", {}).items():
+    for key, (want, why) in ALGORITHMS.get(cfg.algo).conventions.items():
         node = cfg
         for part in key.split("."):
             node = getattr(node, part)
@@ -532,9 +546,7 @@ def preflight(cfg: Config) -> None:
         rewards.append((key, term.name, _built_if_cheap(term, key.removesuffix(".name"))))
     check_reward_gradient(cfg.algo, ALGORITHMS.get(cfg.algo), rewards)
     _check_device(cfg.device)
-    model_check = getattr(MODELS.get(cfg.model.name), "preflight", None)
-    if callable(model_check):
-        model_check(cfg.model)  # e.g. model.path: a folder, a hub id or tiny:KIND
+    MODELS.get(cfg.model.name).preflight(cfg.model)  # e.g. model.path: a folder, a hub id or tiny:KIND
     build_task(cfg)  # reads prompt files: a bad one fails here, not after the model loads
 
 

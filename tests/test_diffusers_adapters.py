@@ -336,7 +336,7 @@ def test_corrupt_model_folder_is_one_line(tmp_path):
 
 
 def test_memory_per_process_reports_gib():
-    from advantageflow.models.diffusers_common import memory_per_process
+    from advantageflow.models.base import memory_per_process
 
     mem = memory_per_process("cpu")
     assert 0.01 < mem["perf/max_memory_gb"] < 64

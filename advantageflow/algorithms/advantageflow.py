@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from advantageflow.algorithms.base import SamplerRequest, TrainContext
+from advantageflow.algorithms.base import AlgorithmBase, SamplerRequest, TrainContext
 from advantageflow.algorithms.common import (
     EMASchedule,
     LaggedPolicy,
@@ -143,7 +143,7 @@ def diagnostics(
         return out
 
 
-class AdvantageFlow:
+class AdvantageFlow(AlgorithmBase):
     """The AdvantageFlow algorithm (see the module docstring)."""
 
     @dataclass

@@ -33,7 +33,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from advantageflow.algorithms.base import SamplerRequest, TrainContext
+from advantageflow.algorithms.base import AlgorithmBase, SamplerRequest, TrainContext
 from advantageflow.algorithms.common import (
     EMASchedule,
     LaggedPolicy,
@@ -155,7 +155,7 @@ def scaled_grid_range(grid_steps: int, low: int, high: int, reference_steps: int
     return lo, hi
 
 
-class AWM:
+class AWM(AlgorithmBase):
     """Advantage Weighted Matching (see the module docstring).
 
     Metrics: ``loss/policy``, ``loss/ref_velocity_mse`` (``||v - v_ref||^2``), ``loss/ema_velocity_mse``,

@@ -1,4 +1,4 @@
-"""The small surface every algorithm file implements (no base class needed).
+"""The small surface every algorithm file implements: a subclass of :class:`AlgorithmBase`.
 
 An algorithm is a class with:
 
@@ -16,26 +16,26 @@ An algorithm is a class with:
 - ``after_step(self, policy, step)``: called after each optimizer step (EMA updates);
 - ``state_dict()`` / ``load_state_dict(state)``: what a checkpoint must keep.
 
-Optional methods the trainer calls when present:
+Members with a default in :class:`AlgorithmBase`, overridden where a method needs them:
 
 - ``rollout_policy(self, policy)``: a context manager within which the epoch's rollouts are
-  sampled (DiffusionNFT samples with its old policy);
+  sampled (DiffusionNFT samples with its old policy); default: theta as it is;
 - ``end_epoch(self, policy, steps_done)``: after the epoch's optimizer steps, with the number
-  of optimizer steps taken so far (counted from 1): once-per-epoch updates of an old policy.
-
-Optional class attributes read by the trainer: ``requires_differentiable_reward``
-(DRaFT), ``drop_zero_std_groups`` (Flow-GRPO filters groups whose rewards are all equal), and
-``conventions``: ``{dotted key outside the algorithm's section: (value, why)}``, the authors'
-settings of other sections that the method assumes (EPG: ``advantage.std: none``); a config
-that differs gets a note naming the key from ``validate`` and ``train``
-(:func:`advantageflow.config.convention_notes`), not an error: deviating may be the experiment.
+  of optimizer steps taken so far (counted from 1): once-per-epoch updates of an old policy;
+- class attributes: ``requires_differentiable_reward`` (DRaFT), ``drop_zero_std_groups``
+  (Flow-GRPO filters groups whose rewards are all equal), and ``conventions``:
+  ``{dotted key outside the algorithm's section: (value, why)}``, the authors' settings of
+  other sections that the method assumes (EPG: ``advantage.std: none``); a config that differs
+  gets a note naming the key from ``validate`` and ``train``
+  (:func:`advantageflow.config.convention_notes`), not an error: deviating may be the experiment.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 
@@ -103,8 +103,13 @@ class Algorithm(Protocol):
     """The shared signature (see the module docstring)."""
 
     Config: type
+    requires_differentiable_reward: ClassVar[bool]
+    drop_zero_std_groups: ClassVar[bool]
+    conventions: ClassVar[dict[str, tuple[Any, str]]]
 
     def sampler_request(self, epoch: int, generator: torch.Generator) -> SamplerRequest: ...
+
+    def rollout_policy(self, policy: Any) -> contextlib.AbstractContextManager: ...
 
     def begin_epoch(self, policy: Any) -> None: ...
 
@@ -112,6 +117,36 @@ class Algorithm(Protocol):
 
     def after_step(self, policy: Any, step: int) -> None: ...
 
+    def end_epoch(self, policy: Any, steps_done: int) -> None: ...
+
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
+
+
+class AlgorithmBase:
+    """The defaults of :class:`Algorithm`'s optional members; every algorithm subclasses it
+    and implements ``Config``, ``sampler_request``, ``losses`` and what it keeps over epochs."""
+
+    requires_differentiable_reward: ClassVar[bool] = False
+    drop_zero_std_groups: ClassVar[bool] = False
+    conventions: ClassVar[dict[str, tuple[Any, str]]] = {}
+
+    def rollout_policy(self, policy: Any) -> contextlib.AbstractContextManager:
+        """Rollouts sample with theta."""
+        return contextlib.nullcontext()
+
+    def begin_epoch(self, policy: Any) -> None:
+        """Nothing to freeze."""
+
+    def after_step(self, policy: Any, step: int) -> None:
+        """No per-step update."""
+
+    def end_epoch(self, policy: Any, steps_done: int) -> None:
+        """No once-per-epoch update."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        return None

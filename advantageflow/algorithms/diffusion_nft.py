@@ -36,7 +36,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from advantageflow.algorithms.base import SamplerRequest, TrainContext
+from advantageflow.algorithms.base import AlgorithmBase, SamplerRequest, TrainContext
 from advantageflow.algorithms.common import EMASchedule, LaggedPolicy, noised, x0_prediction
 from advantageflow.seeding import RowRandom
 from advantageflow.types import LossOutput, Rollout, mean_flat
@@ -112,7 +112,7 @@ def nft_loss(
     return NFTLoss(policy + ref_weight * reg_ref, policy, positive, negative, reg_ref)
 
 
-class DiffusionNFT:
+class DiffusionNFT(AlgorithmBase):
     """DiffusionNFT (see the module docstring).
 
     Metrics: ``loss/policy``, ``loss/ref_velocity_mse`` (``||v - v_ref||^2``), ``loss/positive``,

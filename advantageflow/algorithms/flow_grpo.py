@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from advantageflow.algorithms.awm import clipped_policy_loss
-from advantageflow.algorithms.base import SamplerRequest, TrainContext
+from advantageflow.algorithms.base import AlgorithmBase, SamplerRequest, TrainContext
 from advantageflow.sampling import SDEStep, cps_step, sde_step
 from advantageflow.types import LossOutput, Rollout, mean_flat
 
@@ -70,7 +70,7 @@ def flow_grpo_step_loss(
     return policy, ratio
 
 
-class FlowGRPO:
+class FlowGRPO(AlgorithmBase):
     """Flow-GRPO (see the module docstring).
 
     The trainer drops groups whose rewards are all equal (``drop_zero_std_groups``) and logs

@@ -17,8 +17,6 @@ import copy
 import gc
 import os
 import re
-import resource
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -96,25 +94,6 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
         return torch.autocast(device_type="cuda", dtype=dtype)
     return contextlib.nullcontext()
-
-
-def memory_per_process(device: torch.device | str | None = None) -> dict[str, float]:
-    """Peak memory of this process in GiB: CUDA's max allocated on a GPU, else peak RSS.
-
-    Returns ``{"perf/max_memory_gb": ...}`` (plus ``perf/rss_gb`` on the CPU), for the metrics.
-    """
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    if device.type == "cuda" and torch.cuda.is_available():
-        return {"perf/max_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30}
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    peak_bytes = peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
-    out = {"perf/max_memory_gb": peak_bytes / 2**30}
-    try:
-        with open("/proc/self/statm") as fh:
-            out["perf/rss_gb"] = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
-    except (OSError, ValueError, IndexError):
-        pass
-    return out
 
 
 # --------------------------------------------------------------------------- loading
@@ -417,12 +396,9 @@ class DiffusersPolicy(PolicyBase):
 
     # ------------------------------------------------------------------ time grid
 
-    def time_grid(self, steps: int) -> Tensor:  # pragma: no cover - overridden
+    def time_grid(self, steps: int, shift: float | None = None) -> Tensor:  # pragma: no cover - overridden
+        """The scheduler's sigmas; ``shift`` (``sampler.shift``) is ignored: the scheduler has its own."""
         raise NotImplementedError
-
-    def memory(self) -> dict[str, float]:
-        """Peak memory of this process (see :func:`memory_per_process`)."""
-        return memory_per_process(self.device)
 
 
 def scheduler_sigmas(pipe: Any, steps: int, **set_timesteps_kwargs: Any) -> Tensor:

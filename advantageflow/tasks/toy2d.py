@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from advantageflow.tasks.base import Prompt
+from advantageflow.tasks.base import Prompt, TaskBase
 
 RADIUS = 3.0
 MODE_STD = 0.25
@@ -74,7 +74,7 @@ class SmoothModeReward:
         return torch.exp(-sq / (2 * self.width**2)).sum(dim=1)
 
 
-class Toy2DTask:
+class Toy2DTask(TaskBase):
     """Unconditional: every prompt is the empty string."""
 
     @dataclass
