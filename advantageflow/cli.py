@@ -114,6 +114,7 @@ def _load_policy(cfg, ckpt):
     parts = build_components(cfg, cfg.device if cfg.device != "auto" else "cpu")
     if ckpt is not None:
         parts.policy.load_trainable_state(load_checkpoint(ckpt).policy)
+    parts.policy.set_mode(training=False)  # `eval` and `sample` only sample: no dropout
     return parts
 
 

@@ -223,7 +223,7 @@ def _train(
         plan = plan_epoch(train_prompts, tc.prompts_per_epoch, tc.group_size, tc.steps_per_epoch,
                           cfg.seed, epoch, env.world_size, env.rank)
         request = algo.sampler_request(epoch, seeded_generator(cfg.seed, "sampler", epoch))
-        policy_eval_mode(policy, True)
+        policy.set_mode(training=False)  # rollouts: no dropout
         # 2. Rewards (scored in the background while the next chunk samples, if asked).  An
         # algorithm may roll out with other weights than theta (DiffusionNFT: its old policy).
         with algo.rollout_policy(policy):
@@ -261,7 +261,7 @@ def _train(
             # 4. Updates.
             t1 = time.perf_counter()
             algo.begin_epoch(policy)
-            policy_eval_mode(policy, False)
+            policy.set_mode(training=True)
             step_rows = []
             for inner in range(tc.inner_epochs):
                 for k in range(tc.steps_per_epoch):
@@ -345,12 +345,6 @@ def _restore(path: Path, env: DistEnv, policy, strategy, optimizer, algo, cfg: C
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"checkpoint '{path}' has a malformed trainer.json 'loop' ({err})") from None
     return state
-
-
-def policy_eval_mode(policy: Any, evaluating: bool) -> None:
-    """Switch the policy's modules between eval and train mode, if it has any."""
-    for module in getattr(policy, "modules_for_mode", lambda: [])():
-        module.train(not evaluating)
 
 
 def _advantages(cfg: Config, total: torch.Tensor, components: dict, weights: dict, group_ids: torch.Tensor):
@@ -464,7 +458,7 @@ def _evaluate(policy, task, reward, cfg, env, run_dir, tag, meter: ComputeMeter,
     """Evaluate (each process samples its stripe, all get the result) with the weights, or
     their moving average when ``eval.ema_decay > 0``; process 0 saves a sample grid when
     ``tag`` is given.  Its network passes count as ``perf/eval_*``."""
-    policy_eval_mode(policy, True)
+    policy.set_mode(training=False)
     ema_ctx = eval_ema.active(policy) if eval_ema is not None else contextlib.nullcontext()
     with meter.evaluating(), ema_ctx:
         result = evaluate_policy(policy, task, reward, cfg, env)

@@ -104,6 +104,10 @@ class FlowPolicy(Protocol):
         """The sampler's time grid ``(steps + 1,)`` from 1 to 0: ours with ``shift``
         (``sampler.shift``), or a diffusers scheduler's own sigmas (which ignore it)."""
 
+    def set_mode(self, training: bool) -> None:
+        """Train mode (dropout on, gradient checkpointing armed) for the updates, eval mode for
+        rollouts and evaluation: the trainer calls it around both, for every policy."""
+
     def cache_prompts(self, prompts: list[str]) -> None:
         """Encode every prompt of the run once, before training (text encoders may then be
         released); a no-op for policies whose encoding is cheap."""
@@ -150,6 +154,12 @@ class PolicyBase:
 
     def networks(self) -> Networks | None:
         return None
+
+    def set_mode(self, training: bool) -> None:
+        """The trained network follows ``training``; a frozen reference copy stays in eval mode."""
+        nets = self.networks()
+        if nets is not None:
+            nets.trained.train(training)
 
     def time_grid(self, steps: int, shift: float = 1.0) -> Tensor:
         return uniform_shifted_grid(steps, shift)

@@ -233,7 +233,7 @@ class DiffusersPolicy(PolicyBase):
             self.transformer.float().requires_grad_(True)
         if cfg.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
-        self.transformer.train()  # dropout is 0 in these models; train() only arms checkpointing
+        self.transformer.train()  # the trainer's set_mode switches it (eval for rollouts)
         self._active = self.transformer
 
     @classmethod
