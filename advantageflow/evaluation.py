@@ -10,11 +10,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from advantageflow.algorithms.base import SamplerRequest
 from advantageflow.config import Config
 from advantageflow.distributed import DistEnv, full_tensor, placed_like
 from advantageflow.models.base import ema_update_
 from advantageflow.rollouts import decode_and_score, generate
+from advantageflow.sampling import SamplerRequest
 from advantageflow.tasks.base import Prompt
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from advantageflow.algorithms.base import SamplerRequest
 from advantageflow.config import load_config
 from advantageflow.rollouts import generate
 from advantageflow.runlog import read_metrics
+from advantageflow.sampling import SamplerRequest
 from advantageflow.tasks.base import Prompt
 from advantageflow.trainer import train
 from tests.conftest import REPO

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from advantageflow.algorithms.base import AlgorithmBase, SamplerRequest, TrainContext
+from advantageflow.algorithms.base import AlgorithmBase, TrainContext
 from advantageflow.algorithms.common import (
     EMASchedule,
     LaggedPolicy,
@@ -32,6 +32,7 @@ from advantageflow.algorithms.common import (
     scaled_advantages,
     x0_prediction,
 )
+from advantageflow.sampling import SamplerRequest
 from advantageflow.seeding import RowRandom
 from advantageflow.types import LossOutput, Rollout, mean_flat
 

@@ -33,14 +33,16 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from advantageflow.algorithms.base import AlgorithmBase, SamplerRequest, TrainContext
+from advantageflow.algorithms.base import AlgorithmBase, TrainContext
 from advantageflow.algorithms.common import (
     EMASchedule,
     LaggedPolicy,
+    clipped_policy_loss,
     noised,
     scaled_advantages,
     stratified_grid_indices,
 )
+from advantageflow.sampling import SamplerRequest
 from advantageflow.types import LossOutput, Rollout, mean_flat
 
 Weighting = Literal["uniform", "t", "t2", "huber", "ghuber"]
@@ -70,22 +72,6 @@ def awm_log_likelihood(mse: Tensor, t: Tensor, weighting: Weighting = "ghuber", 
     if weighting == "huber":
         return -tt * (torch.sqrt(m + HUBER_DELTA) - math.sqrt(HUBER_DELTA))
     raise ValueError(f"unknown AWM weighting '{weighting}' (uniform, t, t2, huber, ghuber)")
-
-
-def clipped_policy_loss(log_ratio: Tensor, advantages: Tensor, clip_range: float) -> tuple[Tensor, Tensor]:
-    """PPO's clipped surrogate ``max(-A r, -A clip(r, 1 - c, 1 + c))`` with ``r = exp(log_ratio)``.
-
-    Args:
-        log_ratio: ``(B,)`` ``log pi_theta - log pi_old`` (with gradient through theta).
-        advantages: ``(B,)``.
-    Returns:
-        ``(loss (B,), ratio (B,))``.
-    """
-    ratio = torch.exp(log_ratio)
-    adv = advantages.to(ratio.dtype)
-    unclipped = -adv * ratio
-    clipped = -adv * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
-    return torch.maximum(unclipped, clipped), ratio
 
 
 @dataclass

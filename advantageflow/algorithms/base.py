@@ -35,35 +35,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 
+from advantageflow.sampling import SamplerRequest
 from advantageflow.seeding import RowRandom
 from advantageflow.types import LossOutput, Rollout
-
-
-@dataclass
-class SamplerRequest:
-    """What an algorithm needs from the rollout sampler.
-
-    Attributes:
-        solver: ODE solver override for deterministic steps (``None``: ``sampler.solver``).
-        stochastic: ``"sde"`` / ``"cps"`` for Flow-GRPO's stochastic steps with log-probs.
-        noise_level: the SDE noise level ``a``.
-        stochastic_steps: ``[start, end)`` indices of stochastic steps (``None``: all).
-        keep_trajectory: keep every state of the sampler in ``Rollout.trajectory``.
-        sa_tau, sa_tau_window: the ``sa_solver`` solver's stochasticity and the target
-            times it applies to (AWM's released values; ``sa_tau = 0`` is an ODE solver).
-    """
-
-    solver: str | None = None
-    stochastic: Literal["none", "sde", "cps"] = "none"
-    noise_level: float = 0.7
-    stochastic_steps: tuple[int, int] | None = None
-    keep_trajectory: bool = False
-    sa_tau: float = 0.4
-    sa_tau_window: tuple[float, float] = (0.3, 0.9)
 
 
 @dataclass

@@ -24,8 +24,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from advantageflow.algorithms.base import AlgorithmBase, SamplerRequest, TrainContext
+from advantageflow.algorithms.base import AlgorithmBase, TrainContext
 from advantageflow.algorithms.common import LaggedPolicy, noised, sample_times
+from advantageflow.sampling import SamplerRequest
 from advantageflow.types import LossOutput, Rollout, index_cond, mean_flat
 
 

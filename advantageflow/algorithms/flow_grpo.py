@@ -28,9 +28,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from advantageflow.algorithms.awm import clipped_policy_loss
-from advantageflow.algorithms.base import AlgorithmBase, SamplerRequest, TrainContext
-from advantageflow.sampling import SDEStep, cps_step, sde_step
+from advantageflow.algorithms.base import AlgorithmBase, TrainContext
+from advantageflow.algorithms.common import clipped_policy_loss
+from advantageflow.sampling import SamplerRequest, SDEStep, cps_step, sde_step
 from advantageflow.types import LossOutput, Rollout, mean_flat
 
 

@@ -25,8 +25,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from advantageflow.algorithms.base import AlgorithmBase, SamplerRequest, TrainContext
+from advantageflow.algorithms.base import AlgorithmBase, TrainContext
 from advantageflow.algorithms.common import noised, sample_times
+from advantageflow.sampling import SamplerRequest
 from advantageflow.types import LossOutput, Rollout, expand_time, mean_flat
 
 

@@ -123,7 +123,7 @@ HUB_ID_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94})/[A-Za-z0-9](?:[A-Z
 
 def _tiny_spec(path: str) -> tuple[str, int]:
     """``tiny:KIND[:SEED]`` -> ``(KIND, SEED)``; ``ConfigError`` if malformed."""
-    from advantageflow.testing.tiny_pipelines import BUILDERS
+    from advantageflow.models.tiny_pipelines import BUILDERS
 
     kind, _, seed = path[len(TINY_PREFIX) :].partition(":")
     if kind not in BUILDERS or (seed and not seed.isdigit()):
@@ -155,11 +155,11 @@ def check_model_path(path: str) -> None:
 
 def resolve_path(path: str) -> str:
     """``tiny:sd3`` / ``tiny:flux`` (optionally ``tiny:sd3:SEED``) build a tiny random pipeline
-    once per process (:mod:`advantageflow.testing.tiny_pipelines`); anything else is a hub id or
+    once per process (:mod:`advantageflow.models.tiny_pipelines`); anything else is a hub id or
     a folder, returned as is."""
     if not path.startswith(TINY_PREFIX):
         return path
-    from advantageflow.testing.tiny_pipelines import tiny_pipeline_dir
+    from advantageflow.models.tiny_pipelines import tiny_pipeline_dir
 
     return tiny_pipeline_dir(*_tiny_spec(path))
 
