@@ -82,15 +82,23 @@ class SamplerConfig:
 
 @dataclass
 class AdvantageConfig:
-    """Group-relative advantages (docs/algorithms/README.md, 'Advantages')."""
+    """Group-relative advantages (docs/algorithms/README.md, 'Advantages').
+
+    ``clip``: the advantages are clipped to ``[-clip, clip]``, once, by the trainer.  Unset
+    (``null``), it is the algorithm's own clip (``adv_clip`` of AdvantageFlow, Flow-GRPO, AWM and
+    DiffusionNFT, whose losses also divide by it), else 5; set, it must equal that ``adv_clip``
+    (:func:`advantage_clip`).
+    """
 
     std: Literal["global", "group", "none"] = "global"
-    clip: float = 5.0
+    clip: float | None = None
     eps: float = 1e-4
 
     def validate(self) -> None:
         # eps < 0 would flip the sign of advantages of groups with spread below |eps|.
-        above(self, "advantage", clip=0.0, eps=0.0)
+        above(self, "advantage", eps=0.0)
+        if self.clip is not None:
+            above(self, "advantage", clip=0.0)
 
 
 @dataclass
@@ -304,9 +312,11 @@ class Config:
             raise ConfigError(f"device must be cpu, cuda, cuda:N, mps or auto, got '{self.device}'")
 
     def to_dict(self) -> dict:
-        """Plain dict in the YAML layout (the algorithm's section under its own name)."""
+        """Plain dict in the YAML layout (the algorithm's section under its own name), with the
+        advantage clip the run uses written out (:func:`advantage_clip`)."""
         data = to_dict(self)
         data[self.algo] = data.pop("algorithm")
+        data["advantage"]["clip"] = advantage_clip(self)
         return data
 
     def to_yaml(self) -> str:
@@ -343,7 +353,33 @@ def build_config(data: dict) -> Config:
             )
     cfg = from_dict(Config, data)
     cfg.algorithm = from_dict(algo_cls.Config, section, algo)
+    advantage_clip(cfg)  # refuses two different clips
     return cfg
+
+
+DEFAULT_ADVANTAGE_CLIP = 5.0
+
+
+def advantage_clip(cfg: Config) -> float:
+    """The run's one advantage clip: the algorithm's own (its ``clip_key``, e.g. ``adv_clip``,
+    which its loss also divides by) if it has one, else ``advantage.clip`` (default 5).
+
+    A config that sets ``advantage.clip`` to another value than the algorithm's clip is refused,
+    naming both keys: clipping twice at different values would make the smaller one win silently.
+    """
+    from advantageflow.algorithms import ALGORITHMS
+
+    key = ALGORITHMS.get(cfg.algo).clip_key
+    general = cfg.advantage.clip
+    if key is None:
+        return DEFAULT_ADVANTAGE_CLIP if general is None else general
+    own = getattr(cfg.algorithm, key)
+    if general is not None and general != own:
+        raise ConfigError(
+            f"advantage.clip is {general} but {cfg.algo}.{key} is {own}: {cfg.algo} clips the advantages "
+            f"itself (its loss divides by {key}); set only {cfg.algo}.{key} (advantage.clip: null) or make them equal"
+        )
+    return own
 
 
 def load_config(path: str | None, overrides: list[str] | None = None, trusted: bool = True,

@@ -32,7 +32,14 @@ from advantageflow.checkpoint import (
     save_checkpoint,
 )
 from advantageflow.compute import ComputeMeter, collect
-from advantageflow.config import Config, check_resume_config, convention_notes, preflight, reward_keys
+from advantageflow.config import (
+    Config,
+    advantage_clip,
+    check_resume_config,
+    convention_notes,
+    preflight,
+    reward_keys,
+)
 from advantageflow.distributed import DistEnv, full_tensor, local_tensor
 from advantageflow.evaluation import EvalResult, WeightsEMA, evaluate_policy
 from advantageflow.faults import fault_point
@@ -348,10 +355,10 @@ def _restore(path: Path, env: DistEnv, policy, strategy, optimizer, algo, cfg: C
 
 
 def _advantages(cfg: Config, total: torch.Tensor, components: dict, weights: dict, group_ids: torch.Tensor):
-    a = cfg.advantage
+    a, clip = cfg.advantage, advantage_clip(cfg)
     if cfg.reward.combine == "per_reward" and len(weights) > 1:
-        return combined_advantages(components, weights, group_ids, a.std, a.clip, a.eps)
-    return group_advantages(total, group_ids, a.std, a.clip, a.eps)
+        return combined_advantages(components, weights, group_ids, a.std, clip, a.eps)
+    return group_advantages(total, group_ids, a.std, clip, a.eps)
 
 
 def _optimizer_step(cfg, env, strategy, algo, policy, params, optimizer, reward, rollout, global_rows, keep, state,

@@ -148,6 +148,8 @@ class AWM(AlgorithmBase):
     ``stats/ratio_mean``, ``stats/clipfrac``, ``stats/velocity_mse``, ``stats/t_mean``.
     """
 
+    clip_key = "adv_clip"  # the run's advantage clip (advantage.clip: unset or equal)
+
     conventions = {
         "sampler.guidance_scale": (1.0, "AWM's rollouts and evaluation use no CFG"),
         "train.steps_per_epoch": (1, "AWM takes one optimizer step per epoch"),
@@ -161,7 +163,8 @@ class AWM(AlgorithmBase):
             weighting: ``ghuber`` (default, the released configs'), ``huber`` (square root),
                 ``uniform``, ``t`` or ``t2``.
             huber_p: the generalised-Huber exponent ``p`` (``ghuber`` only).
-            adv_clip: advantages clipped to +-adv_clip then divided by it.
+            adv_clip: the run's advantage clip (the trainer clips to +-adv_clip; ``advantage.clip``
+                unset or equal); the loss divides the advantages by it.
             clip_range: the PPO ratio clip (1 in every released config).
             policy_mode: ``on_policy`` (released: ``LP_old`` from theta at the rollouts, i.e.
                 ``sg(LP)`` during the epoch's first optimizer step), ``every_step``

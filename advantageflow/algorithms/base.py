@@ -23,7 +23,9 @@ Members with a default in :class:`AlgorithmBase`, overridden where a method need
 - ``end_epoch(self, policy, steps_done)``: after the epoch's optimizer steps, with the number
   of optimizer steps taken so far (counted from 1): once-per-epoch updates of an old policy;
 - class attributes: ``requires_differentiable_reward`` (DRaFT), ``drop_zero_std_groups``
-  (Flow-GRPO filters groups whose rewards are all equal), and ``conventions``:
+  (Flow-GRPO filters groups whose rewards are all equal), ``clip_key``: the field of
+  ``Config`` that is the algorithm's own advantage clip (``adv_clip``), which then owns the
+  run's clip (:func:`advantageflow.config.advantage_clip`), and ``conventions``:
   ``{dotted key outside the algorithm's section: (value, why)}``, the authors' settings of
   other sections that the method assumes (EPG: ``advantage.std: none``); a config that differs
   gets a note naming the key from ``validate`` and ``train``
@@ -83,6 +85,7 @@ class Algorithm(Protocol):
     Config: type
     requires_differentiable_reward: ClassVar[bool]
     drop_zero_std_groups: ClassVar[bool]
+    clip_key: ClassVar[str | None]
     conventions: ClassVar[dict[str, tuple[Any, str]]]
 
     def sampler_request(self, epoch: int, generator: torch.Generator) -> SamplerRequest: ...
@@ -108,6 +111,7 @@ class AlgorithmBase:
 
     requires_differentiable_reward: ClassVar[bool] = False
     drop_zero_std_groups: ClassVar[bool] = False
+    clip_key: ClassVar[str | None] = None  # no clip of its own: advantage.clip (default 5) applies
     conventions: ClassVar[dict[str, tuple[Any, str]]] = {}
 
     def rollout_policy(self, policy: Any) -> contextlib.AbstractContextManager:

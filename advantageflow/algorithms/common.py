@@ -152,8 +152,10 @@ def x0_prediction(x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
 
 
 def scaled_advantages(advantages: Tensor, clip: float) -> Tensor:
-    """Clip to ``[-clip, clip]`` then divide by ``clip`` (AWM / DiffusionNFT): ``[-1, 1]``."""
-    return advantages.clamp(-clip, clip) / clip
+    """Advantages ``(B,)`` divided by their clip (AWM / AdvantageFlow): ``[-1, 1]``.  The trainer
+    has clipped them to ``[-clip, clip]`` (:func:`advantageflow.config.advantage_clip`: one clip
+    per run, the algorithm's ``adv_clip``), so they are not clipped again here."""
+    return advantages / clip
 
 
 def clipped_policy_loss(log_ratio: Tensor, advantages: Tensor, clip_range: float) -> tuple[Tensor, Tensor]:
