@@ -55,14 +55,6 @@ def build_reward_fn(cfg: RewardConfig) -> CompositeReward:
     return CompositeReward(rewards, weights)
 
 
-def time_grid_for(policy: Any, steps: int, shift: float) -> torch.Tensor:
-    """The policy's own sigma grid when it has one (diffusers schedulers), else ours."""
-    from advantageflow.sampling import time_grid
-
-    own = getattr(policy, "time_grid", None)
-    return own(steps) if callable(own) else time_grid(steps, shift)
-
-
 def build_components(cfg: Config, device: torch.device | str = "cpu") -> Components:
     # Cheap checks first: a bad prompt file or reward fails before a large model loads.
     task = build_task(cfg)

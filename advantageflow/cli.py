@@ -114,6 +114,7 @@ def _load_policy(cfg, ckpt):
     parts = build_components(cfg, cfg.device if cfg.device != "auto" else "cpu")
     if ckpt is not None:
         parts.policy.load_trainable_state(load_checkpoint(ckpt).policy)
+    parts.policy.set_mode(training=False)  # `eval` and `sample` only sample: no dropout
     return parts
 
 
@@ -169,8 +170,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg, ckpt = _config_for_checkpoint(items, args.checkpoint, args.trust_config)
     parts = _load_policy(cfg, ckpt)
     result = evaluate_policy(parts.policy, parts.task, parts.reward, cfg)
-    extra = getattr(parts.task, "guards", None)
-    guards = extra(parts.policy, result) if callable(extra) else {}
+    guards = parts.task.guards(parts.policy, result)
     report = {"checkpoint": str(ckpt) if ckpt else None, "metrics": result.metrics, "guards": guards}
     if args.json:
         print(json.dumps(report, indent=1))
@@ -184,7 +184,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from advantageflow.build import time_grid_for
     from advantageflow.rollouts import encode_prompts
     from advantageflow.runlog import save_samples
     from advantageflow.sampling import bind_velocity, sample
@@ -196,7 +195,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     prompts = [Prompt(args.prompt)] * args.num
     gen = torch.Generator().manual_seed(args.seed)
     noise = torch.randn((args.num, *policy.sample_shape), generator=gen).to(policy.device)
-    grid = time_grid_for(policy, args.steps or cfg.sampler.eval_steps, cfg.sampler.shift)
+    grid = policy.time_grid(args.steps or cfg.sampler.eval_steps, cfg.sampler.shift)
     with torch.no_grad():
         cond = encode_prompts(policy, prompts)
         out = sample(bind_velocity(policy, cond, cfg.sampler.guidance_scale), noise, grid.to(policy.device),

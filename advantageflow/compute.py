@@ -103,11 +103,10 @@ class ComputeMeter:
     @classmethod
     def for_policy(cls, policy: Any, measure_flops: bool = True) -> ComputeMeter:
         """A meter on ``policy.networks()``; one that counts nothing (``active`` false) for a
-        policy without that method."""
-        get = getattr(policy, "networks", None)
-        if not callable(get):
+        policy without networks."""
+        nets = policy.networks()
+        if nets is None:
             return cls([], measure_flops)
-        nets = get()
         return cls([n for n in (nets.trained, nets.reference) if n is not None], measure_flops)
 
     @contextlib.contextmanager

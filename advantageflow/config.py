@@ -33,15 +33,26 @@ from advantageflow.registry import RegistryError, closest
 
 
 def _model_config(name: str) -> type:
-    from advantageflow.models import MODELS
+    from advantageflow.models import MODELS, PolicyBase
 
-    return MODELS.get(name).Config
+    return _declared(MODELS.get(name), PolicyBase, name, "a model").Config
 
 
 def _task_config(name: str) -> type:
-    from advantageflow.tasks import TASKS
+    from advantageflow.tasks import TASKS, TaskBase
 
-    return TASKS.get(name).Config
+    return _declared(TASKS.get(name), TaskBase, name, "a task").Config
+
+
+def _declared(entry: Any, base: type, name: str, what: str) -> type:
+    """``entry`` if it is a subclass of ``base`` (which gives the members the trainer calls
+    their defaults) with a ``Config`` dataclass; a ``RegistryError`` naming ``base`` else."""
+    if not (isinstance(entry, type) and issubclass(entry, base)
+            and dataclasses.is_dataclass(getattr(entry, "Config", None))):
+        raise RegistryError(
+            f"'{name}' is not {what} (a subclass of {base.__module__}.{base.__name__} with a Config dataclass)"
+        )
+    return entry
 
 
 @dataclass
@@ -72,15 +83,23 @@ class SamplerConfig:
 
 @dataclass
 class AdvantageConfig:
-    """Group-relative advantages (docs/algorithms/README.md, 'Advantages')."""
+    """Group-relative advantages (docs/algorithms/README.md, 'Advantages').
+
+    ``clip``: the advantages are clipped to ``[-clip, clip]``, once, by the trainer.  Unset
+    (``null``), it is the algorithm's own clip (``adv_clip`` of AdvantageFlow, Flow-GRPO, AWM and
+    DiffusionNFT, whose losses also divide by it), else 5; set, it must equal that ``adv_clip``
+    (:func:`advantage_clip`).
+    """
 
     std: Literal["global", "group", "none"] = "global"
-    clip: float = 5.0
+    clip: float | None = None
     eps: float = 1e-4
 
     def validate(self) -> None:
         # eps < 0 would flip the sign of advantages of groups with spread below |eps|.
-        above(self, "advantage", clip=0.0, eps=0.0)
+        above(self, "advantage", eps=0.0)
+        if self.clip is not None:
+            above(self, "advantage", clip=0.0)
 
 
 @dataclass
@@ -298,9 +317,11 @@ class Config:
                               "use dist.strategy=ddp or train.optimizer=adamw")
 
     def to_dict(self) -> dict:
-        """Plain dict in the YAML layout (the algorithm's section under its own name)."""
+        """Plain dict in the YAML layout (the algorithm's section under its own name), with the
+        advantage clip the run uses written out (:func:`advantage_clip`)."""
         data = to_dict(self)
         data[self.algo] = data.pop("algorithm")
+        data["advantage"]["clip"] = advantage_clip(self)
         return data
 
     def to_yaml(self) -> str:
@@ -310,6 +331,7 @@ class Config:
 def build_config(data: dict) -> Config:
     """Validate a raw mapping into a :class:`Config`."""
     from advantageflow.algorithms import ALGORITHMS
+    from advantageflow.algorithms.base import AlgorithmBase
 
     data = dict(data)
     algo = data.get("algo", Config.algo)
@@ -319,8 +341,10 @@ def build_config(data: dict) -> Config:
         algo_cls = ALGORITHMS.get(algo)
     except RegistryError as err:
         raise ConfigError(f"'algo': {err}") from None
-    if not (isinstance(algo_cls, type) and dataclasses.is_dataclass(getattr(algo_cls, "Config", None))):
-        raise ConfigError(f"'algo': '{algo}' is not an algorithm (a class with a Config dataclass)")
+    try:
+        _declared(algo_cls, AlgorithmBase, algo, "an algorithm")
+    except RegistryError as err:
+        raise ConfigError(f"'algo': {err}") from None
     # A user's algorithm given by dotted path may keep its options under its short name.
     short = algo.rsplit(":", 1)[-1].rsplit(".", 1)[-1]
     section = data.pop(algo, None) or (data.pop(short, None) if short != algo else None) or {}
@@ -334,7 +358,33 @@ def build_config(data: dict) -> Config:
             )
     cfg = from_dict(Config, data)
     cfg.algorithm = from_dict(algo_cls.Config, section, algo)
+    advantage_clip(cfg)  # refuses two different clips
     return cfg
+
+
+DEFAULT_ADVANTAGE_CLIP = 5.0
+
+
+def advantage_clip(cfg: Config) -> float:
+    """The run's one advantage clip: the algorithm's own (its ``clip_key``, e.g. ``adv_clip``,
+    which its loss also divides by) if it has one, else ``advantage.clip`` (default 5).
+
+    A config that sets ``advantage.clip`` to another value than the algorithm's clip is refused,
+    naming both keys: clipping twice at different values would make the smaller one win silently.
+    """
+    from advantageflow.algorithms import ALGORITHMS
+
+    key = ALGORITHMS.get(cfg.algo).clip_key
+    general = cfg.advantage.clip
+    if key is None:
+        return DEFAULT_ADVANTAGE_CLIP if general is None else general
+    own = getattr(cfg.algorithm, key)
+    if general is not None and general != own:
+        raise ConfigError(
+            f"advantage.clip is {general} but {cfg.algo}.{key} is {own}: {cfg.algo} clips the advantages "
+            f"itself (its loss divides by {key}); set only {cfg.algo}.{key} (advantage.clip: null) or make them equal"
+        )
+    return own
 
 
 def load_config(path: str | None, overrides: list[str] | None = None, trusted: bool = True,
@@ -530,7 +580,7 @@ def convention_notes(cfg: Config) -> list[str]:
     from advantageflow.algorithms import ALGORITHMS
 
     notes = []
-    for key, (want, why) in getattr(ALGORITHMS.get(cfg.algo), "conventions", {}).items():
+    for key, (want, why) in ALGORITHMS.get(cfg.algo).conventions.items():
         node = cfg
         for part in key.split("."):
             node = getattr(node, part)
@@ -558,9 +608,7 @@ def preflight(cfg: Config) -> None:
         rewards.append((key, term.name, _built_if_cheap(term, key.removesuffix(".name"))))
     check_reward_gradient(cfg.algo, ALGORITHMS.get(cfg.algo), rewards)
     _check_device(cfg.device)
-    model_check = getattr(MODELS.get(cfg.model.name), "preflight", None)
-    if callable(model_check):
-        model_check(cfg.model)  # e.g. model.path: a folder, a hub id or tiny:KIND
+    MODELS.get(cfg.model.name).preflight(cfg.model)  # e.g. model.path: a folder, a hub id or tiny:KIND
     build_task(cfg)  # reads prompt files: a bad one fails here, not after the model loads
 
 

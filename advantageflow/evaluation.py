@@ -10,12 +10,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from advantageflow.algorithms.base import SamplerRequest
-from advantageflow.build import time_grid_for
 from advantageflow.config import Config
 from advantageflow.distributed import DistEnv, full_tensor, placed_like
 from advantageflow.models.base import ema_update_
 from advantageflow.rollouts import decode_and_score, generate
+from advantageflow.sampling import SamplerRequest
 from advantageflow.tasks.base import Prompt
 
 
@@ -99,7 +98,7 @@ def evaluate_policy(policy: Any, task: Any, reward: Any, cfg: Config, env: DistE
     """
     env = env or DistEnv()
     prompts = eval_prompts(task, cfg.eval.num_prompts, cfg.eval.samples_per_prompt)
-    grid = time_grid_for(policy, cfg.sampler.eval_steps, cfg.sampler.shift)
+    grid = policy.time_grid(cfg.sampler.eval_steps, cfg.sampler.shift)
     mine = eval_stripe(len(prompts), env.world_size, env.rank)
     rollout = generate(
         policy, [prompts[i] for i in mine], [(cfg.seed, "eval", i) for i in mine],
@@ -116,11 +115,9 @@ def evaluate_policy(policy: Any, task: Any, reward: Any, cfg: Config, env: DistE
     for name, value in result.components.items():
         metrics[f"eval/reward/{name}"] = float(gathered(value).mean())
     details: dict[str, Any] = {}
-    task_eval = getattr(task, "evaluate", None)
-    if callable(task_eval):
-        for key, value in task_eval(images, prompts).items():
-            if isinstance(value, (int, float)):
-                metrics[f"eval/{key}"] = float(value)
-            else:
-                details[key] = value
+    for key, value in task.evaluate(images, prompts).items():
+        if isinstance(value, (int, float)):
+            metrics[f"eval/{key}"] = float(value)
+        else:
+            details[key] = value
     return EvalResult(metrics=metrics, images=images.cpu(), prompts=prompts, details=details)

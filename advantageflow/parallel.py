@@ -104,13 +104,13 @@ class AllReduce(Strategy):
 
 
 def _networks(policy: Any, strategy: str):
-    get = getattr(policy, "networks", None)
-    if not callable(get):
+    nets = policy.networks()
+    if nets is None:
         raise ConfigError(
             f"dist.strategy={strategy} wraps the policy's network, but {type(policy).__name__} has no "
-            "networks() method; use dist.strategy=allreduce"
+            "networks (its networks() returns None); use dist.strategy=allreduce"
         )
-    return get()
+    return nets
 
 
 class DDP(Strategy):
@@ -122,11 +122,6 @@ class DDP(Strategy):
 
     def wrap(self, policy: Any) -> None:
         nets = _networks(policy, self.name)
-        setter = getattr(policy, "set_trained_forward", None)
-        if not callable(setter):
-            raise ConfigError(
-                f"{type(policy).__name__} cannot route its forward through DDP; use dist.strategy=allreduce"
-            )
         device_ids = [self.env.device] if self.env.device.type == "cuda" else None
         # Buffers are not synchronised in forward: evaluation and rollouts run no-grad passes
         # whose number need not match a collective on every process.
@@ -134,7 +129,7 @@ class DDP(Strategy):
             nets.trained, device_ids=device_ids, broadcast_buffers=False,
             find_unused_parameters=self.cfg.find_unused_parameters,
         )
-        setter(self.module)
+        policy.set_trained_forward(self.module)
 
     def accumulate(self, last: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext() if last else self.module.no_sync()

@@ -14,10 +14,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from advantageflow.algorithms.base import SamplerRequest
 from advantageflow.faults import fault_point
 from advantageflow.rewards.base import RewardResult
-from advantageflow.sampling import bind_velocity, sample
+from advantageflow.sampling import SamplerRequest, bind_velocity, sample
 from advantageflow.seeding import derive_seed, seeded_generator
 from advantageflow.tasks.base import Prompt
 from advantageflow.types import Rollout, cat_cond, index_cond

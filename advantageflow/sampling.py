@@ -30,6 +30,30 @@ def shift_time(s: Tensor, shift: float) -> Tensor:
     return shift * s / (1.0 + (shift - 1.0) * s)
 
 
+@dataclass
+class SamplerRequest:
+    """What an algorithm needs from the rollout sampler.
+
+    Attributes:
+        solver: ODE solver override for deterministic steps (``None``: ``sampler.solver``).
+        stochastic: ``"sde"`` / ``"cps"`` for Flow-GRPO's stochastic steps with log-probs.
+        noise_level: the SDE noise level ``a``.
+        stochastic_steps: ``[start, end)`` indices of stochastic steps (``None``: all).
+        keep_trajectory: keep every state of the sampler in ``Rollout.trajectory``.
+        sa_tau, sa_tau_window: the ``sa_solver`` solver's stochasticity and the target
+            times it applies to (AWM's released values; ``sa_tau = 0`` is an ODE solver).
+    """
+
+    solver: str | None = None
+    stochastic: Literal["none", "sde", "cps"] = "none"
+    noise_level: float = 0.7
+    stochastic_steps: tuple[int, int] | None = None
+    keep_trajectory: bool = False
+    sa_tau: float = 0.4
+    sa_tau_window: tuple[float, float] = (0.3, 0.9)
+
+
+
 def time_grid(steps: int, shift: float = 1.0) -> Tensor:
     """Decreasing grid ``(steps + 1,)`` from 1 to 0, uniform then shifted (float64)."""
     if steps < 1:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from advantageflow.advantages import combined_advantages, group_advantages
 from advantageflow.algorithms import ALGORITHMS
 from advantageflow.algorithms.base import TrainContext
-from advantageflow.build import build_components, time_grid_for
+from advantageflow.build import build_components
 from advantageflow.checkpoint import (
     CheckpointError,
     latest_checkpoint,
@@ -32,7 +32,14 @@ from advantageflow.checkpoint import (
     save_checkpoint,
 )
 from advantageflow.compute import ComputeMeter, collect
-from advantageflow.config import Config, check_resume_config, convention_notes, preflight, reward_keys
+from advantageflow.config import (
+    Config,
+    advantage_clip,
+    check_resume_config,
+    convention_notes,
+    preflight,
+    reward_keys,
+)
 from advantageflow.distributed import DistEnv, full_tensor, local_tensor
 from advantageflow.evaluation import EvalResult, WeightsEMA, evaluate_policy
 from advantageflow.faults import fault_point
@@ -198,10 +205,9 @@ def _train(
     # Shut down on the way out (on an error without waiting for queued scores).
     scorer = cleanup.enter_context(AsyncRewardScorer(reward)) if cfg.reward.async_scoring else None
     train_prompts = task.train_prompts()
-    cache_prompts = getattr(policy, "cache_prompts", None)
-    if callable(cache_prompts):  # encode every prompt once; text encoders may then be released
-        cache_prompts(list(dict.fromkeys(p.text for p in train_prompts + task.test_prompts())))
-    grid = time_grid_for(policy, cfg.sampler.steps, cfg.sampler.shift)
+    # Encode every prompt once (diffusers policies then release their text encoders).
+    policy.cache_prompts(list(dict.fromkeys(p.text for p in train_prompts + task.test_prompts())))
+    grid = policy.time_grid(cfg.sampler.steps, cfg.sampler.shift)
     tc = cfg.train
 
     if state.epoch == 0 and cfg.eval.every > 0:
@@ -222,11 +228,10 @@ def _train(
         plan = plan_epoch(train_prompts, tc.prompts_per_epoch, tc.group_size, tc.steps_per_epoch,
                           cfg.seed, epoch, env.world_size, env.rank)
         request = algo.sampler_request(epoch, seeded_generator(cfg.seed, "sampler", epoch))
-        policy_eval_mode(policy, True)
+        policy.set_mode(training=False)  # rollouts: no dropout
         # 2. Rewards (scored in the background while the next chunk samples, if asked).  An
         # algorithm may roll out with other weights than theta (DiffusionNFT: its old policy).
-        rollout_weights = getattr(algo, "rollout_policy", None)
-        with rollout_weights(policy) if rollout_weights else contextlib.nullcontext():
+        with algo.rollout_policy(policy):
             rollout, scored = generate_and_score(
                 policy, reward, [plan.prompt_of(r) for r in plan.rows],
                 [(cfg.seed, "noise", epoch, r) for r in plan.rows], [plan.group_of(r) for r in plan.rows],
@@ -256,12 +261,12 @@ def _train(
             local = torch.arange(len(plan.rows)) + env.rank * len(plan.rows)  # gathers are rank-major
             rollout = rollout.with_(rewards=scored.total.float(), advantages=adv.values[local].to(policy.device),
                                     reward_components={k: v[local] for k, v in components.items()})
-            keep = ~adv.zero_std[local] if getattr(algo, "drop_zero_std_groups", False) else None
+            keep = ~adv.zero_std[local] if algo.drop_zero_std_groups else None
             metrics["stats/zero_std_ratio"] = adv.zero_std_ratio
             # 4. Updates.
             t1 = time.perf_counter()
             algo.begin_epoch(policy)
-            policy_eval_mode(policy, False)
+            policy.set_mode(training=True)
             step_rows = []
             for inner in range(tc.inner_epochs):
                 for k in range(tc.steps_per_epoch):
@@ -272,9 +277,7 @@ def _train(
                         step_rows.append(row_metrics)
                     if eval_ema is not None and state.step > steps_before:
                         eval_ema.update(policy, state.step)
-            end_epoch = getattr(algo, "end_epoch", None)  # once-per-epoch updates (old policies)
-            if end_epoch is not None:
-                end_epoch(policy, state.step)
+            algo.end_epoch(policy, state.step)  # once-per-epoch updates (old policies)
             metrics.update(_mean_metrics(step_rows))
             metrics["stats/zero_std_ratio"] = adv.zero_std_ratio  # the epoch-level value wins
             metrics["perf/train_s"] = time.perf_counter() - t1
@@ -282,7 +285,7 @@ def _train(
         state.samples += tc.samples_per_epoch
         wall = time.perf_counter() - t0
         state.wall_s += wall
-        metrics.update(memory_metrics(policy, env.device))
+        metrics.update(memory_metrics(policy))
         metrics["perf/trainable_mb"] = trainable_mb
         metrics.update({"perf/rollout_s": t_rollout, "perf/epoch_s": wall,
                         "perf/samples_per_s": tc.samples_per_epoch / wall, "samples": state.samples})
@@ -349,17 +352,11 @@ def _restore(path: Path, env: DistEnv, policy, strategy, optimizer, algo, cfg: C
     return state
 
 
-def policy_eval_mode(policy: Any, evaluating: bool) -> None:
-    """Switch the policy's modules between eval and train mode, if it has any."""
-    for module in getattr(policy, "modules_for_mode", lambda: [])():
-        module.train(not evaluating)
-
-
 def _advantages(cfg: Config, total: torch.Tensor, components: dict, weights: dict, group_ids: torch.Tensor):
-    a = cfg.advantage
+    a, clip = cfg.advantage, advantage_clip(cfg)
     if cfg.reward.combine == "per_reward" and len(weights) > 1:
-        return combined_advantages(components, weights, group_ids, a.std, a.clip, a.eps)
-    return group_advantages(total, group_ids, a.std, a.clip, a.eps)
+        return combined_advantages(components, weights, group_ids, a.std, clip, a.eps)
+    return group_advantages(total, group_ids, a.std, clip, a.eps)
 
 
 def _optimizer_step(cfg, env, strategy, algo, policy, params, optimizer, reward, rollout, global_rows, keep, state,
@@ -428,16 +425,9 @@ def _optimizer_step(cfg, env, strategy, algo, policy, params, optimizer, reward,
     return out
 
 
-def memory_metrics(policy: Any, device: torch.device) -> dict[str, float]:
-    """Peak memory of this process: the policy's own report, else CUDA peak or CPU max RSS."""
-    own = getattr(policy, "memory", None)
-    if callable(own):
-        return {k if k.startswith("perf/") else f"perf/{k}": float(v) for k, v in own().items()}
-    if device.type == "cuda":
-        return {"perf/max_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30}
-    import resource
-
-    return {"perf/max_memory_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
+def memory_metrics(policy: Any) -> dict[str, float]:
+    """Peak memory of this process as the policy reports it (:meth:`FlowPolicy.memory`), under ``perf/``."""
+    return {k if k.startswith("perf/") else f"perf/{k}": float(v) for k, v in policy.memory().items()}
 
 
 def _term_means(env: DistEnv, sums: dict[str, float], counts: dict[str, int]) -> dict[str, float]:
@@ -473,7 +463,7 @@ def _evaluate(policy, task, reward, cfg, env, run_dir, tag, meter: ComputeMeter,
     """Evaluate (each process samples its stripe, all get the result) with the weights, or
     their moving average when ``eval.ema_decay > 0``; process 0 saves a sample grid when
     ``tag`` is given.  Its network passes count as ``perf/eval_*``."""
-    policy_eval_mode(policy, True)
+    policy.set_mode(training=False)
     ema_ctx = eval_ema.active(policy) if eval_ema is not None else contextlib.nullcontext()
     with meter.evaluating(), ema_ctx:
         result = evaluate_policy(policy, task, reward, cfg, env)

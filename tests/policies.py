@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from advantageflow.models.base import PolicyBase
+from advantageflow.models.toy import ToyMLPPolicy
 
 
 class PerSamplePolicy(PolicyBase):
@@ -70,3 +72,33 @@ def minimise_losses(algo, batch, policy: PerSamplePolicy, max_iter: int) -> None
         return loss
 
     opt.step(closure)
+
+
+class DropoutVelocity(nn.Module):
+    """A toy velocity network with dropout on its output; records ``(grad enabled, training)``
+    of every forward pass in the class list ``MODES``."""
+
+    MODES: list[tuple[bool, bool]] = []
+
+    def __init__(self, inner: nn.Module, p: float) -> None:
+        super().__init__()
+        self.inner, self.drop = inner, nn.Dropout(p)
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        DropoutVelocity.MODES.append((torch.is_grad_enabled(), self.training))
+        return self.drop(self.inner(x, t))
+
+
+class DropoutToyPolicy(ToyMLPPolicy):
+    """The toy 2-D policy with dropout ``p`` on its velocity (same base weights as ``toy_mlp``)."""
+
+    @dataclass
+    class Config(ToyMLPPolicy.Config):
+        name: str = "tests.policies:DropoutToyPolicy"
+        dropout: float = 0.5
+
+    @classmethod
+    def from_config(cls, cfg: Config, device: str = "cpu") -> DropoutToyPolicy:
+        base = {f.name: getattr(cfg, f.name) for f in fields(ToyMLPPolicy.Config) if f.name != "name"}
+        toy = ToyMLPPolicy.from_config(ToyMLPPolicy.Config(**base), device)  # shares the toy's cache
+        return cls(DropoutVelocity(toy.net, cfg.dropout), device)

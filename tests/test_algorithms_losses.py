@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from advantageflow.algorithms.awm import AWM, awm_log_likelihood, clipped_policy_loss, scaled_grid_range
+from advantageflow.algorithms.awm import AWM, awm_log_likelihood, scaled_grid_range
 from advantageflow.algorithms.base import TrainContext
-from advantageflow.algorithms.common import stratified_grid_indices
+from advantageflow.algorithms.common import clipped_policy_loss, stratified_grid_indices
 from advantageflow.algorithms.diffusion_nft import (
     EMA_SCHEDULES,
     DiffusionNFT,

@@ -118,10 +118,9 @@ def test_a_failing_forward_leaves_no_flop_counter_behind():
 
 
 def test_policy_without_networks_counts_nothing():
-    class Bare:
-        pass
+    from tests.policies import PerSamplePolicy
 
-    meter = ComputeMeter.for_policy(Bare())
+    meter = ComputeMeter.for_policy(PerSamplePolicy(2, 2))
     assert not meter.active and not meter.flops_supported
 
 

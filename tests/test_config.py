@@ -6,7 +6,7 @@ import glob
 
 import pytest
 
-from advantageflow.config import Config, load_config
+from advantageflow.config import Config, advantage_clip, load_config
 from advantageflow.configbase import ConfigError
 from tests.conftest import REPO
 
@@ -117,3 +117,20 @@ def test_awm_and_nft_configs_follow_the_released_ones():
 def test_eval_ema_decay_is_checked():
     with pytest.raises(ConfigError, match="eval.ema_decay"):
         load_config(TOY, ["eval.ema_decay=1.0"])
+
+
+def test_the_advantage_clip_has_one_owner():
+    # Every shipped config clips at 5, as the released codes.
+    for path in sorted(glob.glob(str(REPO / "configs" / "*.yaml"))):
+        assert advantage_clip(load_config(path)) == 5.0, path
+    awm = str(REPO / "configs" / "toy2d_awm.yaml")
+    # An algorithm with its own clip (adv_clip, which its loss divides by) owns it ...
+    assert advantage_clip(load_config(awm, ["advantage.clip=null", "awm.adv_clip=3"])) == 3.0
+    assert advantage_clip(load_config(awm, ["advantage.clip=3", "awm.adv_clip=3"])) == 3.0
+    with pytest.raises(ConfigError, match=r"advantage.clip is 3.0 but awm.adv_clip is 5.0.*set only awm.adv_clip"):
+        load_config(awm, ["advantage.clip=3"])
+    # ... the others take advantage.clip (5 unless set).
+    epg = str(REPO / "configs" / "toy2d_epg.yaml")
+    assert advantage_clip(load_config(epg, ["advantage.clip=3"])) == 3.0
+    assert advantage_clip(load_config(epg, ["advantage.clip=null"])) == 5.0
+

@@ -19,8 +19,8 @@ pytest.importorskip("peft")
 from advantageflow.configbase import ConfigError, from_dict  # noqa: E402
 from advantageflow.models import MODELS  # noqa: E402
 from advantageflow.models.export import export_lora, export_transformer, load_policy  # noqa: E402
+from advantageflow.models.tiny_pipelines import tiny_pipeline_dir  # noqa: E402
 from advantageflow.sampling import bind_velocity, sample  # noqa: E402
-from advantageflow.testing.tiny_pipelines import tiny_pipeline_dir  # noqa: E402
 
 SIZE = 16
 SEQ = 16
@@ -336,7 +336,7 @@ def test_corrupt_model_folder_is_one_line(tmp_path):
 
 
 def test_memory_per_process_reports_gib():
-    from advantageflow.models.diffusers_common import memory_per_process
+    from advantageflow.models.base import memory_per_process
 
     mem = memory_per_process("cpu")
     assert 0.01 < mem["perf/max_memory_gb"] < 64
@@ -363,7 +363,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(kind):
 def test_building_a_tiny_pipeline_leaves_the_global_rng_alone(tmp_path):
     """Models initialised after loading (LoRA) must not depend on whether this process built
     the tiny pipeline first (under torchrun only process 0 builds it)."""
-    from advantageflow.testing.tiny_pipelines import save_tiny_pipeline
+    from advantageflow.models.tiny_pipelines import save_tiny_pipeline
 
     torch.manual_seed(123)
     expected = torch.rand(3)

@@ -44,11 +44,10 @@ def test_multi_process_strategies_scale_losses_by_the_world_because_wrappers_ave
 
 
 def test_wrapping_a_policy_without_networks_is_a_config_error():
-    class Bare:
-        pass
+    from tests.policies import PerSamplePolicy
 
     with pytest.raises(ConfigError, match="dist.strategy=allreduce"):
-        DDP(DistEnv(rank=0, world_size=2), DistConfig()).wrap(Bare())
+        DDP(DistEnv(rank=0, world_size=2), DistConfig()).wrap(PerSamplePolicy(2, 2))
 
 
 def test_shard_units_are_the_blocks_of_top_level_module_lists():

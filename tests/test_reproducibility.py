@@ -23,7 +23,7 @@ import torch
 
 from advantageflow.algorithms import ALGORITHMS
 from advantageflow.algorithms.base import TrainContext
-from advantageflow.build import build_components, time_grid_for
+from advantageflow.build import build_components
 from advantageflow.config import load_config
 from advantageflow.numerics import blas_mode, numerics_header, numerics_record, thread_invariant_kernels
 from advantageflow.rollouts import encode_prompts
@@ -85,7 +85,7 @@ def _main_job_batch(threads: int = 1):
     train = task.train_prompts()
     prompts = [train[i % len(train)] for i in range(cfg.train.micro_batch_size)]
     noise = torch.randn((len(prompts), *policy.sample_shape), generator=seeded_generator(cfg.seed, "test"))
-    grid = time_grid_for(policy, 2, 1.0)
+    grid = policy.time_grid(2, 1.0)
     with torch.no_grad():
         cond = encode_prompts(policy, prompts)
         out = sample(bind_velocity(policy, cond, 1.0), noise, grid)

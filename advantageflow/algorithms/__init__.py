@@ -1,6 +1,6 @@
 """One file per algorithm, registered by the name used in ``algo:``."""
 
-from advantageflow.algorithms.base import Algorithm, SamplerRequest, TrainContext
+from advantageflow.algorithms.base import Algorithm, AlgorithmBase, SamplerRequest, TrainContext
 from advantageflow.registry import Registry
 
 ALGORITHMS: Registry = Registry("algorithm")
@@ -12,4 +12,4 @@ ALGORITHMS.register("epg", "advantageflow.algorithms.epg:EPG")
 ALGORITHMS.register("ram", "advantageflow.algorithms.ram:RAM")
 ALGORITHMS.register("draft", "advantageflow.algorithms.draft:DRaFT")
 
-__all__ = ["ALGORITHMS", "Algorithm", "SamplerRequest", "TrainContext"]
+__all__ = ["ALGORITHMS", "Algorithm", "AlgorithmBase", "SamplerRequest", "TrainContext"]

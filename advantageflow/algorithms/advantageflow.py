@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from advantageflow.algorithms.base import SamplerRequest, TrainContext
+from advantageflow.algorithms.base import AlgorithmBase, TrainContext
 from advantageflow.algorithms.common import (
     EMASchedule,
     LaggedPolicy,
@@ -32,6 +32,7 @@ from advantageflow.algorithms.common import (
     scaled_advantages,
     x0_prediction,
 )
+from advantageflow.sampling import SamplerRequest
 from advantageflow.seeding import RowRandom
 from advantageflow.types import LossOutput, Rollout, mean_flat
 
@@ -143,8 +144,10 @@ def diagnostics(
         return out
 
 
-class AdvantageFlow:
+class AdvantageFlow(AlgorithmBase):
     """The AdvantageFlow algorithm (see the module docstring)."""
+
+    clip_key = "adv_clip"  # the run's advantage clip (advantage.clip: unset or equal)
 
     @dataclass
     class Config:
@@ -154,7 +157,8 @@ class AdvantageFlow:
             gamma: weight of the anchor to the old (rollout) policy; ``> 1`` keeps every
                 per-sample problem convex for ``A`` in ``[-1, 1]``.
             lambda_ref: weight of the anchor to the frozen reference (0 skips its pass).
-            adv_clip: advantages are clipped to ``±adv_clip`` and divided by it.
+            adv_clip: the run's advantage clip (the trainer clips to ``±adv_clip``;
+                ``advantage.clip`` unset or equal); the loss divides the advantages by it.
             adaptive_weight: DiffusionNFT's per-sample weight ``1 / sg(mean|f - x0|)``.
             old_policy: ``epoch`` (theta frozen at the rollouts) or ``ema``.
             ema_rate, ema_max_decay, ema_delay: the EMA schedule when ``old_policy: ema``.

@@ -33,14 +33,16 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from advantageflow.algorithms.base import SamplerRequest, TrainContext
+from advantageflow.algorithms.base import AlgorithmBase, TrainContext
 from advantageflow.algorithms.common import (
     EMASchedule,
     LaggedPolicy,
+    clipped_policy_loss,
     noised,
     scaled_advantages,
     stratified_grid_indices,
 )
+from advantageflow.sampling import SamplerRequest
 from advantageflow.types import LossOutput, Rollout, mean_flat
 
 Weighting = Literal["uniform", "t", "t2", "huber", "ghuber"]
@@ -70,22 +72,6 @@ def awm_log_likelihood(mse: Tensor, t: Tensor, weighting: Weighting = "ghuber", 
     if weighting == "huber":
         return -tt * (torch.sqrt(m + HUBER_DELTA) - math.sqrt(HUBER_DELTA))
     raise ValueError(f"unknown AWM weighting '{weighting}' (uniform, t, t2, huber, ghuber)")
-
-
-def clipped_policy_loss(log_ratio: Tensor, advantages: Tensor, clip_range: float) -> tuple[Tensor, Tensor]:
-    """PPO's clipped surrogate ``max(-A r, -A clip(r, 1 - c, 1 + c))`` with ``r = exp(log_ratio)``.
-
-    Args:
-        log_ratio: ``(B,)`` ``log pi_theta - log pi_old`` (with gradient through theta).
-        advantages: ``(B,)``.
-    Returns:
-        ``(loss (B,), ratio (B,))``.
-    """
-    ratio = torch.exp(log_ratio)
-    adv = advantages.to(ratio.dtype)
-    unclipped = -adv * ratio
-    clipped = -adv * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
-    return torch.maximum(unclipped, clipped), ratio
 
 
 @dataclass
@@ -155,12 +141,14 @@ def scaled_grid_range(grid_steps: int, low: int, high: int, reference_steps: int
     return lo, hi
 
 
-class AWM:
+class AWM(AlgorithmBase):
     """Advantage Weighted Matching (see the module docstring).
 
     Metrics: ``loss/policy``, ``loss/ref_velocity_mse`` (``||v - v_ref||^2``), ``loss/ema_velocity_mse``,
     ``stats/ratio_mean``, ``stats/clipfrac``, ``stats/velocity_mse``, ``stats/t_mean``.
     """
+
+    clip_key = "adv_clip"  # the run's advantage clip (advantage.clip: unset or equal)
 
     conventions = {
         "sampler.guidance_scale": (1.0, "AWM's rollouts and evaluation use no CFG"),
@@ -175,7 +163,8 @@ class AWM:
             weighting: ``ghuber`` (default, the released configs'), ``huber`` (square root),
                 ``uniform``, ``t`` or ``t2``.
             huber_p: the generalised-Huber exponent ``p`` (``ghuber`` only).
-            adv_clip: advantages clipped to +-adv_clip then divided by it.
+            adv_clip: the run's advantage clip (the trainer clips to +-adv_clip; ``advantage.clip``
+                unset or equal); the loss divides the advantages by it.
             clip_range: the PPO ratio clip (1 in every released config).
             policy_mode: ``on_policy`` (released: ``LP_old`` from theta at the rollouts, i.e.
                 ``sg(LP)`` during the epoch's first optimizer step), ``every_step``

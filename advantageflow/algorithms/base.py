@@ -1,4 +1,4 @@
-"""The small surface every algorithm file implements (no base class needed).
+"""The small surface every algorithm file implements: a subclass of :class:`AlgorithmBase`.
 
 An algorithm is a class with:
 
@@ -16,54 +16,34 @@ An algorithm is a class with:
 - ``after_step(self, policy, step)``: called after each optimizer step (EMA updates);
 - ``state_dict()`` / ``load_state_dict(state)``: what a checkpoint must keep.
 
-Optional methods the trainer calls when present:
+Members with a default in :class:`AlgorithmBase`, overridden where a method needs them:
 
 - ``rollout_policy(self, policy)``: a context manager within which the epoch's rollouts are
-  sampled (DiffusionNFT samples with its old policy);
+  sampled (DiffusionNFT samples with its old policy); default: theta as it is;
 - ``end_epoch(self, policy, steps_done)``: after the epoch's optimizer steps, with the number
-  of optimizer steps taken so far (counted from 1): once-per-epoch updates of an old policy.
-
-Optional class attributes read by the trainer: ``requires_differentiable_reward``
-(DRaFT), ``drop_zero_std_groups`` (Flow-GRPO filters groups whose rewards are all equal), and
-``conventions``: ``{dotted key outside the algorithm's section: (value, why)}``, the authors'
-settings of other sections that the method assumes (EPG: ``advantage.std: none``); a config
-that differs gets a note naming the key from ``validate`` and ``train``
-(:func:`advantageflow.config.convention_notes`), not an error: deviating may be the experiment.
+  of optimizer steps taken so far (counted from 1): once-per-epoch updates of an old policy;
+- class attributes: ``requires_differentiable_reward`` (DRaFT), ``drop_zero_std_groups``
+  (Flow-GRPO filters groups whose rewards are all equal), ``clip_key``: the field of
+  ``Config`` that is the algorithm's own advantage clip (``adv_clip``), which then owns the
+  run's clip (:func:`advantageflow.config.advantage_clip`), and ``conventions``:
+  ``{dotted key outside the algorithm's section: (value, why)}``, the authors' settings of
+  other sections that the method assumes (EPG: ``advantage.std: none``); a config that differs
+  gets a note naming the key from ``validate`` and ``train``
+  (:func:`advantageflow.config.convention_notes`), not an error: deviating may be the experiment.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 
+from advantageflow.sampling import SamplerRequest
 from advantageflow.seeding import RowRandom
 from advantageflow.types import LossOutput, Rollout
-
-
-@dataclass
-class SamplerRequest:
-    """What an algorithm needs from the rollout sampler.
-
-    Attributes:
-        solver: ODE solver override for deterministic steps (``None``: ``sampler.solver``).
-        stochastic: ``"sde"`` / ``"cps"`` for Flow-GRPO's stochastic steps with log-probs.
-        noise_level: the SDE noise level ``a``.
-        stochastic_steps: ``[start, end)`` indices of stochastic steps (``None``: all).
-        keep_trajectory: keep every state of the sampler in ``Rollout.trajectory``.
-        sa_tau, sa_tau_window: the ``sa_solver`` solver's stochasticity and the target
-            times it applies to (AWM's released values; ``sa_tau = 0`` is an ODE solver).
-    """
-
-    solver: str | None = None
-    stochastic: Literal["none", "sde", "cps"] = "none"
-    noise_level: float = 0.7
-    stochastic_steps: tuple[int, int] | None = None
-    keep_trajectory: bool = False
-    sa_tau: float = 0.4
-    sa_tau_window: tuple[float, float] = (0.3, 0.9)
 
 
 @dataclass
@@ -103,8 +83,14 @@ class Algorithm(Protocol):
     """The shared signature (see the module docstring)."""
 
     Config: type
+    requires_differentiable_reward: ClassVar[bool]
+    drop_zero_std_groups: ClassVar[bool]
+    clip_key: ClassVar[str | None]
+    conventions: ClassVar[dict[str, tuple[Any, str]]]
 
     def sampler_request(self, epoch: int, generator: torch.Generator) -> SamplerRequest: ...
+
+    def rollout_policy(self, policy: Any) -> contextlib.AbstractContextManager: ...
 
     def begin_epoch(self, policy: Any) -> None: ...
 
@@ -112,6 +98,37 @@ class Algorithm(Protocol):
 
     def after_step(self, policy: Any, step: int) -> None: ...
 
+    def end_epoch(self, policy: Any, steps_done: int) -> None: ...
+
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
+
+
+class AlgorithmBase:
+    """The defaults of :class:`Algorithm`'s optional members; every algorithm subclasses it
+    and implements ``Config``, ``sampler_request``, ``losses`` and what it keeps over epochs."""
+
+    requires_differentiable_reward: ClassVar[bool] = False
+    drop_zero_std_groups: ClassVar[bool] = False
+    clip_key: ClassVar[str | None] = None  # no clip of its own: advantage.clip (default 5) applies
+    conventions: ClassVar[dict[str, tuple[Any, str]]] = {}
+
+    def rollout_policy(self, policy: Any) -> contextlib.AbstractContextManager:
+        """Rollouts sample with theta."""
+        return contextlib.nullcontext()
+
+    def begin_epoch(self, policy: Any) -> None:
+        """Nothing to freeze."""
+
+    def after_step(self, policy: Any, step: int) -> None:
+        """No per-step update."""
+
+    def end_epoch(self, policy: Any, steps_done: int) -> None:
+        """No once-per-epoch update."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        return None

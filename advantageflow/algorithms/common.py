@@ -152,5 +152,23 @@ def x0_prediction(x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
 
 
 def scaled_advantages(advantages: Tensor, clip: float) -> Tensor:
-    """Clip to ``[-clip, clip]`` then divide by ``clip`` (AWM / DiffusionNFT): ``[-1, 1]``."""
-    return advantages.clamp(-clip, clip) / clip
+    """Advantages ``(B,)`` divided by their clip (AWM / AdvantageFlow): ``[-1, 1]``.  The trainer
+    has clipped them to ``[-clip, clip]`` (:func:`advantageflow.config.advantage_clip`: one clip
+    per run, the algorithm's ``adv_clip``), so they are not clipped again here."""
+    return advantages / clip
+
+
+def clipped_policy_loss(log_ratio: Tensor, advantages: Tensor, clip_range: float) -> tuple[Tensor, Tensor]:
+    """PPO's clipped surrogate ``max(-A r, -A clip(r, 1 - c, 1 + c))`` with ``r = exp(log_ratio)``.
+
+    Args:
+        log_ratio: ``(B,)`` ``log pi_theta - log pi_old`` (with gradient through theta).
+        advantages: ``(B,)``.
+    Returns:
+        ``(loss (B,), ratio (B,))``.
+    """
+    ratio = torch.exp(log_ratio)
+    adv = advantages.to(ratio.dtype)
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    return torch.maximum(unclipped, clipped), ratio

@@ -36,8 +36,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from advantageflow.algorithms.base import SamplerRequest, TrainContext
+from advantageflow.algorithms.base import AlgorithmBase, TrainContext
 from advantageflow.algorithms.common import EMASchedule, LaggedPolicy, noised, x0_prediction
+from advantageflow.sampling import SamplerRequest
 from advantageflow.seeding import RowRandom
 from advantageflow.types import LossOutput, Rollout, mean_flat
 
@@ -48,8 +49,10 @@ EMA_SCHEDULES = {
 
 
 def optimality_probability(advantages: Tensor, adv_clip: float = 5.0) -> Tensor:
-    """``r = clamp(clip(A, -c, c) / c / 2 + 0.5, 0, 1)``: ``(B,) -> (B,)``."""
-    return (advantages.clamp(-adv_clip, adv_clip) / adv_clip / 2.0 + 0.5).clamp(0.0, 1.0)
+    """``r = clamp(A / c / 2 + 0.5, 0, 1)``: ``(B,) -> (B,)``; the released
+    ``clamp(clip(A, -c, c) / c / 2 + 0.5, 0, 1)`` without its inner clip, which the outer one
+    makes redundant (and the trainer has clipped ``A`` to ``±c``)."""
+    return (advantages / adv_clip / 2.0 + 0.5).clamp(0.0, 1.0)
 
 
 @dataclass
@@ -112,12 +115,14 @@ def nft_loss(
     return NFTLoss(policy + ref_weight * reg_ref, policy, positive, negative, reg_ref)
 
 
-class DiffusionNFT:
+class DiffusionNFT(AlgorithmBase):
     """DiffusionNFT (see the module docstring).
 
     Metrics: ``loss/policy``, ``loss/ref_velocity_mse`` (``||v - v_ref||^2``), ``loss/positive``,
     ``loss/negative``, ``stats/r_mean``, ``stats/old_decay``.
     """
+
+    clip_key = "adv_clip"  # the run's advantage clip (advantage.clip: unset or equal)
 
     conventions = {
         "sampler.guidance_scale": (1.0, "DiffusionNFT is CFG-free: rollouts with guidance 1"),
@@ -130,7 +135,8 @@ class DiffusionNFT:
 
         Attributes:
             beta: implicit-policy strength (1.0 GenEval/PickScore, 0.1 OCR/multi-reward).
-            adv_clip: advantage clip; also the loss factor (5 in the released code).
+            adv_clip: the run's advantage clip (the trainer clips to +-adv_clip; ``advantage.clip``
+                unset or equal); also the loss factor (5 in the released code).
             ref_weight: weight of ``||v_theta - v_ref||^2`` (1e-4).
             adaptive_weight: the x0-space adaptive weighting.
             timestep_fraction: ``int(fraction * N)`` grid steps per update.

@@ -24,9 +24,9 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from advantageflow.algorithms.base import SamplerRequest, TrainContext
+from advantageflow.algorithms.base import AlgorithmBase, TrainContext
 from advantageflow.algorithms.common import noised
-from advantageflow.sampling import euler_step
+from advantageflow.sampling import SamplerRequest, euler_step
 from advantageflow.types import LossOutput, Rollout
 
 
@@ -69,7 +69,7 @@ def euler_chain(
     return x
 
 
-class DRaFT:
+class DRaFT(AlgorithmBase):
     """DRaFT-K and DRaFT-LV (see the module docstring).
 
     Metrics: ``loss/policy`` (``-R``), ``stats/reward_grad`` (the mean reward of the

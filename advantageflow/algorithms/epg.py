@@ -24,8 +24,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from advantageflow.algorithms.base import SamplerRequest, TrainContext
+from advantageflow.algorithms.base import AlgorithmBase, TrainContext
 from advantageflow.algorithms.common import LaggedPolicy, noised, sample_times
+from advantageflow.sampling import SamplerRequest
 from advantageflow.types import LossOutput, Rollout, index_cond, mean_flat
 
 
@@ -67,7 +68,7 @@ def epg_loss(
     return EPGLoss(policy + beta * kl, policy, kl, rho)
 
 
-class EPG:
+class EPG(AlgorithmBase):
     """ELBO policy gradient (see the module docstring).
 
     Metrics: ``loss/policy``, ``loss/ref_elbo_gap`` (``l_theta - l_ref``), ``stats/rho_mean``,

@@ -28,9 +28,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from advantageflow.algorithms.awm import clipped_policy_loss
-from advantageflow.algorithms.base import SamplerRequest, TrainContext
-from advantageflow.sampling import SDEStep, cps_step, sde_step
+from advantageflow.algorithms.base import AlgorithmBase, TrainContext
+from advantageflow.algorithms.common import clipped_policy_loss
+from advantageflow.sampling import SamplerRequest, SDEStep, cps_step, sde_step
 from advantageflow.types import LossOutput, Rollout, mean_flat
 
 
@@ -70,7 +70,7 @@ def flow_grpo_step_loss(
     return policy, ratio
 
 
-class FlowGRPO:
+class FlowGRPO(AlgorithmBase):
     """Flow-GRPO (see the module docstring).
 
     The trainer drops groups whose rewards are all equal (``drop_zero_std_groups``) and logs
@@ -78,6 +78,7 @@ class FlowGRPO:
     Metrics: ``loss/policy``, ``loss/kl``, ``stats/ratio_mean``, ``stats/clipfrac``.
     """
 
+    clip_key = "adv_clip"  # the run's advantage clip (advantage.clip: unset or equal)
     drop_zero_std_groups = True
 
     @dataclass
@@ -91,7 +92,8 @@ class FlowGRPO:
             beta: KL weight (0.04 GenEval / OCR, 0.01 PickScore, 0 Fast).
             kl_without_step_size: divide by ``2 sig^2`` like the released code instead of the
                 exact ``2 sig^2 (-D)``.
-            adv_clip: advantages clipped to +-adv_clip.
+            adv_clip: the run's advantage clip: the trainer clips advantages to +-adv_clip
+                (``advantage.clip`` unset or equal).
             timestep_fraction: train on the first ``int(fraction * N)`` steps.
             fast_window: ``w > 0`` enables Flow-GRPO-Fast: SDE (and training) only on ``w``
                 consecutive steps, a window drawn uniformly among those inside
@@ -188,7 +190,7 @@ class FlowGRPO:
         if batch.trajectory is None or batch.log_probs is None:
             raise ValueError("flow_grpo needs rollouts with a trajectory and log-probs (SDE sampling)")
         grid = [float(s) for s in batch.grid]
-        adv = batch.advantages.clamp(-cfg.adv_clip, cfg.adv_clip)
+        adv = batch.advantages  # clipped to +-adv_clip by the trainer (config.advantage_clip)
         steps = self.trained_steps(batch)
         for k in steps:
             x, x_next = batch.trajectory[:, k], batch.trajectory[:, k + 1]

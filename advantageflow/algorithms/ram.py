@@ -25,8 +25,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from advantageflow.algorithms.base import SamplerRequest, TrainContext
+from advantageflow.algorithms.base import AlgorithmBase, TrainContext
 from advantageflow.algorithms.common import noised, sample_times
+from advantageflow.sampling import SamplerRequest
 from advantageflow.types import LossOutput, Rollout, expand_time, mean_flat
 
 
@@ -59,7 +60,7 @@ def ram_loss(v_theta: Tensor, v_ref: Tensor, u: Tensor, advantages: Tensor, eta:
     return RAMLoss(loss, reg_ref, fm)
 
 
-class RAM:
+class RAM(AlgorithmBase):
     """Reinforce Adjoint Matching (see the module docstring).
 
     Metrics: ``loss/policy`` (the regression loss), ``loss/ref_velocity_mse`` (``||v - v_ref||^2``),

@@ -20,6 +20,9 @@ autograd raises instead of silently using the wrong values if this rule is broke
 from __future__ import annotations
 
 import contextlib
+import os
+import resource
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -28,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from advantageflow.distributed import full_tensor, placed_like
+from advantageflow.sampling import time_grid as uniform_shifted_grid
 
 
 @dataclass
@@ -83,14 +87,88 @@ class FlowPolicy(Protocol):
     def load_trainable_state(self, state: dict[str, Tensor]) -> None:
         """Load what :meth:`trainable_state` returned."""
 
+    def snapshot(self) -> list[Tensor]:
+        """Detached copies of the trainable parameters (the ``old`` policies' weights)."""
+
+    def use_parameters(self, values: list[Tensor]) -> contextlib.AbstractContextManager:
+        """Context in which the trainable parameters hold the values of a :meth:`snapshot`."""
+
+    def networks(self) -> Networks | None:
+        """The modules a multi-process strategy wraps and the compute meter hooks; ``None``
+        for a policy without such modules (then only ``dist.strategy=allreduce`` applies)."""
+
+    def set_trained_forward(self, forward: nn.Module) -> None:
+        """Route the trained network's forward passes through ``forward`` (a DDP wrapper)."""
+
+    def time_grid(self, steps: int, shift: float = 1.0) -> Tensor:
+        """The sampler's time grid ``(steps + 1,)`` from 1 to 0: ours with ``shift``
+        (``sampler.shift``), or a diffusers scheduler's own sigmas (which ignore it)."""
+
+    def set_mode(self, training: bool) -> None:
+        """Train mode (dropout on, gradient checkpointing armed) for the updates, eval mode for
+        rollouts and evaluation: the trainer calls it around both, for every policy."""
+
+    def cache_prompts(self, prompts: list[str]) -> None:
+        """Encode every prompt of the run once, before training (text encoders may then be
+        released); a no-op for policies whose encoding is cheap."""
+
+    def memory(self) -> dict[str, float]:
+        """Peak memory of this process, ``{"perf/max_memory_gb": ...}`` (GiB)."""
+
+
+def memory_per_process(device: torch.device | str | None = None) -> dict[str, float]:
+    """Peak memory of this process in GiB: CUDA's max allocated on a GPU, else peak RSS.
+
+    Returns ``{"perf/max_memory_gb": ...}`` (plus ``perf/rss_gb`` on the CPU), for the metrics.
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda" and torch.cuda.is_available():
+        return {"perf/max_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_bytes = peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+    out = {"perf/max_memory_gb": peak_bytes / 2**30}
+    try:
+        with open("/proc/self/statm") as fh:
+            out["perf/rss_gb"] = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
 
 class PolicyBase:
-    """Helpers shared by adapters: snapshots, parameter swaps and trainable state.
+    """The defaults of :class:`FlowPolicy`'s members, and the helpers shared by adapters:
+    snapshots, parameter swaps and trainable state.
 
     Subclasses provide ``velocity``, ``encode``, ``decode``, ``reference``,
     ``trainable_named_parameters``, the attributes of :class:`FlowPolicy` and ``_active``
-    (the network ``velocity`` calls).
+    (the network ``velocity`` calls); they override the other members where they differ.
+    Model classes also provide ``Config`` and ``from_config(cfg, device)``, and may override
+    :meth:`preflight`.
     """
+
+    device: torch.device
+
+    @classmethod
+    def preflight(cls, cfg: Any) -> None:
+        """Checks of the model's config section that need no weights (``validate`` runs them)."""
+
+    def networks(self) -> Networks | None:
+        return None
+
+    def set_mode(self, training: bool) -> None:
+        """The trained network follows ``training``; a frozen reference copy stays in eval mode."""
+        nets = self.networks()
+        if nets is not None:
+            nets.trained.train(training)
+
+    def time_grid(self, steps: int, shift: float = 1.0) -> Tensor:
+        return uniform_shifted_grid(steps, shift)
+
+    def cache_prompts(self, prompts: list[str]) -> None:
+        return None
+
+    def memory(self) -> dict[str, float]:
+        return memory_per_process(self.device)
 
     def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:  # pragma: no cover
         raise NotImplementedError

@@ -17,8 +17,6 @@ import copy
 import gc
 import os
 import re
-import resource
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -98,25 +96,6 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     return contextlib.nullcontext()
 
 
-def memory_per_process(device: torch.device | str | None = None) -> dict[str, float]:
-    """Peak memory of this process in GiB: CUDA's max allocated on a GPU, else peak RSS.
-
-    Returns ``{"perf/max_memory_gb": ...}`` (plus ``perf/rss_gb`` on the CPU), for the metrics.
-    """
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    if device.type == "cuda" and torch.cuda.is_available():
-        return {"perf/max_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30}
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    peak_bytes = peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
-    out = {"perf/max_memory_gb": peak_bytes / 2**30}
-    try:
-        with open("/proc/self/statm") as fh:
-            out["perf/rss_gb"] = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
-    except (OSError, ValueError, IndexError):
-        pass
-    return out
-
-
 # --------------------------------------------------------------------------- loading
 
 
@@ -144,7 +123,7 @@ HUB_ID_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94})/[A-Za-z0-9](?:[A-Z
 
 def _tiny_spec(path: str) -> tuple[str, int]:
     """``tiny:KIND[:SEED]`` -> ``(KIND, SEED)``; ``ConfigError`` if malformed."""
-    from advantageflow.testing.tiny_pipelines import BUILDERS
+    from advantageflow.models.tiny_pipelines import BUILDERS
 
     kind, _, seed = path[len(TINY_PREFIX) :].partition(":")
     if kind not in BUILDERS or (seed and not seed.isdigit()):
@@ -176,11 +155,11 @@ def check_model_path(path: str) -> None:
 
 def resolve_path(path: str) -> str:
     """``tiny:sd3`` / ``tiny:flux`` (optionally ``tiny:sd3:SEED``) build a tiny random pipeline
-    once per process (:mod:`advantageflow.testing.tiny_pipelines`); anything else is a hub id or
+    once per process (:mod:`advantageflow.models.tiny_pipelines`); anything else is a hub id or
     a folder, returned as is."""
     if not path.startswith(TINY_PREFIX):
         return path
-    from advantageflow.testing.tiny_pipelines import tiny_pipeline_dir
+    from advantageflow.models.tiny_pipelines import tiny_pipeline_dir
 
     return tiny_pipeline_dir(*_tiny_spec(path))
 
@@ -254,7 +233,7 @@ class DiffusersPolicy(PolicyBase):
             self.transformer.float().requires_grad_(True)
         if cfg.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
-        self.transformer.train()  # dropout is 0 in these models; train() only arms checkpointing
+        self.transformer.train()  # the trainer's set_mode switches it (eval for rollouts)
         self._active = self.transformer
 
     @classmethod
@@ -417,12 +396,9 @@ class DiffusersPolicy(PolicyBase):
 
     # ------------------------------------------------------------------ time grid
 
-    def time_grid(self, steps: int) -> Tensor:  # pragma: no cover - overridden
+    def time_grid(self, steps: int, shift: float | None = None) -> Tensor:  # pragma: no cover - overridden
+        """The scheduler's sigmas; ``shift`` (``sampler.shift``) is ignored: the scheduler has its own."""
         raise NotImplementedError
-
-    def memory(self) -> dict[str, float]:
-        """Peak memory of this process (see :func:`memory_per_process`)."""
-        return memory_per_process(self.device)
 
 
 def scheduler_sigmas(pipe: Any, steps: int, **set_timesteps_kwargs: Any) -> Tensor:

@@ -163,8 +163,9 @@ class FluxPolicy(DiffusersPolicy):
             )[0]
         return unpack_latents(tokens, h, w)
 
-    def time_grid(self, steps: int) -> Tensor:
-        """The scheduler's sigmas for ``steps`` steps, ``(steps + 1,)`` decreasing to 0.
+    def time_grid(self, steps: int, shift: float | None = None) -> Tensor:
+        """The scheduler's sigmas for ``steps`` steps, ``(steps + 1,)`` decreasing to 0
+        (``shift``, ``sampler.shift``, is ignored: the scheduler's config has its own).
 
         As ``FluxPipeline.__call__``: ``sigmas = linspace(1, 1/steps, steps)`` shifted by the
         scheduler with ``mu = calculate_shift(h/2 * w/2)``.

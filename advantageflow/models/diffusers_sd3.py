@@ -121,8 +121,9 @@ class SD3Policy(DiffusersPolicy):
                 return_dict=False,
             )[0]
 
-    def time_grid(self, steps: int) -> Tensor:
-        """The scheduler's sigmas for ``steps`` steps, ``(steps + 1,)`` decreasing to 0.
+    def time_grid(self, steps: int, shift: float | None = None) -> Tensor:
+        """The scheduler's sigmas for ``steps`` steps, ``(steps + 1,)`` decreasing to 0
+        (``shift``, ``sampler.shift``, is ignored: the scheduler's config has its own).
 
         As ``StableDiffusion3Pipeline.__call__``: ``set_timesteps(steps)``, plus ``mu`` from the
         latent's token count when the scheduler uses dynamic shifting.

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from advantageflow.models.base import FrozenCopyPolicy
+from advantageflow.toydata import DATASETS
 
 
 def time_features(t: Tensor, dim: int) -> Tensor:
@@ -78,7 +79,7 @@ class ToyMLPPolicy(FrozenCopyPolicy):
     @dataclass
     class Config:
         """Attributes:
-        data: the pretraining distribution (see :mod:`advantageflow.tasks.toy2d`).
+        data: the pretraining distribution (see :mod:`advantageflow.toydata`).
         hidden, depth: MLP size.  pretrain_steps: flow-matching steps for the base model.
         cache_dir: where the pretrained base model is cached ('' disables the cache).
         """
@@ -107,8 +108,6 @@ class ToyMLPPolicy(FrozenCopyPolicy):
         if cache is not None and cache.exists():
             net.load_state_dict(torch.load(cache, weights_only=True))
         else:
-            from advantageflow.tasks.toy2d import DATASETS
-
             torch.manual_seed(cfg.pretrain_seed)
             net = VelocityMLP(2, cfg.hidden, cfg.depth)
             pretrain_flow_matching(net, DATASETS[cfg.data], cfg.pretrain_steps, seed=cfg.pretrain_seed)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from advantageflow.configbase import ConfigError
 from advantageflow.registry import closest
-from advantageflow.tasks.base import Prompt
+from advantageflow.tasks.base import Prompt, TaskBase
 from advantageflow.tasks.hf_dataset import read_hf_dataset
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -78,7 +78,7 @@ def read_prompt_file(path: str, key: str = "task.path") -> list[Prompt]:
     return prompts
 
 
-class PromptFileTask:
+class PromptFileTask(TaskBase):
     """Train/test split of a prompt list: the last ``test_fraction`` of it is held out
     (at least one prompt when there are two or more; all prompts when there is one).
 

@@ -6,32 +6,13 @@ keep each mode's shape (its spread), which :meth:`Toy2DTask.evaluate` measures.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from advantageflow.tasks.base import Prompt
-
-RADIUS = 3.0
-MODE_STD = 0.25
-NUM_MODES = 8
-
-
-def mode_centres() -> Tensor:
-    """``(8, 2)`` centres on a circle of radius 3, mode ``k`` at angle ``2 pi k / 8``."""
-    angles = torch.arange(NUM_MODES, dtype=torch.float32) * (2 * math.pi / NUM_MODES)
-    return RADIUS * torch.stack([torch.cos(angles), torch.sin(angles)], dim=1)
-
-
-def sample_gmm8(n: int, generator: torch.Generator) -> Tensor:
-    """``(n, 2)`` samples of the equal-weight 8-mode mixture."""
-    idx = torch.randint(NUM_MODES, (n,), generator=generator)
-    return mode_centres()[idx] + MODE_STD * torch.randn(n, 2, generator=generator)
-
-
-DATASETS = {"gmm8": sample_gmm8}
+from advantageflow.tasks.base import Prompt, TaskBase
+from advantageflow.toydata import MODE_STD, NUM_MODES, mode_centres
 
 
 def nearest_mode(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -74,7 +55,7 @@ class SmoothModeReward:
         return torch.exp(-sq / (2 * self.width**2)).sum(dim=1)
 
 
-class Toy2DTask:
+class Toy2DTask(TaskBase):
     """Unconditional: every prompt is the empty string."""
 
     @dataclass

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import Tensor
 
-from advantageflow.tasks.base import Prompt
+from advantageflow.tasks.base import Prompt, TaskBase
 from advantageflow.tasks.shapes.evaluator import flow_matching_loss, sample_diversity, score, summarize
 from advantageflow.tasks.shapes.grammar import eval_slots, splits, to_prompt
 from advantageflow.tasks.shapes.reward import spec_of
@@ -23,7 +23,7 @@ def _prompts(specs: tuple[SceneSpec, ...], tags: list[str]) -> list[Prompt]:
     return [Prompt(to_prompt(s), s.to_dict()) for s in specs if s.tag in tags]
 
 
-class ShapesTask:
+class ShapesTask(TaskBase):
     """ShapesEval: 296 train prompts and 88 held-out test prompts over six GenEval tags,
     evaluated as 96 slots (16 per tag; the 8 single-object prompts twice each)."""
 
