@@ -13,8 +13,8 @@ from torch import Tensor
 from advantageflow.config import Config
 from advantageflow.distributed import DistEnv, full_tensor, placed_like
 from advantageflow.models.base import ema_update_
-from advantageflow.rollouts import decode_and_score, generate
-from advantageflow.sampling import SamplerRequest
+from advantageflow.rollouts import SamplingSpec, decode_and_score, generate
+from advantageflow.seeding import eval_noise_key
 from advantageflow.tasks.base import Prompt
 
 
@@ -98,14 +98,13 @@ def evaluate_policy(policy: Any, task: Any, reward: Any, cfg: Config, env: DistE
     """
     env = env or DistEnv()
     prompts = eval_prompts(task, cfg.eval.num_prompts, cfg.eval.samples_per_prompt)
-    grid = policy.time_grid(cfg.sampler.eval_steps, cfg.sampler.shift)
+    spec = SamplingSpec.for_evaluation(policy, cfg.sampler)
     mine = eval_stripe(len(prompts), env.world_size, env.rank)
     rollout = generate(
-        policy, [prompts[i] for i in mine], [(cfg.seed, "eval", i) for i in mine],
-        [i // cfg.eval.samples_per_prompt for i in mine], grid, SamplerRequest(), cfg.sampler.eval_solver,
-        cfg.sampler.guidance_scale, cfg.sampler.batch_size,
+        policy, [prompts[i] for i in mine], [eval_noise_key(cfg.seed, i) for i in mine],
+        [i // cfg.eval.samples_per_prompt for i in mine], spec,
     )
-    result, images = decode_and_score(policy, reward, rollout, cfg.sampler.batch_size)
+    result, images = decode_and_score(policy, reward, rollout, spec.chunk)
 
     def gathered(t: Tensor) -> Tensor:
         return env.all_gather_cat(t.float().contiguous())[: len(prompts)]

@@ -1,14 +1,16 @@
 """Rollout generation and scoring, with per-sample seeds.
 
 Every random draw that shapes a rollout is keyed by what it belongs to: the prompts of epoch
-``e`` by ``(seed, "prompts", e)``, the noise of global sample ``i`` by
-``(seed, "noise", e, i)``.  So a run is identical whether it is resumed or not, and whatever
-the number of processes sharing the epoch (each process draws only its own samples' noise).
+``e`` by :func:`~advantageflow.seeding.prompts_key`, the noise of global sample ``i`` by
+:func:`~advantageflow.seeding.rollout_noise_key`.  So a run is identical whether it is resumed
+or not, and whatever the number of processes sharing the epoch (each process draws only its
+own samples' noise).  How to sample (grid, solver, guidance, chunk, what the algorithm needs
+kept) travels as one :class:`SamplingSpec`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -17,9 +19,48 @@ from torch import Tensor
 from advantageflow.faults import fault_point
 from advantageflow.rewards.base import RewardResult
 from advantageflow.sampling import SamplerRequest, bind_velocity, sample
-from advantageflow.seeding import derive_seed, seeded_generator
+from advantageflow.seeding import derive_seed, prompts_key, seeded_generator
 from advantageflow.tasks.base import Prompt
 from advantageflow.types import Rollout, cat_cond, index_cond
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """How to sample, built once (per run for rollouts, per evaluation) and passed whole.
+
+    Attributes:
+        grid: ``(N + 1,)`` time grid from 1 to 0 (the policy's, :meth:`FlowPolicy.time_grid`).
+        solver: the config's ODE solver (``sampler.solver`` / ``sampler.eval_solver``).
+        guidance_scale: CFG scale.  chunk: samples per sampler call (``sampler.batch_size``).
+        request: what the algorithm needs kept (its ``sampler_request`` of the epoch); its
+            ``solver``, when set, overrides :attr:`solver`.
+    """
+
+    grid: Tensor
+    solver: str
+    guidance_scale: float = 1.0
+    chunk: int = 256
+    request: SamplerRequest = field(default_factory=SamplerRequest)
+
+    @classmethod
+    def for_rollouts(cls, policy: Any, sampler: Any) -> SamplingSpec:
+        """Training rollouts with the config's ``sampler`` section (``sampler.steps``)."""
+        return cls(policy.time_grid(sampler.steps, sampler.shift), sampler.solver, sampler.guidance_scale,
+                   sampler.batch_size)
+
+    @classmethod
+    def for_evaluation(cls, policy: Any, sampler: Any, steps: int | None = None) -> SamplingSpec:
+        """Evaluation and ``advantageflow sample``: ``sampler.eval_steps`` (or ``steps``) with the
+        evaluation solver, and no request (final samples only)."""
+        grid = policy.time_grid(steps or sampler.eval_steps, sampler.shift)
+        return cls(grid, sampler.eval_solver, sampler.guidance_scale, sampler.batch_size)
+
+    def with_request(self, request: SamplerRequest) -> SamplingSpec:
+        return replace(self, request=request)
+
+    @property
+    def solver_used(self) -> str:
+        return self.request.solver or self.solver
 
 
 @dataclass
@@ -76,7 +117,7 @@ def plan_epoch(
     """Draw the epoch's prompts (with replacement) and this process's rows."""
     if not train_prompts:
         raise ValueError("the task has no training prompts")
-    gen = seeded_generator(seed, "prompts", epoch)
+    gen = seeded_generator(*prompts_key(seed, epoch))
     idx = torch.randint(len(train_prompts), (prompts_per_epoch,), generator=gen).tolist()
     rows = owned_rows(prompts_per_epoch * group_size, steps_per_epoch, world, rank)
     return EpochPlan(epoch, [train_prompts[i] for i in idx], rows, group_size)
@@ -115,35 +156,27 @@ def encode_prompts(policy: Any, prompts: list[Prompt]) -> Any:
 
 @torch.no_grad()
 def generate(
-    policy: Any,
-    prompts: list[Prompt],
-    noise_keys: list[Any],
-    group_ids: list[int],
-    grid: Tensor,
-    request: SamplerRequest,
-    solver: str,
-    guidance_scale: float = 1.0,
-    chunk: int = 256,
+    policy: Any, prompts: list[Prompt], noise_keys: list[Any], group_ids: list[int], spec: SamplingSpec
 ) -> Rollout:
     """Sample one rollout per prompt (already repeated per group member), in chunks.
 
     Args:
-        prompts: ``B`` prompts.  noise_keys: ``B`` seed keys.  group_ids: ``B`` ints.
-        grid: ``(N + 1,)`` time grid.  request: what the algorithm needs kept.
+        prompts: ``B`` prompts.  noise_keys: ``B`` seed keys (:mod:`advantageflow.seeding`).
+        group_ids: ``B`` ints.  spec: how to sample.
     """
+    grid, request, chosen = spec.grid, spec.request, spec.solver_used
     n_steps = len(grid) - 1
-    chosen = request.solver or solver
     # Per-step draws, each sample's from its own seed: SDE / CPS steps or a stochastic SA-Solver.
     needs_step_noise = request.stochastic != "none" or (chosen == "sa_solver" and request.sa_tau > 0)
     parts = []
-    for start in range(0, len(prompts), chunk):
-        sl = slice(start, start + chunk)
+    for start in range(0, len(prompts), spec.chunk):
+        sl = slice(start, start + spec.chunk)
         cond = encode_prompts(policy, prompts[sl])
         noise, step_noise = sample_noise(
             tuple(policy.sample_shape), noise_keys[sl], n_steps if needs_step_noise else 0, policy.device
         )
         out = sample(
-            bind_velocity(policy, cond, guidance_scale),
+            bind_velocity(policy, cond, spec.guidance_scale),
             noise,
             grid.to(policy.device),
             solver=chosen,
@@ -178,26 +211,21 @@ def generate_and_score(
     prompts: list[Prompt],
     noise_keys: list[Any],
     group_ids: list[int],
-    grid: Tensor,
-    request: SamplerRequest,
-    solver: str,
-    guidance_scale: float = 1.0,
-    chunk: int = 256,
+    spec: SamplingSpec,
     scorer: Any = None,
 ) -> tuple[Rollout, RewardResult]:
     """Sample and score chunk by chunk; with an ``AsyncRewardScorer`` chunk ``k`` is scored in
     the background while chunk ``k + 1`` is sampled.  Same results as sampling then scoring."""
     parts, pending = [], []
-    for start in range(0, len(prompts), chunk):
-        sl = slice(start, start + chunk)
-        part = generate(policy, prompts[sl], noise_keys[sl], group_ids[sl], grid, request, solver,
-                        guidance_scale, chunk)
+    for start in range(0, len(prompts), spec.chunk):
+        sl = slice(start, start + spec.chunk)
+        part = generate(policy, prompts[sl], noise_keys[sl], group_ids[sl], spec)
         parts.append(part)
         fault_point("rollout")
         if scorer is not None:
             pending.append(scorer.submit(policy.decode(part.x0), part.prompts, part.metadata))
         else:
-            pending.append(decode_and_score(policy, reward, part, chunk)[0])
+            pending.append(decode_and_score(policy, reward, part, spec.chunk)[0])
     results = [p.result() if scorer is not None else p for p in pending]
     rollout = parts[0] if len(parts) == 1 else Rollout.concat(parts)
     return rollout, concat_results(results)
@@ -224,4 +252,4 @@ def decode_and_score(policy: Any, reward: Any, rollout: Rollout, chunk: int = 25
     return concat_results(results), torch.cat(images)
 
 
-__all__ = ["cat_cond", "decode_and_score", "derive_seed", "generate", "owned_rows", "plan_epoch"]
+__all__ = ["SamplingSpec", "cat_cond", "decode_and_score", "derive_seed", "generate", "owned_rows", "plan_epoch"]

@@ -25,6 +25,42 @@ def seeded_generator(*parts: Any) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(*parts))
 
 
+# The keys of a run's draws: the run seed, what the draw is for, and what it belongs to.  Built
+# only here, so a key cannot be spelled two ways; changing one changes the run's numbers
+# (tests/test_golden.py).
+
+
+def prompts_key(seed: int, epoch: int) -> tuple:
+    """The prompts epoch ``epoch`` samples."""
+    return (seed, "prompts", epoch)
+
+
+def sampler_key(seed: int, epoch: int) -> tuple:
+    """The algorithm's per-epoch sampler draws (``sampler_request``'s generator)."""
+    return (seed, "sampler", epoch)
+
+
+def rollout_noise_key(seed: int, epoch: int, row: int) -> tuple:
+    """The noise of the epoch's global sample ``row`` (initial and per-step draws)."""
+    return (seed, "noise", epoch, row)
+
+
+def eval_noise_key(seed: int, index: int) -> tuple:
+    """The noise of evaluation sample ``index`` (the same at every evaluation of a run)."""
+    return (seed, "eval", index)
+
+
+def loss_step_key(seed: int, epoch: int, inner: int, step: int) -> tuple:
+    """Draws shared by optimizer step ``step`` of inner epoch ``inner`` (``TrainContext.generator``)."""
+    return (seed, "loss", epoch, inner, step)
+
+
+def loss_row_key(seed: int, epoch: int, inner: int, row: int) -> tuple:
+    """Per-sample loss draws of global sample ``row`` (``TrainContext.rows``).  Spelled like
+    :func:`loss_step_key` (row ``k``'s key is step ``k``'s), as the golden numbers were made."""
+    return (seed, "loss", epoch, inner, row)
+
+
 class RowRandom:
     """Per-sample draws for a batch of ``B`` rows, each row from its own CPU generator.
 

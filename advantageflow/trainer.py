@@ -48,7 +48,7 @@ from advantageflow.optim import build_optimizer
 from advantageflow.parallel import finite_gradients, make_strategy
 from advantageflow.rewards.async_scoring import AsyncRewardScorer
 from advantageflow.rewards.base import check_reward_gradient
-from advantageflow.rollouts import generate_and_score, plan_epoch, seeded_generator
+from advantageflow.rollouts import SamplingSpec, generate_and_score, plan_epoch
 from advantageflow.runlog import (
     MetricsLogger,
     as_number,
@@ -58,7 +58,14 @@ from advantageflow.runlog import (
     remove_stale_temporaries,
     save_samples,
 )
-from advantageflow.seeding import RowRandom
+from advantageflow.seeding import (
+    RowRandom,
+    loss_row_key,
+    loss_step_key,
+    rollout_noise_key,
+    sampler_key,
+    seeded_generator,
+)
 
 
 class TrainingError(RuntimeError):
@@ -207,7 +214,8 @@ def _train(
     train_prompts = task.train_prompts()
     # Encode every prompt once (diffusers policies then release their text encoders).
     policy.cache_prompts(list(dict.fromkeys(p.text for p in train_prompts + task.test_prompts())))
-    grid = policy.time_grid(cfg.sampler.steps, cfg.sampler.shift)
+    sampling = SamplingSpec.for_rollouts(policy, cfg.sampler)
+    run = RunParts(cfg, env, strategy, algo, policy, params, optimizer, reward)
     tc = cfg.train
 
     if state.epoch == 0 and cfg.eval.every > 0:
@@ -227,15 +235,15 @@ def _train(
         # 1. Rollouts: this process's share of the epoch's groups.
         plan = plan_epoch(train_prompts, tc.prompts_per_epoch, tc.group_size, tc.steps_per_epoch,
                           cfg.seed, epoch, env.world_size, env.rank)
-        request = algo.sampler_request(epoch, seeded_generator(cfg.seed, "sampler", epoch))
+        spec = sampling.with_request(algo.sampler_request(epoch, seeded_generator(*sampler_key(cfg.seed, epoch))))
         policy.set_mode(training=False)  # rollouts: no dropout
         # 2. Rewards (scored in the background while the next chunk samples, if asked).  An
         # algorithm may roll out with other weights than theta (DiffusionNFT: its old policy).
         with algo.rollout_policy(policy):
             rollout, scored = generate_and_score(
                 policy, reward, [plan.prompt_of(r) for r in plan.rows],
-                [(cfg.seed, "noise", epoch, r) for r in plan.rows], [plan.group_of(r) for r in plan.rows],
-                grid, request, cfg.sampler.solver, cfg.sampler.guidance_scale, cfg.sampler.batch_size, scorer,
+                [rollout_noise_key(cfg.seed, epoch, r) for r in plan.rows], [plan.group_of(r) for r in plan.rows],
+                spec, scorer,
             )
         fault_point("reward")
         t_rollout = time.perf_counter() - t0
@@ -268,11 +276,11 @@ def _train(
             algo.begin_epoch(policy)
             policy.set_mode(training=True)
             step_rows = []
+            batch = EpochBatch(rollout, plan.rows, keep)
             for inner in range(tc.inner_epochs):
                 for k in range(tc.steps_per_epoch):
                     steps_before = state.step
-                    row_metrics = _optimizer_step(cfg, env, strategy, algo, policy, params, optimizer, reward,
-                                                  rollout, plan.rows, keep, state, k, inner)
+                    row_metrics = _optimizer_step(run, batch, state, k, inner)
                     if row_metrics is not None:
                         step_rows.append(row_metrics)
                     if eval_ema is not None and state.step > steps_before:
@@ -299,7 +307,7 @@ def _train(
         logger.log(state.step, metrics)
         bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}")
         if state.epoch % cfg.checkpoint.every == 0 or last:
-            _save(cfg, env, strategy, ckpt_root, policy, optimizer, algo, state, eval_ema)
+            _save(run, ckpt_root, state, eval_ema)
         if stopped_by:
             break
     bar.close()
@@ -359,9 +367,33 @@ def _advantages(cfg: Config, total: torch.Tensor, components: dict, weights: dic
     return group_advantages(total, group_ids, a.std, clip, a.eps)
 
 
-def _optimizer_step(cfg, env, strategy, algo, policy, params, optimizer, reward, rollout, global_rows, keep, state,
-                    k, inner):
-    """One optimizer step on step-batch ``k``: micro-batches, accumulation, clipping.
+@dataclass
+class RunParts:
+    """The live objects every optimizer step (and checkpoint) of a run uses, built once."""
+
+    cfg: Config
+    env: DistEnv
+    strategy: Any
+    algo: Any
+    policy: Any
+    params: list
+    optimizer: torch.optim.Optimizer
+    reward: Any
+
+
+@dataclass
+class EpochBatch:
+    """The epoch's training data: this process's rollout (rows in ``rows`` order), the global
+    sample index of each row, and which rows train (``None``: all; Flow-GRPO drops zero-std groups)."""
+
+    rollout: Any
+    rows: list[int]
+    keep: torch.Tensor | None = None
+
+
+def _optimizer_step(run: RunParts, batch: EpochBatch, state: LoopState, k: int, inner: int):
+    """One optimizer step on step-batch ``k`` of inner epoch ``inner``: micro-batches,
+    accumulation, clipping.
 
     Each micro-batch's loss is its mean over samples; it is weighted by its share of the
     step's samples over all processes and the gradients are summed over processes (by the
@@ -370,6 +402,9 @@ def _optimizer_step(cfg, env, strategy, algo, policy, params, optimizer, reward,
     its batch) and by each sample's global index (per-sample draws), hence independent of the
     world size and of the micro-batch size.
     """
+    cfg, env, strategy, algo, policy, params, optimizer = (
+        run.cfg, run.env, run.strategy, run.algo, run.policy, run.params, run.optimizer)
+    rollout, global_rows, keep = batch.rollout, batch.rows, batch.keep
     tc = cfg.train
     per_step = len(rollout) // tc.steps_per_epoch
     rows = torch.arange(k * per_step, (k + 1) * per_step)
@@ -391,9 +426,9 @@ def _optimizer_step(cfg, env, strategy, algo, policy, params, optimizer, reward,
         chunk = chunks[i] if real else torch.tensor([k * per_step])
         weight = len(chunk) / n_global if real else 0.0
         ctx = TrainContext(
-            policy=policy, generator=seeded_generator(cfg.seed, "loss", state.epoch, inner, k),
-            rows=RowRandom([(cfg.seed, "loss", state.epoch, inner, global_rows[int(r)]) for r in chunk]),
-            step=state.step, reward=reward, guidance_scale=cfg.sampler.guidance_scale,
+            policy=policy, generator=seeded_generator(*loss_step_key(cfg.seed, state.epoch, inner, k)),
+            rows=RowRandom([loss_row_key(cfg.seed, state.epoch, inner, global_rows[int(r)]) for r in chunk]),
+            step=state.step, reward=run.reward, guidance_scale=cfg.sampler.guidance_scale,
         )
         with strategy.accumulate(last=i == n_chunks - 1):
             for term in algo.losses(rollout.select(chunk), ctx):
@@ -493,7 +528,8 @@ def _jsonable_details(details: dict) -> dict:
 EVAL_EMA_KEY = "_eval_ema"  # the evaluation EMA travels in algorithm.pt under this key
 
 
-def _save(cfg, env, strategy, root, policy, optimizer, algo, state: LoopState, eval_ema=None) -> None:
+def _save(run: RunParts, root: Path, state: LoopState, eval_ema=None) -> None:
+    cfg, env, strategy, policy, optimizer, algo = run.cfg, run.env, run.strategy, run.policy, run.optimizer, run.algo
     # Process 0 writes; gathering sharded tensors (FSDP2) needs every process.
     if env.is_main or strategy.shards:
         policy_state, optimizer_state = policy.trainable_state(), strategy.optimizer_state(optimizer)

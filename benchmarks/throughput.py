@@ -170,13 +170,16 @@ def best_time(fn, repeats: int) -> float:
 
 def rollout_batch(setup: Setup, algo: Any, batch: int, group: int, steps: int, seed: int = 0):
     from advantageflow.advantages import group_advantages
-    from advantageflow.rollouts import generate, seeded_generator
+    from advantageflow.rollouts import SamplingSpec, generate
     from advantageflow.sampling import time_grid
+    from advantageflow.seeding import rollout_noise_key, sampler_key, seeded_generator
 
     prompts = [setup.prompts[(i // group) % len(setup.prompts)] for i in range(batch)]
-    request = algo.sampler_request(0, seeded_generator(seed, "sampler", 0))
-    rollout = generate(setup.policy, prompts, [(seed, "noise", i) for i in range(batch)],
-                       [i // group for i in range(batch)], time_grid(steps), request, "euler", 1.0, 256)
+    request = algo.sampler_request(0, seeded_generator(*sampler_key(seed, 0)))
+    spec = SamplingSpec(time_grid(steps), "euler", 1.0, 256, request)
+    # (the benchmark's noise keys: epoch 0, sample i)
+    rollout = generate(setup.policy, prompts, [rollout_noise_key(seed, 0, i) for i in range(batch)],
+                       [i // group for i in range(batch)], spec)
     rewards = torch.randn(batch, generator=torch.Generator().manual_seed(seed))
     adv = group_advantages(rewards, rollout.group_ids, "global", 5.0)
     return rollout.with_(rewards=rewards, advantages=adv.values.float())

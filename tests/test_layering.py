@@ -74,3 +74,32 @@ def test_the_rules_catch_the_breaks_they_were_written_for():
     assert _under("advantageflow.tasks.toy2d", _forbidden("advantageflow.models.toy"))
     assert _under("advantageflow.testing.tiny_pipelines", _forbidden("advantageflow.models.diffusers_common"))
     assert not _under("advantageflow.algorithms.common", _forbidden("advantageflow.algorithms.flow_grpo"))
+
+
+SEED_KEY_WORDS = {"prompts", "sampler", "noise", "eval", "loss"}
+SEEDING_CALLS = ("seeded_generator", "derive_seed")
+
+
+def _seed_key_literals(tree: ast.AST) -> list[int]:
+    """Lines of tuple literals spelling a seed key (3 or more items: a key word and a variable
+    such as the seed), or of key words passed straight to ``seeded_generator`` / ``derive_seed``."""
+    lines = []
+    for node in ast.walk(tree):
+        seeding_call = isinstance(node, ast.Call) and getattr(node.func, "id", "") in SEEDING_CALLS
+        key_tuple = isinstance(node, ast.Tuple) and len(node.elts) >= 3 and not all(
+            isinstance(i, ast.Constant) for i in node.elts)
+        items = node.elts if key_tuple else node.args if seeding_call else []
+        if any(isinstance(i, ast.Constant) and i.value in SEED_KEY_WORDS for i in items):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_seed_keys_are_built_in_seeding_only():
+    found = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name != "seeding.py":
+            lines = _seed_key_literals(ast.parse(path.read_text(encoding="utf-8")))
+            if lines:
+                found[str(path.relative_to(REPO))] = lines
+    assert not found, f"seed keys spelled outside advantageflow/seeding.py: {found}"
+    assert _seed_key_literals(ast.parse('seeded_generator(seed, "loss", 1)\nk = (seed, "noise", e, i)')) == [1, 2]

@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 
 from advantageflow.config import load_config
-from advantageflow.rollouts import generate
+from advantageflow.rollouts import SamplingSpec, generate
 from advantageflow.runlog import read_metrics
-from advantageflow.sampling import SamplerRequest
+from advantageflow.seeding import eval_noise_key
 from advantageflow.tasks.base import Prompt
 from advantageflow.trainer import train
 from tests.conftest import REPO
@@ -19,8 +19,8 @@ TOY = str(REPO / "configs" / "toy2d_advantageflow.yaml")
 
 def _samples(policy) -> torch.Tensor:
     n = 32
-    return generate(policy, [Prompt("")] * n, [(0, "test", i) for i in range(n)], [0] * n,
-                    policy.time_grid(4), SamplerRequest(), "euler").x0
+    return generate(policy, [Prompt("")] * n, [eval_noise_key(0, i) for i in range(n)], [0] * n,
+                    SamplingSpec(policy.time_grid(4), "euler")).x0
 
 
 def test_set_mode_switches_dropout_off_for_sampling(toy_cache):
