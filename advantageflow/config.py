@@ -12,6 +12,7 @@ The algorithm is chosen by ``algo:`` and its options live in a section named aft
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import re
 from dataclasses import dataclass, field
@@ -201,15 +202,27 @@ class CheckpointConfig:
 @dataclass
 class LogConfig:
     """``flops``: measure FLOPs per network row (``perf/flops``, :mod:`advantageflow.compute`);
-    network rows are counted either way."""
+    network rows are counted either way.
+
+    ``image_every``: every that many epochs (0 = never) a grid of the epoch's rollout samples,
+    ``image_prompts`` prompts x ``image_samples`` samples labelled with prompt and reward, goes
+    to ``RUN/images/epoch_EEEE.png``, TensorBoard and W&B (:mod:`advantageflow.imagelog`).
+    ``wandb``: also log to Weights & Biases (project ``wandb_project``; ``WANDB_MODE=offline``
+    works without an account)."""
 
     tensorboard: bool = True
     progress: bool = True
     image_every: int = 0
+    image_prompts: int = 4
+    image_samples: int = 4
     flops: bool = True
+    wandb: bool = False
+    wandb_project: str = "advantageflow"
 
     def validate(self) -> None:
-        at_least(self, "log", image_every=0)
+        at_least(self, "log", image_every=0, image_prompts=1, image_samples=1)
+        if self.wandb and not self.wandb_project:
+            raise ConfigError("log.wandb_project must name a W&B project")
 
 
 @dataclass
@@ -536,6 +549,9 @@ def preflight(cfg: Config) -> None:
     if callable(model_check):
         model_check(cfg.model)  # e.g. model.path: a folder, a hub id or tiny:KIND
     build_task(cfg)  # reads prompt files: a bad one fails here, not after the model loads
+    if cfg.log.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("log.wandb is true but the 'wandb' package is not installed: "
+                          "pip install 'advantageflow[wandb]' (or set log.wandb=false)")
 
 
 def _built_if_cheap(term: RewardTerm, where: str) -> Any:

@@ -36,6 +36,7 @@ from advantageflow.config import Config, check_resume_config, convention_notes, 
 from advantageflow.distributed import DistEnv, full_tensor, local_tensor
 from advantageflow.evaluation import EvalResult, WeightsEMA, evaluate_policy
 from advantageflow.faults import fault_point
+from advantageflow.imagelog import log_epoch_images, start_wandb
 from advantageflow.numerics import numerics_header, numerics_record, thread_invariant_kernels
 from advantageflow.parallel import finite_gradients, make_strategy
 from advantageflow.rewards.async_scoring import AsyncRewardScorer
@@ -181,7 +182,9 @@ def _train(
         betas=tuple(cfg.train.adam_betas), eps=cfg.train.adam_eps,
     )
     state = LoopState()
-    logger = MetricsLogger(run_dir, cfg.log.tensorboard, enabled=env.is_main)
+    wandb_run = start_wandb(run_dir, cfg.log.wandb_project, cfg.to_dict()) if cfg.log.wandb and env.is_main else None
+    logger = MetricsLogger(run_dir, cfg.log.tensorboard, enabled=env.is_main, wandb=wandb_run)
+    cleanup.callback(logger.close)  # idempotent: also finishes the W&B run on an error
     eval_ema = WeightsEMA(policy, cfg.eval.ema_decay) if cfg.eval.ema_decay > 0 else None
 
     if resume and path is None and env.is_main:
@@ -296,6 +299,8 @@ def _train(
                 metrics.update(result.metrics)
         metrics.update(collect(meter, env, state.compute))
         logger.log(state.step, metrics)
+        log_epoch_images(cfg.log, state.epoch, state.step, policy, rollout.x0, rollout.prompts, rollout.group_ids,
+                         scored.total, logger)
         bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}")
         if state.epoch % cfg.checkpoint.every == 0 or last:
             _save(cfg, env, strategy, ckpt_root, policy, optimizer, algo, state, eval_ema)
