@@ -8,6 +8,10 @@ Layout of ``RUN/checkpoints/ckpt-EEEEEE/`` (``E`` = epochs completed)::
     trainer.json         epoch, step, counters, history, the config trained with
     manifest.json        SHA-256 digest and size of each file above; written last
 
+plus what the policy adds for other tools (``extras``), covered by the manifest too: for a LoRA
+diffusers policy ``pytorch_lora_weights.safetensors``, which ``pipe.load_lora_weights(folder)``
+attaches (:mod:`advantageflow.models.lora_io`).
+
 A checkpoint is written into ``ckpt-EEEEEE.tmp-PID``, flushed to disk, then renamed; a run
 killed mid-write leaves only a ``.tmp`` folder, which :func:`latest_checkpoint` ignores and
 the next save removes.
@@ -27,6 +31,7 @@ import os
 import re
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,8 +89,10 @@ def file_digest(path: Path) -> str:
 
 
 def _write_manifest(folder: Path) -> None:
+    """Digest every file written (the required ones and any extras)."""
+    names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != MANIFEST)
     files = {name: {"sha256": file_digest(folder / name), "bytes": (folder / name).stat().st_size}
-             for name in FILES}
+             for name in names}
     with open(folder / MANIFEST, "w", encoding="utf-8") as fh:
         json.dump({"format": 1, "files": files}, fh, indent=1)
 
@@ -98,8 +105,11 @@ def save_checkpoint(
     algorithm_state: dict,
     trainer_state: dict,
     keep: int = 2,
+    extras: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write a checkpoint atomically (with its manifest) and prune old ones; returns its folder."""
+    """Write a checkpoint atomically (with its manifest) and prune old ones; returns its folder.
+
+    ``extras(folder)`` may add files (e.g. a diffusers-format adapter) before the manifest."""
     if int(keep) < 1:
         raise CheckpointError(f"checkpoint.keep must be >= 1, got {keep}")
     for name, tensor in policy_state.items():
@@ -117,6 +127,8 @@ def save_checkpoint(
         torch.save(algorithm_state, tmp / "algorithm.pt")
         with open(tmp / "trainer.json", "w", encoding="utf-8") as fh:
             json.dump(trainer_state, fh)
+        if extras is not None:
+            extras(tmp)
         for f in tmp.iterdir():
             _fsync_file(f)
         _write_manifest(tmp)  # digests of what is on disk, after the flush
@@ -176,7 +188,9 @@ def checkpoint_problem(path: Path) -> str | None:
         with open(path / MANIFEST, encoding="utf-8") as fh:
             manifest = json.load(fh)
         files = manifest["files"]
-        for name in FILES:
+        for name in dict.fromkeys([*FILES, *files]):  # the required files, then any extras
+            if not (path / name).is_file():
+                return f"is incomplete: missing {name}"
             entry = files[name]
             size = (path / name).stat().st_size
             if size != int(entry["bytes"]):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import math
 import re
 from dataclasses import dataclass, field
@@ -222,15 +223,27 @@ class CheckpointConfig:
 @dataclass
 class LogConfig:
     """``flops``: measure FLOPs per network row (``perf/flops``, :mod:`advantageflow.compute`);
-    network rows are counted either way."""
+    network rows are counted either way.
+
+    ``image_every``: every that many epochs (0 = never) a grid of the epoch's rollout samples,
+    ``image_prompts`` prompts x ``image_samples`` samples labelled with prompt and reward, goes
+    to ``RUN/images/epoch_EEEE.png``, TensorBoard and W&B (:mod:`advantageflow.imagelog`).
+    ``wandb``: also log to Weights & Biases (project ``wandb_project``; ``WANDB_MODE=offline``
+    works without an account)."""
 
     tensorboard: bool = True
     progress: bool = True
     image_every: int = 0
+    image_prompts: int = 4
+    image_samples: int = 4
     flops: bool = True
+    wandb: bool = False
+    wandb_project: str = "advantageflow"
 
     def validate(self) -> None:
-        at_least(self, "log", image_every=0)
+        at_least(self, "log", image_every=0, image_prompts=1, image_samples=1)
+        if self.wandb and not self.wandb_project:
+            raise ConfigError("log.wandb_project must name a W&B project")
 
 
 @dataclass
@@ -610,6 +623,9 @@ def preflight(cfg: Config) -> None:
     _check_device(cfg.device)
     MODELS.get(cfg.model.name).preflight(cfg.model)  # e.g. model.path: a folder, a hub id or tiny:KIND
     build_task(cfg)  # reads prompt files: a bad one fails here, not after the model loads
+    if cfg.log.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("log.wandb is true but the 'wandb' package is not installed: "
+                          "pip install 'advantageflow[wandb]' (or set log.wandb=false)")
 
 
 def _built_if_cheap(term: RewardTerm, where: str) -> Any:

@@ -61,13 +61,15 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 class MetricsLogger:
-    """Appends one JSON object per call to ``metrics.jsonl``; mirrors scalars to TensorBoard."""
+    """Appends one JSON object per call to ``metrics.jsonl``; mirrors scalars (and images,
+    :meth:`log_image`) to TensorBoard and, given a ``wandb`` run, to Weights & Biases."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True, enabled: bool = True) -> None:
+    def __init__(self, run_dir: Path, tensorboard: bool = True, enabled: bool = True, wandb: Any = None) -> None:
         self.run_dir = run_dir
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self._tb = None
+        self._wandb = wandb if enabled else None
         if enabled and tensorboard:
             try:
                 with warnings.catch_warnings():
@@ -89,6 +91,20 @@ class MetricsLogger:
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                     self._tb.add_scalar(key, value, step)
             self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}, step=step)
+
+    def log_image(self, step: int, tag: str, image: Any, caption: str = "") -> None:
+        """Log an ``(H, W, 3)`` uint8 array as image ``tag`` at ``step`` (TensorBoard, W&B)."""
+        if not self.enabled:
+            return
+        if self._tb is not None:
+            self._tb.add_image(tag, image, step, dataformats="HWC")
+            self._tb.flush()
+        if self._wandb is not None:
+            from advantageflow.imagelog import wandb_image
+
+            self._wandb.log({tag: wandb_image(image, caption)}, step=step)
 
     def truncate_after(self, epoch: int) -> None:
         """Drop rows logged after ``epoch`` (a resumed run re-logs them identically)."""
@@ -99,8 +115,13 @@ class MetricsLogger:
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def close(self) -> None:
+        """Flush and close the writers (a second call does nothing)."""
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
 
 
 def _jsonable(value: Any) -> Any:

@@ -43,6 +43,7 @@ from advantageflow.config import (
 from advantageflow.distributed import DistEnv, full_tensor, local_tensor
 from advantageflow.evaluation import EvalResult, WeightsEMA, evaluate_policy
 from advantageflow.faults import fault_point
+from advantageflow.imagelog import log_epoch_images, start_wandb
 from advantageflow.numerics import numerics_header, numerics_record, thread_invariant_kernels
 from advantageflow.optim import build_optimizer
 from advantageflow.parallel import finite_gradients, make_strategy
@@ -193,7 +194,9 @@ def _train(
     trainable_mb = sum(local_tensor(p).numel() * p.element_size() for p in params) / 2**20
     optimizer = build_optimizer(params, cfg.train)
     state = LoopState()
-    logger = MetricsLogger(run_dir, cfg.log.tensorboard, enabled=env.is_main)
+    wandb_run = start_wandb(run_dir, cfg.log.wandb_project, cfg.to_dict()) if cfg.log.wandb and env.is_main else None
+    logger = MetricsLogger(run_dir, cfg.log.tensorboard, enabled=env.is_main, wandb=wandb_run)
+    cleanup.callback(logger.close)  # idempotent: also finishes the W&B run on an error
     eval_ema = WeightsEMA(policy, cfg.eval.ema_decay) if cfg.eval.ema_decay > 0 else None
 
     if resume and path is None and env.is_main:
@@ -305,12 +308,18 @@ def _train(
                 metrics.update(result.metrics)
         metrics.update(collect(meter, env, state.compute))
         logger.log(state.step, metrics)
+        log_epoch_images(cfg.log, state.epoch, state.step, policy, rollout.x0, rollout.prompts, rollout.group_ids,
+                         scored.total, logger)
         bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}")
         if state.epoch % cfg.checkpoint.every == 0 or last:
             _save(run, ckpt_root, state, eval_ema)
         if stopped_by:
             break
     bar.close()
+    final_exports = getattr(policy, "write_final_exports", None)  # e.g. model.lora.merge_at_end
+    if final_exports is not None and env.is_main:
+        final_exports(str(run_dir))
+    env.barrier()
     if scorer is not None:
         scorer.shutdown()
     meter.close()
@@ -537,10 +546,12 @@ def _save(run: RunParts, root: Path, state: LoopState, eval_ema=None) -> None:
         if eval_ema is not None:
             algo_state = {**algo_state, EVAL_EMA_KEY: eval_ema.state_dict()}
     if env.is_main:
+        extras = getattr(policy, "write_checkpoint_extras", None)  # files for other tools (LoRA adapter)
         save_checkpoint(
             root, state.epoch, policy_state, optimizer_state, algo_state,
             {"loop": asdict(state), "algo": cfg.algo, "world_size": env.world_size,
              "strategy": strategy.name, "config": cfg.to_dict()}, keep=cfg.checkpoint.keep,
+            extras=(lambda folder: extras(policy_state, str(folder))) if extras else None,
         )
     env.barrier()
 

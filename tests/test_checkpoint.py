@@ -86,6 +86,20 @@ def test_manifest_records_sha256_of_every_file(tmp_path):
     assert checkpoint_problem(path) is None
 
 
+def test_extra_files_are_written_before_the_manifest_and_verified(tmp_path):
+    def adapter(folder):
+        (folder / "pytorch_lora_weights.safetensors").write_bytes(b"adapter bytes")
+
+    path = save_checkpoint(tmp_path, 1, {"w": torch.ones(3)}, {}, {}, {"loop": {}}, extras=adapter)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["files"]["pytorch_lora_weights.safetensors"]["bytes"] == len(b"adapter bytes")
+    assert checkpoint_problem(path) is None
+    (path / "pytorch_lora_weights.safetensors").write_bytes(b"adapter bytez")
+    assert checkpoint_problem(path) == "is damaged: pytorch_lora_weights.safetensors does not match its SHA-256 digest"
+    (path / "pytorch_lora_weights.safetensors").unlink()
+    assert checkpoint_problem(path) == "is incomplete: missing pytorch_lora_weights.safetensors"
+
+
 @pytest.mark.parametrize("damage,reason", [
     (lambda p: _flip(p / "policy.safetensors", offset_from_end=8, n=8), "policy.safetensors does not match"),
     (lambda p: _flip(p / "optimizer.pt", offset_from_end=200), "optimizer.pt does not match"),

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from advantageflow.configbase import ConfigError
 from advantageflow.models.base import Networks, PolicyBase, guided
+from advantageflow.models.lora_io import ADAPTER, load_adapter, read_adapter, write_diffusers_adapter
 
 #: The authors' LoRA targets (Flow-GRPO, AWM, DiffusionNFT): every attention projection of
 #: the joint blocks, image stream (``to_*``) and text stream (``add_*``).
@@ -51,7 +52,12 @@ class LoraOptions:
         rank, alpha: LoRA rank ``r`` and scale numerator (the update is ``alpha / r * B A``).
         target_modules: module-name suffixes that receive an adapter.
         dropout: LoRA dropout (0 keeps the velocity deterministic).
-        init: ``gaussian`` (peft's default init with ``B = 0``, so the start equals the base).
+        init_from: start from this adapter instead of ``B = 0`` (diffusers or PEFT format,
+            :mod:`advantageflow.models.lora_io`); rank, alpha and targets must fit.
+        merge_at_end: when training ends, also write the adapter merged into the weights as
+            ``RUN/merged/transformer`` (``from_pretrained``-loadable).
+
+    Every checkpoint also holds the adapter in diffusers' format (``load_lora_weights``).
     """
 
     enabled: bool = True
@@ -59,6 +65,8 @@ class LoraOptions:
     alpha: float = 64.0
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
     dropout: float = 0.0
+    init_from: str = ""
+    merge_at_end: bool = False
 
     def validate(self) -> None:
         if self.rank < 1:
@@ -67,6 +75,10 @@ class LoraOptions:
             raise ConfigError("lora.target_modules must name at least one module")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError("lora.dropout must be in [0, 1)")
+        if self.init_from and not self.enabled:
+            raise ConfigError("lora.init_from needs lora.enabled=true (full fine-tuning has no adapter)")
+        if self.merge_at_end and not self.enabled:
+            raise ConfigError("lora.merge_at_end needs lora.enabled=true (full fine-tuning has no adapter to merge)")
 
 
 def check_common_options(cfg: Any) -> None:
@@ -227,6 +239,8 @@ class DiffusersPolicy(PolicyBase):
                 module.to(text_device if name.startswith("text_encoder") else self.device)
         if cfg.lora.enabled:
             add_lora(self.transformer, cfg.lora)
+            if cfg.lora.init_from:
+                load_adapter(self.transformer, cfg.lora, read_adapter(cfg.lora.init_from))
             self.ref_transformer = None
         else:
             self.ref_transformer = copy.deepcopy(self.transformer).requires_grad_(False).eval()
@@ -244,6 +258,8 @@ class DiffusersPolicy(PolicyBase):
     def preflight(cls, cfg: Any) -> None:
         """The checks :meth:`from_config` makes before loading weights (``validate`` runs them)."""
         check_model_path(cfg.path)
+        if cfg.lora.enabled and cfg.lora.init_from:
+            read_adapter(cfg.lora.init_from)  # exists and is an adapter; whether it fits needs the model
 
     @classmethod
     def from_config(cls, cfg: Any, device: str = "cpu") -> DiffusersPolicy:
@@ -261,6 +277,27 @@ class DiffusersPolicy(PolicyBase):
 
     def networks(self) -> Networks:
         return Networks(trained=self.transformer, reference=self.ref_transformer)
+
+    # ------------------------------------------------------------------ files for other tools
+
+    def write_checkpoint_extras(self, state: dict[str, Tensor], folder: str) -> None:
+        """Beside a checkpoint's ``policy.safetensors`` (``state``): the LoRA adapter in diffusers'
+        format, so that ``pipe.load_lora_weights(folder)`` attaches it (nothing for full fine-tuning)."""
+        if self.cfg.lora.enabled:
+            write_diffusers_adapter(type(self.pipe), state, self.transformer.peft_config[ADAPTER].to_dict(), folder)
+
+    def write_final_exports(self, run_dir: str) -> None:
+        """When training ends: ``run_dir/merged/transformer`` if ``model.lora.merge_at_end``."""
+        if not (self.cfg.lora.enabled and self.cfg.lora.merge_at_end):
+            return
+        from advantageflow.distributed import is_sharded
+        from advantageflow.models.export import export_transformer
+
+        if any(is_sharded(p) for p in self.trainable_parameters()):
+            print("[advantageflow] model.lora.merge_at_end skipped: the weights are sharded (FSDP); load the last "
+                  "checkpoint's adapter with pipe.load_lora_weights and call pipe.fuse_lora()", file=sys.stderr)
+            return
+        export_transformer(self, os.path.join(run_dir, "merged"))
 
     def _active_dtype(self) -> torch.dtype:
         """The dtype of the network ``velocity`` calls (bf16 frozen base, or float32 weights for

@@ -31,18 +31,9 @@ def export_lora(policy: Any, out_dir: str) -> str:
 
     Raises ``ValueError`` when the policy is fully fine-tuned (use :func:`export_transformer`).
     """
-    from peft.utils import get_peft_model_state_dict
-
     if not policy.cfg.lora.enabled:
         raise ValueError("this policy has no LoRA adapter (full fine-tuning): use export_transformer")
-    transformer = policy.transformer
-    state = get_peft_model_state_dict(transformer, adapter_name="default")
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
-    metadata = transformer.peft_config["default"].to_dict()
-    os.makedirs(out_dir, exist_ok=True)
-    type(policy.pipe).save_lora_weights(
-        out_dir, transformer_lora_layers=state, transformer_lora_adapter_metadata=metadata
-    )
+    policy.write_checkpoint_extras(policy.trainable_state(), out_dir)  # the same file every checkpoint holds
     _write_info(policy, out_dir, "lora")
     return out_dir
 
