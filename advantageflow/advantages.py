@@ -74,12 +74,14 @@ def combined_advantages(
     clip: float = 5.0,
     eps: float = 1e-4,
 ) -> Advantages:
-    """Per-reward normalisation, then the weighted sum (``reward.combine: per_reward``).
+    """Per-reward normalisation, then the weighted sum (``reward.combine: per_reward``), both
+    clipped to ``[-clip, clip]``: an algorithm always sees advantages within the run's clip
+    (weights summing above 1 could leave it; the clip-owning algorithms used to clip the sum).
 
     A group counts as zero-std only when every component is constant within it.
     """
     parts = {n: group_advantages(components[n], group_ids, std, clip, eps) for n in weights}
-    values = sum(weights[n] * parts[n].values for n in weights)
+    values = sum(weights[n] * parts[n].values for n in weights).clamp(-clip, clip)
     zero = torch.stack([p.zero_std for p in parts.values()]).all(dim=0)
     _, inverse = torch.unique(group_ids, return_inverse=True)
     n_groups = int(inverse.max()) + 1

@@ -53,3 +53,6 @@ def test_per_reward_normalisation_then_sum():
     # a -> [-1, 1, -1, 1], b -> [-1, -1, 1, 1]; a + 0.5 b
     assert torch.allclose(out.values, torch.tensor([-1.5, 0.5, -0.5, 1.5]))
     assert out.zero_std_ratio == 0.0
+    # the weighted sum stays within the run's one clip
+    clipped = combined_advantages(comps, {"a": 1.0, "b": 0.5}, g, std="group", clip=1.2, eps=0.0)
+    assert torch.allclose(clipped.values, torch.tensor([-1.2, 0.5, -0.5, 1.2]))

@@ -41,7 +41,7 @@ def make_batch(policy, n: int = 16, steps: int = 10, seed: int = 0, **sampler) -
     out = sample(bind_velocity(policy, None), noise, grid, generator=g, **sampler)
     rewards = (torch.arange(n) % 3).float()
     group_ids = torch.arange(n) // 4
-    adv = torch.randn(n, generator=g) * 2.0
+    adv = (torch.randn(n, generator=g) * 2.0).clamp(-5.0, 5.0)  # clipped, as the trainer hands them
     return Rollout(
         x0=out.x0, noise=noise, cond=None, prompts=[""] * n, group_ids=group_ids, grid=grid,
         metadata=[{} for _ in range(n)], trajectory=out.trajectory, log_probs=out.log_probs,

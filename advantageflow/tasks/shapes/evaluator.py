@@ -381,7 +381,7 @@ def flow_matching_loss(
 
 
 @torch.no_grad()
-def evaluate_policy(
+def evaluate_shapes_eval(
     policy,
     specs: list[SceneSpec] | None = None,
     samples_per_prompt: int = 4,
@@ -417,12 +417,12 @@ def evaluate_policy(
 
 
 def evaluate_checkpoint(path: str = "", samples_per_prompt: int = 9, seed: int = 0, **kwargs) -> dict:
-    """:func:`evaluate_policy` of the ShapesDiT asset at ``path`` ('' = shipped), with the
+    """:func:`evaluate_shapes_eval` of the ShapesDiT asset at ``path`` ('' = shipped), with the
     sampler settings used recorded in the result."""
     from advantageflow.models.dit import ShapesDiTPolicy
 
     policy = ShapesDiTPolicy.from_config(ShapesDiTPolicy.Config(path=path))
-    result = evaluate_policy(policy, samples_per_prompt=samples_per_prompt, seed=seed, **kwargs)
+    result = evaluate_shapes_eval(policy, samples_per_prompt=samples_per_prompt, seed=seed, **kwargs)
     steps = kwargs.get("steps") or policy.sampling.get("eval_steps", 20)
     guidance = kwargs.get("guidance_scale")
     guidance = policy.sampling.get("guidance_scale", 1.0) if guidance is None else guidance
@@ -437,7 +437,7 @@ __all__ = [
     "check",
     "detect",
     "evaluate_checkpoint",
-    "evaluate_policy",
+    "evaluate_shapes_eval",
     "flow_matching_loss",
     "sample_diversity",
     "score",
