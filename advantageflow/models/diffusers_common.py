@@ -17,6 +17,7 @@ import copy
 import gc
 import os
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
