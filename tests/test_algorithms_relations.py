@@ -79,7 +79,7 @@ def test_forward_process_gradients_are_parallel_on_policy(shared_t):
 
     # AdvantageFlow, lambda = 0, no adaptive weight; f_old = sg(f_theta).
     f = x0_prediction(x_t, t, policy.velocity(x_t, t))
-    af, _ = advantageflow_loss(f, x0, f.detach(), None, scaled_advantages(adv, 5.0), 1.1, 0.0)
+    af, _ = advantageflow_loss(f, x0, f.detach(), None, scaled_advantages(adv_c, 5.0), 1.1, 0.0)
     g_af = flat_grad(af.mean(), policy)
     assert_parallel(g_af, g_t2, 1 / 5)
     if shared_t:
@@ -87,7 +87,7 @@ def test_forward_process_gradients_are_parallel_on_policy(shared_t):
 
     # AWM, uniform weighting, on-policy ratio (no clip in effect), no regularisers.
     v = policy.velocity(x_t, t)
-    awm = awm_loss(v, u, t, scaled_advantages(adv, 5.0), weighting="uniform", clip_range=1e9)
+    awm = awm_loss(v, u, t, scaled_advantages(adv_c, 5.0), weighting="uniform", clip_range=1e9)
     assert_parallel(flat_grad(awm.loss.mean(), policy), g, 1 / 5)
 
     # EPG with rho = 1 (l_old = sg(l_theta)), one draw, beta = 0.
