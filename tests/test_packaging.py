@@ -92,7 +92,8 @@ def test_wheel_ships_the_configs_and_license_metadata(wheel):
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     assert "License-Expression: Apache-2.0" in metadata
     assert f"Version: {advantageflow.__version__}" in metadata
-    assert "accelerate" not in metadata
+    requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
+    assert requires and not [r for r in requires if "accelerate" in r]  # (the README may mention its launcher)
 
 
 def test_installed_wheel_lists_and_copies_its_configs(wheel, tmp_path):
