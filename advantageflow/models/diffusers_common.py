@@ -82,6 +82,39 @@ class LoraOptions:
             raise ConfigError("lora.merge_at_end needs lora.enabled=true (full fine-tuning has no adapter to merge)")
 
 
+@dataclass
+class DiffusersOptions:
+    """The ``model:`` options every diffusers adapter shares; each adapter's ``Config``
+    subclasses it, sets ``name`` / ``path`` / ``max_sequence_length`` and adds its own.
+
+    Attributes:
+        path: hub id or local folder of the pipeline.
+        dtype: storage dtype of frozen weights on CUDA (CPU is always float32).
+        text_encoder_device: where the text encoders run ('' = the model's device).
+        lora: LoRA settings; ``lora.enabled: false`` is full fine-tuning with a frozen copy.
+        gradient_checkpointing: recompute transformer blocks in the backward pass.
+        height, width: image size in pixels.
+        negative_prompt: the unconditional prompt for CFG.
+        max_sequence_length: T5 tokens.
+        release_text_encoders: free the text encoders after prompts are cached.
+    """
+
+    name: str = ""
+    path: str = ""
+    dtype: DType = "bfloat16"
+    text_encoder_device: str = ""
+    lora: LoraOptions = field(default_factory=LoraOptions)
+    gradient_checkpointing: bool = False
+    height: int = 512
+    width: int = 512
+    negative_prompt: str = ""
+    max_sequence_length: int = 512
+    release_text_encoders: bool = False
+
+    def validate(self) -> None:
+        check_common_options(self)
+
+
 def check_common_options(cfg: Any) -> None:
     """Validation shared by the SD3 and FLUX configs (one-line errors)."""
     if not cfg.path:

@@ -13,7 +13,7 @@ The time grid is the scheduler's, with the resolution-dependent shift
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,11 +21,9 @@ from torch import Tensor
 
 from advantageflow.configbase import ConfigError
 from advantageflow.models.diffusers_common import (
+    DiffusersOptions,
     DiffusersPolicy,
-    DType,
-    LoraOptions,
     autocast,
-    check_common_options,
     scheduler_sigmas,
 )
 
@@ -60,37 +58,18 @@ class FluxPolicy(DiffusersPolicy):
     """
 
     @dataclass
-    class Config:
-        """Attributes:
-        path: hub id or local folder of a ``FluxPipeline``.
-        dtype: storage dtype of frozen weights on CUDA (CPU is always float32).
-        text_encoder_device: where the text encoders run ('' = the model's device).
-        lora: LoRA settings; ``lora.enabled: false`` is full fine-tuning with a frozen copy.
-        gradient_checkpointing: recompute transformer blocks in the backward pass.
-        height, width: image size in pixels.
-        guidance: the distilled guidance value fed to guidance-embedding models (FLUX.1-dev 3.5).
-        true_cfg: encode the negative prompt so ``sampler.guidance_scale > 1`` applies real CFG.
-        negative_prompt: the unconditional prompt for true CFG.
-        max_sequence_length: T5 tokens (the pipeline's default is 512).
-        release_text_encoders: free the text encoders after prompts are cached.
-        """
+    class Config(DiffusersOptions):
+        """The shared options (:class:`DiffusersOptions`) plus ``guidance``: the distilled
+        guidance value fed to guidance-embedding models (FLUX.1-dev 3.5), and ``true_cfg``:
+        encode the negative prompt so ``sampler.guidance_scale > 1`` applies real CFG."""
 
         name: str = "flux"
         path: str = "black-forest-labs/FLUX.1-dev"
-        dtype: DType = "bfloat16"
-        text_encoder_device: str = ""
-        lora: LoraOptions = field(default_factory=LoraOptions)
-        gradient_checkpointing: bool = False
-        height: int = 512
-        width: int = 512
         guidance: float = 3.5
         true_cfg: bool = False
-        negative_prompt: str = ""
-        max_sequence_length: int = 512
-        release_text_encoders: bool = False
 
         def validate(self) -> None:
-            check_common_options(self)
+            super().validate()
             if self.guidance < 0:
                 raise ConfigError("model.guidance must be >= 0")
 

@@ -10,7 +10,7 @@ with ``shift = 3`` for SD3.5 (Esser et al. 2024, "Scaling Rectified Flow Transfo
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,11 +18,9 @@ from torch import Tensor
 
 from advantageflow.configbase import ConfigError
 from advantageflow.models.diffusers_common import (
+    DiffusersOptions,
     DiffusersPolicy,
-    DType,
-    LoraOptions,
     autocast,
-    check_common_options,
     scheduler_sigmas,
 )
 
@@ -36,36 +34,16 @@ class SD3Policy(DiffusersPolicy):
     """
 
     @dataclass
-    class Config:
-        """Attributes:
-        path: hub id or local folder of a ``StableDiffusion3Pipeline``.
-        dtype: storage dtype of frozen weights on CUDA (CPU is always float32).
-        text_encoder_device: where the text encoders run ('' = the model's device).
-        lora: LoRA settings; ``lora.enabled: false`` is full fine-tuning with a frozen copy.
-        gradient_checkpointing: recompute transformer blocks in the backward pass.
-        height, width: image size in pixels.
-        cfg: encode the negative prompt so ``sampler.guidance_scale > 1`` applies CFG.
-        negative_prompt: the unconditional prompt for CFG.
-        max_sequence_length: T5 tokens (128 as in the Flow-GRPO, DiffusionNFT and AWM SD3
-            scripts; the diffusers pipeline's own default is 256).
-        release_text_encoders: free the text encoders after prompts are cached.
+    class Config(DiffusersOptions):
+        """The shared options (:class:`DiffusersOptions`) plus ``cfg``: encode the negative
+        prompt so ``sampler.guidance_scale > 1`` applies CFG.  ``max_sequence_length`` is 128
+        as in the Flow-GRPO, DiffusionNFT and AWM SD3 scripts (the pipeline's own default: 256).
         """
 
         name: str = "sd3"
         path: str = "stabilityai/stable-diffusion-3.5-medium"
-        dtype: DType = "bfloat16"
-        text_encoder_device: str = ""
-        lora: LoraOptions = field(default_factory=LoraOptions)
-        gradient_checkpointing: bool = False
-        height: int = 512
-        width: int = 512
-        cfg: bool = True
-        negative_prompt: str = ""
         max_sequence_length: int = 128
-        release_text_encoders: bool = False
-
-        def validate(self) -> None:
-            check_common_options(self)
+        cfg: bool = True
 
     NEGATIVE_KEYS = ("negative_prompt_embeds", "negative_pooled_prompt_embeds")
 
