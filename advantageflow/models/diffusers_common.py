@@ -367,9 +367,22 @@ class DiffusersPolicy(PolicyBase):
         """
         if isinstance(prompts, str):
             prompts = [prompts]
+        cond = self._stacked(prompts)
+        if self._encodes_negative():
+            neg = self._stacked([self.cfg.negative_prompt])
+            for key in self.NEGATIVE_KEYS:  # "negative_X" is the negative prompt's "X", one per row
+                row = neg[key.removeprefix("negative_")]
+                cond[key] = row.expand(len(prompts), *row.shape[1:])
+        return cond
+
+    def _stacked(self, prompts: list[str]) -> dict[str, Tensor]:
         self._ensure_cached(prompts)
         rows = [self._prompt_cache[p] for p in prompts]
         return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+    def _encodes_negative(self) -> bool:
+        """Whether :meth:`encode` also carries the negative prompt (CFG on); the subclass's switch."""
+        return False
 
     def cache_prompts(self, prompts: list[str], release_text_encoders: bool | None = None) -> None:
         """Encode every prompt a run will use, then free the text encoders when
@@ -384,7 +397,7 @@ class DiffusersPolicy(PolicyBase):
 
     def _extra_prompts(self) -> list[str]:
         """Prompts every batch needs besides its own (the negative prompt under CFG)."""
-        return []
+        return [self.cfg.negative_prompt] if self._encodes_negative() else []
 
     def _ensure_cached(self, prompts: list[str]) -> None:
         todo = list(dict.fromkeys(p for p in prompts if p not in self._prompt_cache))

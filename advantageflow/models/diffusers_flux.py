@@ -99,17 +99,8 @@ class FluxPolicy(DiffusersPolicy):
         )
         return {"prompt_embeds": prompt_embeds.to(self.dtype), "pooled_prompt_embeds": pooled.to(self.dtype)}
 
-    def encode(self, prompts: list[str]) -> dict[str, Tensor]:
-        cond = super().encode(prompts)
-        if self.cfg.true_cfg:
-            neg = super().encode([self.cfg.negative_prompt])
-            n = len(prompts)
-            cond["negative_prompt_embeds"] = neg["prompt_embeds"].expand(n, -1, -1)
-            cond["negative_pooled_prompt_embeds"] = neg["pooled_prompt_embeds"].expand(n, -1)
-        return cond
-
-    def _extra_prompts(self) -> list[str]:
-        return [self.cfg.negative_prompt] if self.cfg.true_cfg else []
+    def _encodes_negative(self) -> bool:
+        return self.cfg.true_cfg
 
     def _no_cfg_message(self) -> str:
         return (

@@ -75,17 +75,8 @@ class SD3Policy(DiffusersPolicy):
         )
         return {"prompt_embeds": prompt_embeds.to(self.dtype), "pooled_prompt_embeds": pooled.to(self.dtype)}
 
-    def encode(self, prompts: list[str]) -> dict[str, Tensor]:
-        cond = super().encode(prompts)
-        if self.cfg.cfg:
-            neg = super().encode([self.cfg.negative_prompt])
-            n = len(prompts)
-            cond["negative_prompt_embeds"] = neg["prompt_embeds"].expand(n, -1, -1)
-            cond["negative_pooled_prompt_embeds"] = neg["pooled_prompt_embeds"].expand(n, -1)
-        return cond
-
-    def _extra_prompts(self) -> list[str]:
-        return [self.cfg.negative_prompt] if self.cfg.cfg else []
+    def _encodes_negative(self) -> bool:
+        return self.cfg.cfg
 
     def _forward(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
         """One transformer pass: ``timestep = 1000 t`` as in the pipeline."""
