@@ -44,14 +44,19 @@ def to_pil(images: Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in to_uint8(images)]
 
 
-def encode_png(images: Tensor) -> list[bytes]:
-    """``(B, 3, H, W)`` in [0, 1] -> one PNG (8-bit RGB) per image."""
+def encode_images(images: Tensor, image_format: str) -> list[bytes]:
+    """``(B, 3, H, W)`` in [0, 1] -> one file per image in PIL's ``image_format`` (its defaults)."""
     out = []
     for img in to_pil(images):
         buf = io.BytesIO()
-        img.save(buf, format="PNG")
+        img.save(buf, format=image_format)
         out.append(buf.getvalue())
     return out
+
+
+def encode_png(images: Tensor) -> list[bytes]:
+    """``(B, 3, H, W)`` in [0, 1] -> one PNG (8-bit RGB) per image."""
+    return encode_images(images, "PNG")
 
 
 def decode_png(data: bytes, max_pixels: int) -> np.ndarray:

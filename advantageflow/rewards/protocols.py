@@ -31,7 +31,7 @@ import numpy as np
 from torch import Tensor
 
 from advantageflow.rewards.base import RewardError
-from advantageflow.rewards.imageio import encode_png, to_pil
+from advantageflow.rewards.imageio import encode_images, encode_png
 from advantageflow.rewards.wire import (
     BadRequest,
     ParsedRequest,
@@ -159,12 +159,7 @@ def safe_loads(data: bytes) -> Any:
 def encode_jpeg(images: Tensor) -> list[bytes]:
     """``(B, 3, H, W)`` in [0, 1] -> JPEG bytes per image, PIL's default quality (75), as
     Flow-GRPO's remote rewards send them."""
-    out = []
-    for img in to_pil(images):
-        buf = io.BytesIO()
-        img.save(buf, format="JPEG")
-        out.append(buf.getvalue())
-    return out
+    return encode_images(images, "JPEG")
 
 
 def encode_flow_grpo_request(samples: Tensor, prompts: list[str], metadata: list[dict] | None) -> bytes:
