@@ -3,7 +3,7 @@
     advantageflow train [CONFIG] [key=value ...] [--run-dir DIR] [--resume [--allow-config-change]]
     advantageflow validate CONFIG [key=value ...]
     advantageflow eval [CONFIG] [key=value ...] [--checkpoint DIR] [--task NAME] [--json]
-    advantageflow sample [CONFIG] [key=value ...] --checkpoint DIR --prompt TEXT [--num N] [--out DIR]
+    advantageflow sample [CONFIG] [key=value ...] --checkpoint DIR --prompt TEXT [--num N] [--index I] [--out DIR]
     advantageflow pretrain shapes [...]
     advantageflow serve-reward NAME [...]
     advantageflow configs [NAME ...] [--to DIR [--force]]
@@ -182,25 +182,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    """Write ``--num`` images of ``--prompt``: evaluation samples ``--index`` onwards, so image
+    ``k`` is the evaluation's sample ``index + k`` had its slot this prompt (same noise key,
+    sampler and seed: the run's ``seed`` unless ``--seed``)."""
     import torch
 
-    from advantageflow.rollouts import encode_prompts
+    from advantageflow.evaluation import generate_eval_samples
+    from advantageflow.rollouts import SamplingSpec, decode_samples
     from advantageflow.runlog import save_samples
-    from advantageflow.sampling import bind_velocity, sample
     from advantageflow.tasks.base import Prompt
 
+    if args.num < 1 or args.index < 0:
+        from advantageflow.configbase import ConfigError
+
+        raise ConfigError(f"--num must be >= 1 and --index >= 0 (got {args.num} and {args.index})")
     cfg, ckpt = _config_for_checkpoint(args.items, args.checkpoint, args.trust_config)
     parts = _load_policy(cfg, ckpt)
     policy = parts.policy
-    prompts = [Prompt(args.prompt)] * args.num
-    gen = torch.Generator().manual_seed(args.seed)
-    noise = torch.randn((args.num, *policy.sample_shape), generator=gen).to(policy.device)
-    grid = policy.time_grid(args.steps or cfg.sampler.eval_steps, cfg.sampler.shift)
+    spec = SamplingSpec.for_evaluation(policy, cfg.sampler, args.steps or None)
+    indices = list(range(args.index, args.index + args.num))
+    seed = cfg.seed if args.seed is None else args.seed
     with torch.no_grad():
-        cond = encode_prompts(policy, prompts)
-        out = sample(bind_velocity(policy, cond, cfg.sampler.guidance_scale), noise, grid.to(policy.device),
-                     solver=cfg.sampler.eval_solver)
-        images = policy.decode(out.x0).cpu()
+        rollout = generate_eval_samples(
+            policy, [Prompt(args.prompt)] * args.num, indices, seed, spec, cfg.eval.samples_per_prompt
+        )
+        images = decode_samples(policy, rollout.x0, spec.chunk)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     grid_path = save_samples(images, out_dir / "grid.png", title=args.prompt[:60])
@@ -343,7 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="", help="the prompt")
     p.add_argument("--num", type=int, default=8, help="number of samples")
     p.add_argument("--steps", type=int, default=0, help="sampler steps (default sampler.eval_steps)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="noise seed (default: the config's seed, as evaluation)")
+    p.add_argument(
+        "--index",
+        type=int,
+        default=0,
+        help="evaluation sample index of the first image (image k: the noise of evaluation sample index+k)",
+    )
     p.add_argument("--out", default="samples", help="output folder")
     p.add_argument("--export-lora", metavar="DIR", help="also save the LoRA in diffusers' format (diffusers models)")
     p.set_defaults(func=cmd_sample)

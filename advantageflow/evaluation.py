@@ -16,6 +16,7 @@ from advantageflow.models.base import ema_update_
 from advantageflow.rollouts import SamplingSpec, decode_and_score, generate
 from advantageflow.seeding import eval_noise_key
 from advantageflow.tasks.base import Prompt
+from advantageflow.types import Rollout
 
 
 @dataclass
@@ -88,6 +89,19 @@ def eval_stripe(total: int, world: int, rank: int) -> list[int]:
     return [min(rank * share + j, total - 1) for j in range(share)]
 
 
+def generate_eval_samples(
+    policy: Any, prompts: list[Prompt], indices: list[int], seed: int, spec: SamplingSpec, group_size: int = 1
+) -> Rollout:
+    """Evaluation samples ``indices`` (``B`` ints) of prompts ``prompts`` (``B``).
+
+    Sample ``i``'s noise is keyed by ``eval_noise_key(seed, i)`` whatever else is sampled with
+    it, so :func:`evaluate_policy` and ``advantageflow sample --index i`` give sample ``i`` the
+    same image.  Its group id is ``i // group_size`` (the evaluation's prompt slot).
+    """
+    keys = [eval_noise_key(seed, i) for i in indices]
+    return generate(policy, prompts, keys, [i // group_size for i in indices], spec)
+
+
 @torch.no_grad()
 def evaluate_policy(policy: Any, task: Any, reward: Any, cfg: Config, env: DistEnv | None = None) -> EvalResult:
     """Sample the evaluation prompts with the evaluation sampler and score them.
@@ -100,9 +114,8 @@ def evaluate_policy(policy: Any, task: Any, reward: Any, cfg: Config, env: DistE
     prompts = eval_prompts(task, cfg.eval.num_prompts, cfg.eval.samples_per_prompt)
     spec = SamplingSpec.for_evaluation(policy, cfg.sampler)
     mine = eval_stripe(len(prompts), env.world_size, env.rank)
-    rollout = generate(
-        policy, [prompts[i] for i in mine], [eval_noise_key(cfg.seed, i) for i in mine],
-        [i // cfg.eval.samples_per_prompt for i in mine], spec,
+    rollout = generate_eval_samples(
+        policy, [prompts[i] for i in mine], mine, cfg.seed, spec, cfg.eval.samples_per_prompt
     )
     result, images = decode_and_score(policy, reward, rollout, spec.chunk)
 

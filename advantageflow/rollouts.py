@@ -160,38 +160,63 @@ def generate(
 ) -> Rollout:
     """Sample one rollout per prompt (already repeated per group member), in chunks.
 
+    Every sampling path goes through here (training rollouts, evaluation, ``advantageflow
+    sample``), so a sample's image depends only on its prompt, its key and ``spec``.
+
     Args:
         prompts: ``B`` prompts.  noise_keys: ``B`` seed keys (:mod:`advantageflow.seeding`).
         group_ids: ``B`` ints.  spec: how to sample.
     """
-    grid, request, chosen = spec.grid, spec.request, spec.solver_used
-    n_steps = len(grid) - 1
+    request, chosen = spec.request, spec.solver_used
     # Per-step draws, each sample's from its own seed: SDE / CPS steps or a stochastic SA-Solver.
     needs_step_noise = request.stochastic != "none" or (chosen == "sa_solver" and request.sa_tau > 0)
+    n_steps = len(spec.grid) - 1 if needs_step_noise else 0
+    parts = []
+    for start in range(0, len(prompts), spec.chunk):
+        sl = slice(start, start + spec.chunk)
+        noise, step_noise = sample_noise(tuple(policy.sample_shape), noise_keys[sl], n_steps, policy.device)
+        parts.append(generate_from_noise(policy, prompts[sl], noise, group_ids[sl], spec, step_noise))
+    return parts[0] if len(parts) == 1 else Rollout.concat(parts)
+
+
+@torch.no_grad()
+def generate_from_noise(
+    policy: Any,
+    prompts: list[Prompt],
+    noise: Tensor,
+    group_ids: list[int],
+    spec: SamplingSpec,
+    step_noise: Tensor | None = None,
+) -> Rollout:
+    """What :func:`generate` is built on: sample from given draws, in chunks of ``spec.chunk``.
+
+    Args:
+        noise: ``(B, *S)`` initial noise.  step_noise: ``(B, N, *S)`` per-step draws, needed
+            when ``spec.request`` asks for SDE steps or a stochastic SA-Solver.
+    """
+    grid, request = spec.grid, spec.request
     parts = []
     for start in range(0, len(prompts), spec.chunk):
         sl = slice(start, start + spec.chunk)
         cond = encode_prompts(policy, prompts[sl])
-        noise, step_noise = sample_noise(
-            tuple(policy.sample_shape), noise_keys[sl], n_steps if needs_step_noise else 0, policy.device
-        )
+        init = noise[sl].to(policy.device)
         out = sample(
             bind_velocity(policy, cond, spec.guidance_scale),
-            noise,
+            init,
             grid.to(policy.device),
-            solver=chosen,
+            solver=spec.solver_used,
             stochastic=request.stochastic,
             noise_level=request.noise_level,
             stochastic_steps=request.stochastic_steps,
             keep_trajectory=request.keep_trajectory,
-            step_noise=step_noise,
+            step_noise=None if step_noise is None else step_noise[sl].to(policy.device),
             sa_tau=request.sa_tau,
             sa_tau_window=tuple(request.sa_tau_window),
         )
         parts.append(
             Rollout(
                 x0=out.x0,
-                noise=noise,
+                noise=init,
                 cond=cond,
                 prompts=[p.text for p in prompts[sl]],
                 group_ids=torch.tensor(group_ids[sl], dtype=torch.long),
@@ -241,6 +266,12 @@ def concat_results(results: list[RewardResult]) -> RewardResult:
 
 
 @torch.no_grad()
+def decode_samples(policy: Any, x0: Tensor, chunk: int = 256) -> Tensor:
+    """Decoded final samples ``(B, ...)`` of states ``x0`` ``(B, *S)``, ``chunk`` at a time, on the CPU."""
+    return torch.cat([policy.decode(x0[k : k + chunk]).cpu() for k in range(0, len(x0), chunk)])
+
+
+@torch.no_grad()
 def decode_and_score(policy: Any, reward: Any, rollout: Rollout, chunk: int = 256) -> tuple[RewardResult, Tensor]:
     """Decode final samples and score them; returns the result and the decoded samples."""
     results, images = [], []
@@ -252,4 +283,14 @@ def decode_and_score(policy: Any, reward: Any, rollout: Rollout, chunk: int = 25
     return concat_results(results), torch.cat(images)
 
 
-__all__ = ["SamplingSpec", "cat_cond", "decode_and_score", "derive_seed", "generate", "owned_rows", "plan_epoch"]
+__all__ = [
+    "SamplingSpec",
+    "cat_cond",
+    "decode_and_score",
+    "decode_samples",
+    "derive_seed",
+    "generate",
+    "generate_from_noise",
+    "owned_rows",
+    "plan_epoch",
+]

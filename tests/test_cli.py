@@ -121,3 +121,41 @@ def test_validate_notes_settings_the_algorithms_authors_do_not_use(capsys):
     for name in ("epg", "awm", "diffusion_nft"):  # the shipped configs follow their authors
         assert main(["validate", str(REPO / "configs" / f"toy2d_{name}.yaml")]) == 0
         assert "note:" not in capsys.readouterr().out
+
+
+def test_sample_gives_the_evaluation_image_of_the_same_prompt_seed_and_index(tmp_path):
+    """`advantageflow sample --index i` draws evaluation sample i's noise with the evaluation
+    sampler: its PNGs are the evaluation's images of that slot (ShapesEval, shift and seed set
+    away from their defaults so that both paths must read them)."""
+    import numpy as np
+    from PIL import Image
+
+    from advantageflow.build import build_components
+    from advantageflow.config import load_config
+    from advantageflow.evaluation import evaluate_policy
+
+    shapes = str(REPO / "configs" / "shapes_advantageflow.yaml")
+    overrides = ["seed=5", "sampler.eval_steps=3", "sampler.shift=2.0", "eval.num_prompts=2",
+                 "eval.samples_per_prompt=2", "log.progress=false"]
+    cfg = load_config(shapes, overrides)
+    parts = build_components(cfg, "cpu")
+    parts.policy.set_mode(training=False)
+    result = evaluate_policy(parts.policy, parts.task, parts.reward, cfg)
+    out = tmp_path / "s"
+    # slot 1's two samples are evaluation samples 2 and 3
+    assert main(["sample", shapes, *overrides, "--prompt", result.prompts[2].text, "--index", "2", "--num", "2",
+                 "--out", str(out)]) == 0
+    for k in range(2):
+        png = np.asarray(Image.open(out / f"sample_{k:03d}.png"), dtype=np.int16)
+        want = (result.images[2 + k].clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.int16)
+        assert np.abs(png - want).max() <= 1 and (png == want).mean() > 0.999
+    # another seed or index is another image
+    assert main(["sample", shapes, *overrides, "--prompt", result.prompts[2].text, "--index", "3", "--num", "1",
+                 "--seed", "6", "--out", str(tmp_path / "t")]) == 0
+    other = np.asarray(Image.open(tmp_path / "t" / "sample_000.png"), dtype=np.int16)
+    assert not np.array_equal(other, np.asarray(Image.open(out / "sample_001.png"), dtype=np.int16))
+
+
+def test_sample_refuses_a_negative_index(capsys):
+    assert main(["sample", TOY, "--index", "-1", "--num", "1"]) == 2
+    assert "--index >= 0" in capsys.readouterr().err

@@ -4,6 +4,7 @@ shipped checkpoint (loads, samples deterministically, beats chance, better FM lo
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -21,8 +22,11 @@ from advantageflow.models.dit import (
     save_asset,
     tokenize,
 )
-from advantageflow.tasks.shapes.evaluator import flow_matching_loss
-from advantageflow.tasks.shapes.grammar import all_specs, to_prompt
+from advantageflow.rollouts import SamplingSpec, generate, generate_from_noise, sample_noise
+from advantageflow.seeding import eval_noise_key
+from advantageflow.tasks.base import Prompt
+from advantageflow.tasks.shapes.evaluator import asset_sampler, flow_matching_loss, sample_shapes_eval
+from advantageflow.tasks.shapes.grammar import all_specs, parse_prompt, to_prompt
 
 
 @pytest.fixture(scope="module")
@@ -133,12 +137,36 @@ def test_shipped_asset_config_documents_sampling_and_training():
 
 
 def test_shipped_model_samples_deterministically(shipped):
-    prompts = ["a red circle", "two blue squares", "a green triangle left of a yellow circle"]
-    a = shipped.generate(prompts, steps=6, generator=torch.Generator().manual_seed(7))
-    b = shipped.generate(prompts, steps=6, generator=torch.Generator().manual_seed(7))
-    c = shipped.generate(prompts, steps=6, generator=torch.Generator().manual_seed(8))
+    specs = [parse_prompt(t) for t in ("a red circle", "two blue squares", "a green triangle left of a yellow circle")]
+    sampler = asset_sampler(shipped, steps=6)
+    a = sample_shapes_eval(shipped, specs, 1, sampler, seed=7)
+    b = sample_shapes_eval(shipped, specs, 1, sampler, seed=7)
+    c = sample_shapes_eval(shipped, specs, 1, sampler, seed=8)
     assert a.shape == (3, 3, 32, 32) and float(a.min()) >= 0 and float(a.max()) <= 1
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def _keyed_images(policy, prompts: list[str], sampler) -> torch.Tensor:
+    """``rollouts.generate``'s images of ``prompts`` with evaluation keys 0..B-1."""
+    spec = SamplingSpec.for_evaluation(policy, sampler)
+    keys = [eval_noise_key(0, i) for i in range(len(prompts))]
+    return policy.decode(generate(policy, [Prompt(t) for t in prompts], keys, list(range(len(prompts))), spec).x0)
+
+
+def test_the_shapes_evaluator_samples_as_rollouts_generate_and_honours_solver_and_shift(shipped):
+    specs = [parse_prompt(t) for t in ("a red circle", "two blue squares")]
+    noise, _ = sample_noise(tuple(shipped.sample_shape), [eval_noise_key(0, i) for i in range(2)])
+    images = {}
+    for name, change in {"base": {}, "shift": {"shift": 3.0}, "solver": {"eval_solver": "heun"}}.items():
+        sampler = replace(asset_sampler(shipped, steps=4), **change)
+        keyed = _keyed_images(shipped, [to_prompt(s) for s in specs], sampler)
+        spec = SamplingSpec.for_evaluation(shipped, sampler)
+        rollout = generate_from_noise(shipped, [Prompt(to_prompt(s)) for s in specs], noise, [0, 1], spec)
+        assert torch.equal(shipped.decode(rollout.x0), keyed)  # one path: generate is built on it
+        images[name] = sample_shapes_eval(shipped, specs, 1, sampler)
+    assert asset_sampler(shipped).eval_solver == "euler" and asset_sampler(shipped).shift == 1.0
+    assert not torch.allclose(images["base"], images["shift"], atol=1e-3)
+    assert not torch.allclose(images["base"], images["solver"], atol=1e-3)
 
 
 def test_shipped_model_fits_renders_better_than_an_untrained_one(shipped):

@@ -9,7 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from advantageflow.models.dit import ShapesDiTPolicy
-from advantageflow.tasks.shapes.pretrain import flow_matching_loss, foreground_weights, lr_factor, main, sample_batch
+from advantageflow.tasks.shapes.evaluator import asset_sampler, sample_shapes_eval
+from advantageflow.tasks.shapes.grammar import parse_prompt
+from advantageflow.tasks.shapes.pretrain import foreground_weights, lr_factor, main, sample_batch, velocity_mse
 
 TINY = ["--width", "32", "--depth", "1", "--heads", "2", "--batch-size", "4", "--warmup", "2",
         "--eval-samples", "0", "--no-progress"]
@@ -32,7 +34,8 @@ def test_writes_a_loadable_asset_with_snapshots(tmp_path):
     assert json.loads((out / "step_2" / "config.json").read_text())["pretrain"]["steps_done"] == 2
     assert not (out / "resume.pt").exists()  # removed once finished
     policy = ShapesDiTPolicy.from_config(ShapesDiTPolicy.Config(path=str(out)))
-    assert policy.generate(["a red circle"], steps=2).shape == (1, 3, 32, 32)
+    images = sample_shapes_eval(policy, [parse_prompt("a red circle")], 1, asset_sampler(policy, steps=2))
+    assert images.shape == (1, 3, 32, 32)
 
 
 def test_learning_rate_warms_up_then_decays_by_a_cosine():
@@ -89,5 +92,5 @@ def test_foreground_weights_mark_the_objects_and_keep_the_loss_scale():
     assert bool((w[lit] == 5.0).all())  # every object pixel is weighted
     assert 0.05 < float((w > 1).float().mean()) < 0.5  # and the background mostly not
     err = torch.full((4, 3, 32, 32), 2.0)
-    assert float(flow_matching_loss(err, torch.zeros_like(err), w)) == pytest.approx(4.0)
-    assert float(flow_matching_loss(err, torch.zeros_like(err), None)) == pytest.approx(4.0)
+    assert float(velocity_mse(err, torch.zeros_like(err), w)) == pytest.approx(4.0)
+    assert float(velocity_mse(err, torch.zeros_like(err), None)) == pytest.approx(4.0)

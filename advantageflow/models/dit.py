@@ -336,28 +336,3 @@ class ShapesDiTPolicy(FrozenCopyPolicy):
     def decode(self, x: Tensor) -> Tensor:
         """Pixel state in ``[-1, 1]`` -> images ``(B, 3, H, W)`` in ``[0, 1]`` (differentiable)."""
         return ((x + 1) / 2).clamp(0, 1)
-
-
-    @torch.no_grad()
-    def generate(
-        self,
-        prompts: list[str],
-        steps: int | None = None,
-        guidance_scale: float | None = None,
-        generator: torch.Generator | None = None,
-        noise: Tensor | None = None,
-    ) -> Tensor:
-        """Images ``(B, 3, H, W)`` in ``[0, 1]`` by Euler on the uniform grid.
-
-        ``steps`` / ``guidance_scale`` default to the asset's ``sampling`` section (eval
-        settings).  ``noise`` ``(B, 3, H, W)`` or draws from ``generator`` (on the CPU).
-        """
-        from advantageflow.sampling import bind_velocity, sample, time_grid
-
-        steps = steps or int(self.sampling.get("eval_steps", 20))
-        scale = float(self.sampling.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale)
-        if noise is None:
-            noise = torch.randn((len(prompts), *self.sample_shape), generator=generator)
-        noise = noise.to(self.device)
-        out = sample(bind_velocity(self, self.encode(prompts), scale), noise, time_grid(steps))
-        return self.decode(out.x0)

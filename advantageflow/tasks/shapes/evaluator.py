@@ -380,66 +380,108 @@ def flow_matching_loss(
     return total / n
 
 
+def asset_sampler(policy, steps: int | None = None, guidance_scale: float | None = None, batch_size: int = 128):
+    """The evaluation sampler (a :class:`~advantageflow.config.SamplerConfig`) recorded in a
+    ShapesDiT asset's ``sampling`` section (solver, ``eval_steps``, shift, guidance), with
+    ``steps`` / ``guidance_scale`` overriding it when given."""
+    from advantageflow.config import SamplerConfig
+
+    rec = policy.sampling
+    solver = rec.get("solver", "euler")
+    scale = rec.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale
+    return SamplerConfig(
+        steps=int(rec.get("steps", 10)),
+        eval_steps=int(steps or rec.get("eval_steps", 20)),
+        shift=float(rec.get("shift", 1.0)),
+        solver=solver,
+        eval_solver=solver,
+        guidance_scale=float(scale),
+        batch_size=batch_size,
+    )
+
+
 @torch.no_grad()
+def sample_shapes_eval(
+    policy, specs: list[SceneSpec], samples_per_prompt: int = 1, sampler=None, seed: int = 0
+) -> Tensor:
+    """Images ``(len(specs) * samples_per_prompt, 3, H, W)`` in ``[0, 1]`` of each spec's prompt
+    (``samples_per_prompt`` consecutive rows per spec), sampled by
+    :func:`~advantageflow.rollouts.generate_from_noise` with the evaluation settings of
+    ``sampler`` (a ``SamplerConfig``: ``eval_steps``, ``eval_solver``, ``shift``, guidance,
+    ``batch_size``; default :func:`asset_sampler`) from
+    :func:`~advantageflow.seeding.shapes_checkpoint_noise` (the same noise for every model: the
+    draws the asset's recorded scores were made with)."""
+    from advantageflow.rollouts import SamplingSpec, decode_samples, generate_from_noise
+    from advantageflow.seeding import shapes_checkpoint_noise
+    from advantageflow.tasks.base import Prompt
+    from advantageflow.tasks.shapes.grammar import to_prompt
+
+    spec = SamplingSpec.for_evaluation(policy, sampler or asset_sampler(policy))
+    rows = [k for k in range(len(specs)) for _ in range(samples_per_prompt)]
+    prompts = [Prompt(to_prompt(specs[k]), specs[k].to_dict()) for k in rows]
+    noise = shapes_checkpoint_noise(seed, len(rows), tuple(policy.sample_shape))
+    return decode_samples(policy, generate_from_noise(policy, prompts, noise, rows, spec).x0, spec.chunk)
+
+
 def evaluate_shapes_eval(
     policy,
     specs: list[SceneSpec] | None = None,
     samples_per_prompt: int = 4,
-    steps: int | None = None,
-    guidance_scale: float | None = None,
+    sampler=None,
     seed: int = 0,
-    batch_size: int = 128,
 ) -> dict[str, float]:
-    """ShapesEval of a policy with ``generate`` (e.g. ``ShapesDiTPolicy``) on ``specs``.
-
-    Defaults: the evaluation slots of the test split (:func:`~.grammar.eval_slots`, 16 per
-    tag); steps / guidance from the policy's ``sampling`` settings.
-    Adds ``diversity`` (:func:`sample_diversity`) when ``samples_per_prompt > 1``.
-    Seeded: the same noise for every model.
-    """
-    from advantageflow.tasks.shapes.grammar import eval_slots, to_prompt
+    """ShapesEval of a policy (e.g. ``ShapesDiTPolicy``) on ``specs`` (default: the evaluation
+    slots of the test split, :func:`~.grammar.eval_slots`, 16 per tag), sampled by
+    :func:`sample_shapes_eval`.  Adds ``diversity`` (:func:`sample_diversity`) when
+    ``samples_per_prompt > 1``."""
+    from advantageflow.tasks.shapes.grammar import eval_slots
 
     specs = list(specs or eval_slots())
-    rows = [(k, s) for k, s in enumerate(specs) for _ in range(samples_per_prompt)]
-    gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn((len(rows), *policy.sample_shape), generator=gen)
-    images = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        images.append(policy.generate([to_prompt(s) for _, s in chunk], steps=steps,
-                                      guidance_scale=guidance_scale,
-                                      noise=noise[start : start + len(chunk)]).cpu())
-    imgs = torch.cat(images)
-    result = summarize(score(imgs, [s for _, s in rows]))
+    imgs = sample_shapes_eval(policy, specs, samples_per_prompt, sampler, seed)
+    rows = [k for k in range(len(specs)) for _ in range(samples_per_prompt)]
+    result = summarize(score(imgs, [specs[k] for k in rows]))
     if samples_per_prompt > 1:
-        result["diversity"] = sample_diversity(imgs, [k for k, _ in rows])
+        result["diversity"] = sample_diversity(imgs, rows)
     return result
 
 
-def evaluate_checkpoint(path: str = "", samples_per_prompt: int = 9, seed: int = 0, **kwargs) -> dict:
-    """:func:`evaluate_shapes_eval` of the ShapesDiT asset at ``path`` ('' = shipped), with the
-    sampler settings used recorded in the result."""
+def evaluate_checkpoint(
+    path: str = "",
+    samples_per_prompt: int = 9,
+    seed: int = 0,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
+) -> dict:
+    """:func:`evaluate_shapes_eval` of the ShapesDiT asset at ``path`` ('' = shipped) with its
+    recorded sampler (``steps`` / ``guidance_scale`` override it), recorded in the result."""
     from advantageflow.models.dit import ShapesDiTPolicy
 
     policy = ShapesDiTPolicy.from_config(ShapesDiTPolicy.Config(path=path))
-    result = evaluate_shapes_eval(policy, samples_per_prompt=samples_per_prompt, seed=seed, **kwargs)
-    steps = kwargs.get("steps") or policy.sampling.get("eval_steps", 20)
-    guidance = kwargs.get("guidance_scale")
-    guidance = policy.sampling.get("guidance_scale", 1.0) if guidance is None else guidance
-    return {"sampler": {"solver": "euler", "steps": steps, "guidance_scale": guidance,
-                        "samples_per_prompt": samples_per_prompt, "seed": seed}, **result}
+    sampler = asset_sampler(policy, steps, guidance_scale)
+    result = evaluate_shapes_eval(policy, samples_per_prompt=samples_per_prompt, sampler=sampler, seed=seed)
+    used = {
+        "solver": sampler.eval_solver,
+        "steps": sampler.eval_steps,
+        "shift": sampler.shift,
+        "guidance_scale": sampler.guidance_scale,
+        "samples_per_prompt": samples_per_prompt,
+        "seed": seed,
+    }
+    return {"sampler": used, **result}
 
 
 __all__ = [
     "SHAPES",
     "Detection",
     "Verdict",
+    "asset_sampler",
     "check",
     "detect",
     "evaluate_checkpoint",
     "evaluate_shapes_eval",
     "flow_matching_loss",
     "sample_diversity",
+    "sample_shapes_eval",
     "score",
     "summarize",
 ]

@@ -98,7 +98,7 @@ def foreground_weights(x0: torch.Tensor, fg_weight: float) -> torch.Tensor | Non
     return 1 + fg_weight * fg
 
 
-def flow_matching_loss(v: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+def velocity_mse(v: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     """Mean squared velocity error; with ``weights`` ``(B, 1, H, W)`` the weighted mean
     (normalised by the weights' mean, so the loss keeps the plain loss's scale)."""
     err = (v - target) ** 2
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             t = torch.rand(x0.shape[0], generator=noise_gen)
         tb = t.view(-1, 1, 1, 1)
         x_t = (1 - tb) * x0 + tb * eps
-        loss = flow_matching_loss(net(x_t, t, tokens), eps - x0, foreground_weights(x0, args.fg_weight))
+        loss = velocity_mse(net(x_t, t, tokens), eps - x0, foreground_weights(x0, args.fg_weight))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
