@@ -94,3 +94,14 @@ def test_foreground_weights_mark_the_objects_and_keep_the_loss_scale():
     err = torch.full((4, 3, 32, 32), 2.0)
     assert float(velocity_mse(err, torch.zeros_like(err), w)) == pytest.approx(4.0)
     assert float(velocity_mse(err, torch.zeros_like(err), None)) == pytest.approx(4.0)
+
+
+def test_the_final_evaluation_records_the_sampler_it_used(tmp_path):
+    out = tmp_path / "run"
+    args = [a for a in TINY if a not in ("--eval-samples", "0")]
+    assert main(["--steps", "2", "--eval-samples", "1", "--eval-steps", "2", "--out", str(out), *args]) == 0
+    meta = json.loads((out / "config.json").read_text())
+    used = meta["eval"]["sampler"]
+    assert used == {"solver": "euler", "steps": 2, "shift": 1.0, "guidance_scale": 1.0, "samples_per_prompt": 1,
+                    "seed": 0}
+    assert 0.0 <= meta["eval"]["strict"] <= 1.0 and "diversity" not in meta["eval"]
