@@ -135,25 +135,25 @@ def test_sample_gives_the_evaluation_image_of_the_same_prompt_seed_and_index(tmp
     from advantageflow.evaluation import evaluate_policy
 
     shapes = str(REPO / "configs" / "shapes_advantageflow.yaml")
-    overrides = ["seed=5", "sampler.eval_steps=3", "sampler.shift=2.0", "eval.num_prompts=2",
-                 "eval.samples_per_prompt=2", "log.progress=false"]
+    overrides = ["seed=5", "sampler.eval_steps=3", "sampler.shift=2.0", "eval.num_prompts=2"]
+    overrides += ["eval.samples_per_prompt=2", "log.progress=false"]
     cfg = load_config(shapes, overrides)
     parts = build_components(cfg, "cpu")
     parts.policy.set_mode(training=False)
     result = evaluate_policy(parts.policy, parts.task, parts.reward, cfg)
-    out = tmp_path / "s"
+
+    def sample(out, *options: str) -> list:
+        prompt = result.prompts[2].text
+        assert main(["sample", shapes, *overrides, "--prompt", prompt, *options, "--out", str(out)]) == 0
+        return [np.asarray(Image.open(p), dtype=np.int16) for p in sorted(out.glob("sample_*.png"))]
+
     # slot 1's two samples are evaluation samples 2 and 3
-    assert main(["sample", shapes, *overrides, "--prompt", result.prompts[2].text, "--index", "2", "--num", "2",
-                 "--out", str(out)]) == 0
-    for k in range(2):
-        png = np.asarray(Image.open(out / f"sample_{k:03d}.png"), dtype=np.int16)
+    for k, png in enumerate(sample(tmp_path / "s", "--index", "2", "--num", "2")):
         want = (result.images[2 + k].clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.int16)
         assert np.abs(png - want).max() <= 1 and (png == want).mean() > 0.999
-    # another seed or index is another image
-    assert main(["sample", shapes, *overrides, "--prompt", result.prompts[2].text, "--index", "3", "--num", "1",
-                 "--seed", "6", "--out", str(tmp_path / "t")]) == 0
-    other = np.asarray(Image.open(tmp_path / "t" / "sample_000.png"), dtype=np.int16)
-    assert not np.array_equal(other, np.asarray(Image.open(out / "sample_001.png"), dtype=np.int16))
+    # another seed is another image
+    other = sample(tmp_path / "t", "--index", "3", "--num", "1", "--seed", "6")[0]
+    assert not np.array_equal(other, np.asarray(Image.open(tmp_path / "s" / "sample_001.png"), dtype=np.int16))
 
 
 def test_sample_refuses_a_negative_index(capsys):

@@ -102,6 +102,12 @@ def test_the_final_evaluation_records_the_sampler_it_used(tmp_path):
     assert main(["--steps", "2", "--eval-samples", "1", "--eval-steps", "2", "--out", str(out), *args]) == 0
     meta = json.loads((out / "config.json").read_text())
     used = meta["eval"]["sampler"]
-    assert used == {"solver": "euler", "steps": 2, "shift": 1.0, "guidance_scale": 1.0, "samples_per_prompt": 1,
-                    "seed": 0}
+    assert used == {
+        "solver": "euler",
+        "steps": 2,
+        "shift": 1.0,
+        "guidance_scale": 1.0,
+        "samples_per_prompt": 1,
+        "seed": 0,
+    }
     assert 0.0 <= meta["eval"]["strict"] <= 1.0 and "diversity" not in meta["eval"]
