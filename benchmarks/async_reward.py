@@ -28,7 +28,9 @@ import torch
 from advantageflow.models.dit import DiTConfig, ShapesDiT, ShapesDiTPolicy, load_asset
 from advantageflow.rewards import build_reward
 from advantageflow.rewards.async_scoring import AsyncRewardScorer
-from advantageflow.sampling import bind_velocity, sample, time_grid
+from advantageflow.rollouts import SamplingSpec, generate_from_noise
+from advantageflow.sampling import time_grid
+from advantageflow.tasks.base import Prompt
 
 PROMPTS = ["one red circle", "two blue squares", "a green triangle left of a yellow circle", "three red squares"]
 
@@ -45,11 +47,12 @@ def make_policy() -> tuple[ShapesDiTPolicy, str]:
 def sampler(policy: ShapesDiTPolicy, batch: int, steps: int):
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
     metadata = [{"text": p.split()[1]} for p in prompts]  # OCR target: the colour word
-    grid = time_grid(steps)
+    spec = SamplingSpec(time_grid(steps), "euler", 1.0, batch)
 
     def draw(k: int) -> torch.Tensor:
+        # the rollouts' sampling path; batch k's noise as this benchmark has always drawn it
         noise = torch.randn((batch, *policy.sample_shape), generator=torch.Generator().manual_seed(k))
-        out = sample(bind_velocity(policy, policy.encode(prompts)), noise, grid)
+        out = generate_from_noise(policy, [Prompt(p) for p in prompts], noise, [0] * batch, spec)
         return policy.decode(out.x0)
 
     return draw, prompts, metadata
