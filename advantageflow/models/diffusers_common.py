@@ -173,7 +173,8 @@ def _tiny_spec(path: str) -> tuple[str, int]:
 
     kind, _, seed = path[len(TINY_PREFIX) :].partition(":")
     if kind not in BUILDERS or (seed and not seed.isdigit()):
-        raise ConfigError(f"model.path '{path}': expected tiny:sd3 or tiny:flux, optionally tiny:KIND:SEED")
+        kinds = " or ".join(f"tiny:{k}" for k in BUILDERS)
+        raise ConfigError(f"model.path '{path}': expected {kinds}, optionally tiny:KIND:SEED")
     return kind, int(seed or 0)
 
 
@@ -457,10 +458,17 @@ class DiffusersPolicy(PolicyBase):
             return self._forward(x, t, positive).float()
         if negative is None:
             raise ValueError(self._no_cfg_message())
+        return self._guided_velocity(x, t, positive, negative, guidance_scale)
+
+    def _guided_velocity(
+        self, x: Tensor, t: Tensor, positive: dict[str, Tensor], negative: dict[str, Tensor], scale: float
+    ) -> Tensor:
+        """CFG as one batch ``[uncond, cond]``, ``v_u + s (v_c - v_u)`` (SD3's, SANA's and FLUX's
+        true-CFG form); a pipeline that guides differently overrides it."""
         both = {k: torch.cat([negative[k], positive[k]]) for k in positive}
         v = self._forward(torch.cat([x, x]), torch.cat([t, t]), both).float()
         v_uncond, v_cond = v.chunk(2)
-        return guided(v_cond, v_uncond, guidance_scale)
+        return guided(v_cond, v_uncond, scale)
 
     def _no_cfg_message(self) -> str:
         return "guidance_scale != 1 needs the negative-prompt embeddings: set model.cfg=true"
@@ -470,10 +478,11 @@ class DiffusersPolicy(PolicyBase):
     def decode(self, x: Tensor) -> Tensor:
         """Images ``(B, 3, H, W)`` in ``[0, 1]`` (float32) from latents ``(B, *S)``; differentiable.
 
-        ``vae.decode(x / scaling_factor + shift_factor)`` mapped from ``[-1, 1]`` to ``[0, 1]``.
+        ``vae.decode(x / scaling_factor + shift_factor)`` (no shift for VAEs without one) mapped
+        from ``[-1, 1]`` to ``[0, 1]``.
         """
         vae = self.pipe.vae
-        latents = x / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        latents = x / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
         with autocast(self.device, self.dtype):
             image = vae.decode(latents.to(self.device, vae.dtype), return_dict=False)[0]
         return (image.float() / 2 + 0.5).clamp(0.0, 1.0)
