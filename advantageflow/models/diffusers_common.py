@@ -370,7 +370,7 @@ class DiffusersPolicy(PolicyBase):
             prompts = [prompts]
         cond = self._stacked(prompts)
         if self._encodes_negative():
-            neg = self._stacked([self.cfg.negative_prompt])
+            neg = self._stacked([self._negative_key()])
             for key in self.NEGATIVE_KEYS:  # "negative_X" is the negative prompt's "X", one per row
                 row = neg[key.removeprefix("negative_")]
                 cond[key] = row.expand(len(prompts), *row.shape[1:])
@@ -398,7 +398,12 @@ class DiffusersPolicy(PolicyBase):
 
     def _extra_prompts(self) -> list[str]:
         """Prompts every batch needs besides its own (the negative prompt under CFG)."""
-        return [self.cfg.negative_prompt] if self._encodes_negative() else []
+        return [self._negative_key()] if self._encodes_negative() else []
+
+    def _negative_key(self) -> str:
+        """The prompt-cache key of the negative prompt: the text itself, unless the pipeline
+        encodes negative prompts differently from prompts (then a key its ``_encode_batch`` knows)."""
+        return self.cfg.negative_prompt
 
     def _ensure_cached(self, prompts: list[str]) -> None:
         todo = list(dict.fromkeys(p for p in prompts if p not in self._prompt_cache))

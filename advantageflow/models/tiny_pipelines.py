@@ -215,6 +215,7 @@ BUILDERS: dict[str, Any] = {
     "sd3": build_tiny_sd3,
     "flux": build_tiny_flux,
     "qwen_image": "advantageflow.models.diffusers_qwen_image:build_tiny_qwen_image",
+    "sana": "advantageflow.models.diffusers_sana:build_tiny_sana",
 }
 
 
