@@ -16,6 +16,7 @@ from advantageflow.configbase import ConfigError, from_dict  # noqa: E402
 from advantageflow.models import MODELS  # noqa: E402
 from advantageflow.models.tiny_pipelines import tiny_pipeline_dir  # noqa: E402
 from advantageflow.sampling import bind_velocity, sample  # noqa: E402
+from tests.helpers_diffusers import check_checkpointing, check_exported_lora  # noqa: E402
 from tests.test_diffusers_training import ALGOS, check_one_update  # noqa: E402
 
 SIZE = 32  # SanaPipeline wants multiples of 32 pixels
@@ -150,3 +151,19 @@ def test_lora_targets_default_to_sana_attention_and_survive_partial_overrides():
 @pytest.mark.parametrize("algo", ALGOS)
 def test_every_algorithm_trains_it(algo, tmp_path):
     check_one_update("sana", algo, tmp_path)
+
+
+def test_exported_lora_loads_into_the_pipeline(tmp_path):
+    """``export_lora`` -> ``SanaPipeline.load_lora_weights`` reproduces our samples."""
+    policy = make_policy(cfg=False)
+    check_exported_lora(
+        policy,
+        fresh_pipeline,
+        lambda pipe, noise: pipeline_call(pipe, noise, guidance_scale=1.0),
+        lambda noise: our_samples(policy, noise),
+        tmp_path,
+    )
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    check_checkpointing(make_policy(cfg=False), make_policy(cfg=False, gradient_checkpointing=True), PROMPTS[:1])
