@@ -1,5 +1,5 @@
-"""What the SD3 and FLUX adapters share: loading, LoRA through peft, prompt caching,
-mixed precision, VAE decoding and memory figures.
+"""What the diffusers adapters (SD3, FLUX, Qwen-Image, SANA) share: loading, LoRA through peft,
+prompt caching, CFG, mixed precision, VAE decoding and memory figures.
 
 diffusers, transformers and peft are imported inside functions so that
 ``import advantageflow`` stays fast and works without them.
