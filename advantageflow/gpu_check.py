@@ -29,7 +29,7 @@ import torch
 CONFIGS = Path(__file__).resolve().parent / "_configs"
 if not CONFIGS.is_dir():  # a source checkout: the repository's configs/
     CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-MODELS = ("sd3", "flux")
+MODELS = ("sd3", "flux", "qwen_image", "sana")
 ALGOS = ("advantageflow", "awm", "flow_grpo", "diffusion_nft", "epg", "ram", "draft")
 REWARD = "gpu_check_brightness"
 

@@ -81,7 +81,14 @@ def tiny_overrides(kind: str, algo: str) -> list[str]:
 @pytest.mark.parametrize("kind", ["sd3", "flux"])
 @pytest.mark.parametrize("algo", ALGOS)
 def test_algorithm_trains_the_tiny_pipeline(kind, algo, tmp_path):
-    cfg = load_config(str(REPO / f"configs/{kind}_tiny_advantageflow.yaml"), tiny_overrides(kind, algo))
+    check_one_update(kind, algo, tmp_path)
+
+
+def check_one_update(kind: str, algo: str, tmp_path: Path, extra: tuple[str, ...] = ()) -> None:
+    """One update of ``algo`` on the tiny ``kind`` pipeline through the trainer (the model's
+    ``configs/<kind>_tiny_advantageflow.yaml``, ``algo=`` switched): finite losses, moved LoRA
+    weights, and a checkpoint whose policy differs from the base model."""
+    cfg = load_config(str(REPO / f"configs/{kind}_tiny_advantageflow.yaml"), [*tiny_overrides(kind, algo), *extra])
     result = train(cfg, tmp_path / "run")
     assert result.steps == 1
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -12,5 +12,7 @@ MODELS.register("toy_mlp", "advantageflow.models.toy:ToyMLPPolicy")
 MODELS.register("shapes_dit", "advantageflow.models.dit:ShapesDiTPolicy")
 MODELS.register("sd3", "advantageflow.models.diffusers_sd3:SD3Policy")
 MODELS.register("flux", "advantageflow.models.diffusers_flux:FluxPolicy")
+MODELS.register("qwen_image", "advantageflow.models.diffusers_qwen_image:QwenImagePolicy")
+MODELS.register("sana", "advantageflow.models.diffusers_sana:SanaPolicy")
 
 __all__ = ["MODELS", "FlowPolicy", "PolicyBase"]

@@ -1,5 +1,5 @@
-"""What the SD3 and FLUX adapters share: loading, LoRA through peft, prompt caching,
-mixed precision, VAE decoding and memory figures.
+"""What the diffusers adapters (SD3, FLUX, Qwen-Image, SANA) share: loading, LoRA through peft,
+prompt caching, CFG, mixed precision, VAE decoding and memory figures.
 
 diffusers, transformers and peft are imported inside functions so that
 ``import advantageflow`` stays fast and works without them.
@@ -173,7 +173,8 @@ def _tiny_spec(path: str) -> tuple[str, int]:
 
     kind, _, seed = path[len(TINY_PREFIX) :].partition(":")
     if kind not in BUILDERS or (seed and not seed.isdigit()):
-        raise ConfigError(f"model.path '{path}': expected tiny:sd3 or tiny:flux, optionally tiny:KIND:SEED")
+        kinds = " or ".join(f"tiny:{k}" for k in BUILDERS)
+        raise ConfigError(f"model.path '{path}': expected {kinds}, optionally tiny:KIND:SEED")
     return kind, int(seed or 0)
 
 
@@ -369,7 +370,7 @@ class DiffusersPolicy(PolicyBase):
             prompts = [prompts]
         cond = self._stacked(prompts)
         if self._encodes_negative():
-            neg = self._stacked([self.cfg.negative_prompt])
+            neg = self._stacked([self._negative_key()])
             for key in self.NEGATIVE_KEYS:  # "negative_X" is the negative prompt's "X", one per row
                 row = neg[key.removeprefix("negative_")]
                 cond[key] = row.expand(len(prompts), *row.shape[1:])
@@ -397,7 +398,12 @@ class DiffusersPolicy(PolicyBase):
 
     def _extra_prompts(self) -> list[str]:
         """Prompts every batch needs besides its own (the negative prompt under CFG)."""
-        return [self.cfg.negative_prompt] if self._encodes_negative() else []
+        return [self._negative_key()] if self._encodes_negative() else []
+
+    def _negative_key(self) -> str:
+        """The prompt-cache key of the negative prompt: the text itself, unless the pipeline
+        encodes negative prompts differently from prompts (then a key its ``_encode_batch`` knows)."""
+        return self.cfg.negative_prompt
 
     def _ensure_cached(self, prompts: list[str]) -> None:
         todo = list(dict.fromkeys(p for p in prompts if p not in self._prompt_cache))
@@ -457,10 +463,17 @@ class DiffusersPolicy(PolicyBase):
             return self._forward(x, t, positive).float()
         if negative is None:
             raise ValueError(self._no_cfg_message())
+        return self._guided_velocity(x, t, positive, negative, guidance_scale)
+
+    def _guided_velocity(
+        self, x: Tensor, t: Tensor, positive: dict[str, Tensor], negative: dict[str, Tensor], scale: float
+    ) -> Tensor:
+        """CFG as one batch ``[uncond, cond]``, ``v_u + s (v_c - v_u)`` (SD3's, SANA's and FLUX's
+        true-CFG form); a pipeline that guides differently overrides it."""
         both = {k: torch.cat([negative[k], positive[k]]) for k in positive}
         v = self._forward(torch.cat([x, x]), torch.cat([t, t]), both).float()
         v_uncond, v_cond = v.chunk(2)
-        return guided(v_cond, v_uncond, guidance_scale)
+        return guided(v_cond, v_uncond, scale)
 
     def _no_cfg_message(self) -> str:
         return "guidance_scale != 1 needs the negative-prompt embeddings: set model.cfg=true"
@@ -470,10 +483,11 @@ class DiffusersPolicy(PolicyBase):
     def decode(self, x: Tensor) -> Tensor:
         """Images ``(B, 3, H, W)`` in ``[0, 1]`` (float32) from latents ``(B, *S)``; differentiable.
 
-        ``vae.decode(x / scaling_factor + shift_factor)`` mapped from ``[-1, 1]`` to ``[0, 1]``.
+        ``vae.decode(x / scaling_factor + shift_factor)`` (no shift for VAEs without one) mapped
+        from ``[-1, 1]`` to ``[0, 1]``.
         """
         vae = self.pipe.vae
-        latents = x / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        latents = x / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
         with autocast(self.device, self.dtype):
             image = vae.decode(latents.to(self.device, vae.dtype), return_dict=False)[0]
         return (image.float() / 2 + 0.5).clamp(0.0, 1.0)

@@ -1,4 +1,5 @@
-"""Tiny, randomly initialised SD3 and FLUX.1 pipelines for tests and demos (offline).
+"""Tiny, randomly initialised diffusers pipelines for tests and demos (offline): SD3 and FLUX.1
+here, the others (Qwen-Image, SANA) beside their adapters, listed in :data:`BUILDERS`.
 
 Every component is built from a small config with the real diffusers / transformers classes,
 so a saved folder loads through the same ``from_pretrained`` path as a real checkpoint::
@@ -33,20 +34,33 @@ TEXT_WIDTH = 32
 VOCAB_SIZE = 1000
 
 
-def tiny_tokenizer(max_length: int = 77) -> Any:
-    """A BPE ``PreTrainedTokenizerFast`` (bos/eos/pad/unk set) trained on :data:`VOCAB_TEXT`."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+def tiny_tokenizer(max_length: int = 77, chat_template: str = "") -> Any:
+    """A BPE ``PreTrainedTokenizerFast`` (bos/eos/pad/unk set) trained on :data:`VOCAB_TEXT`.
+
+    With ``chat_template`` (a Qwen-style ``<|im_start|>...{}...`` prompt template) it is a chat
+    tokenizer as Qwen2's: also trained on the template, ``<|im_start|>`` / ``<|im_end|>`` and
+    newlines are tokens, and no bos/eos is added, so the template's prefix has as many tokens as
+    with the real tokenizer (Qwen-Image drops a fixed count of them).
+    """
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    special = ["<pad>", "<unk>", "<s>", "</s>"]
+    chat = ["<|im_start|>", "<|im_end|>"] if chat_template else []
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=special, show_progress=False)
-    tok.train_from_iterator(VOCAB_TEXT, trainer=trainer)
-    bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", special_tokens=[("<s>", bos), ("</s>", eos)]
+    # Whitespace() is this split without the newline alternative.
+    words = r"\w+|[^\w\s]+|\n" if chat_template else r"\w+|[^\w\s]+"
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(words), behavior="removed", invert=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400 if chat_template else 200,
+        special_tokens=["<pad>", "<unk>", "<s>", "</s>", *chat],
+        show_progress=False,
     )
+    tok.train_from_iterator(VOCAB_TEXT + ([chat_template.format("")] if chat_template else []), trainer=trainer)
+    if not chat_template:
+        bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A </s>", special_tokens=[("<s>", bos), ("</s>", eos)]
+        )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",
@@ -195,22 +209,37 @@ def build_tiny_flux(seed: int = 0) -> Any:
     return pipe
 
 
-BUILDERS = {"sd3": build_tiny_sd3, "flux": build_tiny_flux}
+#: kind -> builder ``(seed) -> pipeline``, or the ``"module:function"`` of one that lives beside
+#: its model adapter (imported only when that kind is built).
+BUILDERS: dict[str, Any] = {
+    "sd3": build_tiny_sd3,
+    "flux": build_tiny_flux,
+    "qwen_image": "advantageflow.models.diffusers_qwen_image:build_tiny_qwen_image",
+    "sana": "advantageflow.models.diffusers_sana:build_tiny_sana",
+}
+
+
+def build_tiny_pipeline(kind: str, seed: int = 0) -> Any:
+    """The tiny pipeline ``kind`` (a key of :data:`BUILDERS`), built in memory."""
+    from advantageflow.registry import import_dotted
+
+    if kind not in BUILDERS:
+        raise ValueError(f"unknown tiny pipeline '{kind}' (choose from {sorted(BUILDERS)})")
+    builder = BUILDERS[kind]
+    return (import_dotted(builder) if isinstance(builder, str) else builder)(seed)
 
 
 def save_tiny_pipeline(kind: str, out_dir: str, seed: int = 0) -> str:
-    """Build the tiny pipeline ``kind`` (``sd3`` or ``flux``) and ``save_pretrained`` it."""
-    if kind not in BUILDERS:
-        raise ValueError(f"unknown tiny pipeline '{kind}' (choose from {sorted(BUILDERS)})")
+    """Build the tiny pipeline ``kind`` (a key of :data:`BUILDERS`) and ``save_pretrained`` it."""
     with torch.random.fork_rng(devices=[]):  # building seeds torch: leave the caller's RNG as it was
-        BUILDERS[kind](seed).save_pretrained(out_dir)
+        build_tiny_pipeline(kind, seed).save_pretrained(out_dir)
     return out_dir
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m advantageflow.models.tiny_pipelines",
-        description="Save a tiny random SD3 or FLUX pipeline for tests and demos.",
+        description="Save a tiny random diffusers pipeline (sd3, flux, qwen_image, sana) for tests and demos.",
     )
     parser.add_argument("kind", choices=sorted(BUILDERS))
     parser.add_argument("out_dir")
