@@ -27,8 +27,8 @@ from advantageflow.algorithms.base import AlgorithmBase, TrainContext
 from advantageflow.algorithms.common import (
     EMASchedule,
     LaggedPolicy,
+    TrainingTimes,
     noised,
-    sample_times,
     scaled_advantages,
     x0_prediction,
 )
@@ -150,7 +150,7 @@ class AdvantageFlow(AlgorithmBase):
     clip_key = "adv_clip"  # the run's advantage clip (advantage.clip: unset or equal)
 
     @dataclass
-    class Config:
+    class Config(TrainingTimes):
         """Hyper-parameters; defaults are the settings the follow-up paper quotes.
 
         Attributes:
@@ -179,9 +179,7 @@ class AdvantageFlow(AlgorithmBase):
         ema_max_decay: float = 0.5
         ema_delay: int = 0
         draws_per_sample: int = 1
-        time_sampling: Literal["uniform", "logit_normal", "grid"] = "uniform"
-        t_min: float = 0.0
-        t_max: float = 1.0
+        time_sampling: Literal["uniform", "logit_normal", "grid"] = "uniform"  # + the rollout grid
         # log the stability diagnostics (:func:`diagnostics`); off by default because their
         # subset means and maxima depend on how a step's rows are split into micro-batches and
         # processes, unlike every other metric
@@ -192,6 +190,7 @@ class AdvantageFlow(AlgorithmBase):
         def validate(self) -> None:
             from advantageflow.configbase import ConfigError
 
+            super().validate()
             if self.gamma + self.lambda_ref <= 1.0:
                 warnings.warn(
                     f"advantageflow: gamma + lambda_ref = {self.gamma + self.lambda_ref} <= 1, so "
@@ -208,8 +207,6 @@ class AdvantageFlow(AlgorithmBase):
                 )
             if self.draws_per_sample < 1:
                 raise ConfigError("draws_per_sample must be >= 1")
-            if not 0.0 <= self.t_min < self.t_max <= 1.0:
-                raise ConfigError("need 0 <= t_min < t_max <= 1")
 
     def __init__(self, cfg: Config, policy: Any) -> None:
         self.cfg = cfg
@@ -228,9 +225,7 @@ class AdvantageFlow(AlgorithmBase):
         if cfg.time_sampling == "grid":
             times = batch.grid[:-1]
             return times[rows.randint(len(times))].to(batch.x0.device, batch.x0.dtype)
-        return sample_times(
-            rows, kind=cfg.time_sampling, t_min=cfg.t_min, t_max=cfg.t_max, device=batch.x0.device,
-        ).to(batch.x0.dtype)
+        return cfg.draw_times(rows, batch.x0.device).to(batch.x0.dtype)
 
     def losses(self, batch: Rollout, ctx: TrainContext) -> Iterator[LossOutput]:
         cfg, policy = self.cfg, ctx.policy

@@ -111,6 +111,28 @@ def sample_times(
     return (t_min + (t_max - t_min) * u).to(device)
 
 
+@dataclass
+class TrainingTimes:
+    """Where a forward-process loss draws its training times: ``time_sampling`` (``uniform``
+    or ``logit_normal``, SD3's) over ``[t_min, t_max]``.  Algorithm configs inherit it."""
+
+    time_sampling: Literal["uniform", "logit_normal"] = "uniform"
+    t_min: float = 0.0
+    t_max: float = 1.0
+
+    def validate(self) -> None:
+        from advantageflow.configbase import ConfigError
+
+        if not 0.0 <= self.t_min < self.t_max <= 1.0:
+            raise ConfigError("need 0 <= t_min < t_max <= 1")
+
+    def draw_times(self, rows: RowRandom, device: torch.device | str, draws: int | None = None) -> Tensor:
+        """:func:`sample_times` with these settings: ``(B,)``, or ``(B, draws)``."""
+        return sample_times(
+            rows, kind=self.time_sampling, t_min=self.t_min, t_max=self.t_max, device=device, draws=draws
+        )
+
+
 def stratum_edges(count: int, low: int, high: int) -> list[int]:
     """Whole-index edges of ``count`` strata over ``[low, high]`` inclusive: stratum ``j`` is
     ``[e_j, e_{j+1})`` with ``e_j = low + floor(j (high + 1 - low) / count)``.

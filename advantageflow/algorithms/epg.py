@@ -19,13 +19,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from advantageflow.algorithms.base import AlgorithmBase, TrainContext
-from advantageflow.algorithms.common import LaggedPolicy, noised, sample_times
+from advantageflow.algorithms.common import LaggedPolicy, TrainingTimes, noised
 from advantageflow.sampling import SamplerRequest
 from advantageflow.types import LossOutput, Rollout, index_cond, mean_flat
 
@@ -81,7 +81,7 @@ class EPG(AlgorithmBase):
     }
 
     @dataclass
-    class Config:
+    class Config(TrainingTimes):
         """Hyper-parameters (no official code; defaults are ours, documented).
 
         Attributes:
@@ -92,19 +92,15 @@ class EPG(AlgorithmBase):
 
         beta: float = 0.0
         num_draws: int = 4
-        time_sampling: Literal["uniform", "logit_normal"] = "uniform"
-        t_min: float = 0.0
-        t_max: float = 1.0
 
         def validate(self) -> None:
             from advantageflow.configbase import ConfigError
 
+            super().validate()
             if self.num_draws < 1:
                 raise ConfigError("num_draws must be >= 1")
             if self.beta < 0:
                 raise ConfigError("beta must be >= 0")
-            if not 0.0 <= self.t_min < self.t_max <= 1.0:
-                raise ConfigError("need 0 <= t_min < t_max <= 1")
 
     def __init__(self, cfg: Config, policy: Any) -> None:
         self.cfg = cfg
@@ -121,9 +117,7 @@ class EPG(AlgorithmBase):
         k, n = cfg.num_draws, len(batch)
         rows = ctx.row_random(n)
         # Draw-major stacks (draw d of sample i at d * n + i), each sample from its own generator.
-        t = sample_times(
-            rows, kind=cfg.time_sampling, t_min=cfg.t_min, t_max=cfg.t_max, device=x0.device, draws=k
-        ).T.reshape(k * n).to(x0.dtype)
+        t = cfg.draw_times(rows, x0.device, draws=k).T.reshape(k * n).to(x0.dtype)
         x0_rep = x0.repeat(k, *([1] * (x0.dim() - 1)))
         cond = index_cond(batch.cond, torch.arange(n).repeat(k))
         eps = rows.randn(k, *x0.shape[1:]).transpose(0, 1).reshape(x0_rep.shape).to(x0)

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from advantageflow.algorithms.base import AlgorithmBase, TrainContext
-from advantageflow.algorithms.common import noised, sample_times
+from advantageflow.algorithms.common import TrainingTimes, noised
 from advantageflow.sampling import SamplerRequest
 from advantageflow.types import LossOutput, Rollout, expand_time, mean_flat
 
@@ -68,7 +68,7 @@ class RAM(AlgorithmBase):
     """
 
     @dataclass
-    class Config:
+    class Config(TrainingTimes):
         """Hyper-parameters.
 
         Attributes:
@@ -80,19 +80,15 @@ class RAM(AlgorithmBase):
 
         eta: float = 50.0
         draws_per_sample: int = 1
-        time_sampling: Literal["uniform", "logit_normal"] = "uniform"
-        t_min: float = 0.0
-        t_max: float = 1.0
 
         def validate(self) -> None:
             from advantageflow.configbase import ConfigError
 
+            super().validate()
             if self.eta < 0:
                 raise ConfigError("eta must be >= 0")
             if self.draws_per_sample < 1:
                 raise ConfigError("draws_per_sample must be >= 1")
-            if not 0.0 <= self.t_min < self.t_max <= 1.0:
-                raise ConfigError("need 0 <= t_min < t_max <= 1")
 
     def __init__(self, cfg: Config, policy: Any) -> None:
         self.cfg = cfg
@@ -107,9 +103,7 @@ class RAM(AlgorithmBase):
         cfg, policy, x0 = self.cfg, ctx.policy, batch.x0
         rows = ctx.row_random(len(batch))
         for _ in range(cfg.draws_per_sample):
-            t = sample_times(
-                rows, kind=cfg.time_sampling, t_min=cfg.t_min, t_max=cfg.t_max, device=x0.device,
-            ).to(x0.dtype)
+            t = cfg.draw_times(rows, x0.device).to(x0.dtype)
             eps = rows.randn(*x0.shape[1:]).to(x0)
             x_t = noised(x0, t, eps)
             with torch.no_grad(), policy.reference():
