@@ -12,5 +12,6 @@ MODELS.register("toy_mlp", "advantageflow.models.toy:ToyMLPPolicy")
 MODELS.register("shapes_dit", "advantageflow.models.dit:ShapesDiTPolicy")
 MODELS.register("sd3", "advantageflow.models.diffusers_sd3:SD3Policy")
 MODELS.register("flux", "advantageflow.models.diffusers_flux:FluxPolicy")
+MODELS.register("flux_kontext", "advantageflow.models.diffusers_flux_kontext:FluxKontextPolicy")
 
 __all__ = ["MODELS", "FlowPolicy", "PolicyBase"]

@@ -173,7 +173,8 @@ def _tiny_spec(path: str) -> tuple[str, int]:
 
     kind, _, seed = path[len(TINY_PREFIX) :].partition(":")
     if kind not in BUILDERS or (seed and not seed.isdigit()):
-        raise ConfigError(f"model.path '{path}': expected tiny:sd3 or tiny:flux, optionally tiny:KIND:SEED")
+        kinds = " or ".join(f"tiny:{k}" for k in BUILDERS)
+        raise ConfigError(f"model.path '{path}': expected {kinds}, optionally tiny:KIND:SEED")
     return kind, int(seed or 0)
 
 

@@ -195,11 +195,27 @@ def build_tiny_flux(seed: int = 0) -> Any:
     return pipe
 
 
-BUILDERS = {"sd3": build_tiny_sd3, "flux": build_tiny_flux}
+def _builder(module: str) -> Any:
+    """``build_tiny_pipeline`` of ``advantageflow.models.MODULE``, imported when called (each
+    newer model keeps its tiny pipeline beside its adapter)."""
+
+    def build(seed: int = 0) -> Any:
+        import importlib
+
+        return importlib.import_module(f"advantageflow.models.{module}").build_tiny_pipeline(seed)
+
+    return build
+
+
+BUILDERS = {
+    "sd3": build_tiny_sd3,
+    "flux": build_tiny_flux,
+    "flux_kontext": _builder("diffusers_flux_kontext"),
+}
 
 
 def save_tiny_pipeline(kind: str, out_dir: str, seed: int = 0) -> str:
-    """Build the tiny pipeline ``kind`` (``sd3`` or ``flux``) and ``save_pretrained`` it."""
+    """Build the tiny pipeline ``kind`` (a key of :data:`BUILDERS`) and ``save_pretrained`` it."""
     if kind not in BUILDERS:
         raise ValueError(f"unknown tiny pipeline '{kind}' (choose from {sorted(BUILDERS)})")
     with torch.random.fork_rng(devices=[]):  # building seeds torch: leave the caller's RNG as it was
@@ -210,7 +226,7 @@ def save_tiny_pipeline(kind: str, out_dir: str, seed: int = 0) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m advantageflow.models.tiny_pipelines",
-        description="Save a tiny random SD3 or FLUX pipeline for tests and demos.",
+        description="Save a tiny random diffusers pipeline for tests and demos.",
     )
     parser.add_argument("kind", choices=sorted(BUILDERS))
     parser.add_argument("out_dir")
