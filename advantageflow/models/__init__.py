@@ -13,5 +13,6 @@ MODELS.register("shapes_dit", "advantageflow.models.dit:ShapesDiTPolicy")
 MODELS.register("sd3", "advantageflow.models.diffusers_sd3:SD3Policy")
 MODELS.register("flux", "advantageflow.models.diffusers_flux:FluxPolicy")
 MODELS.register("flux_kontext", "advantageflow.models.diffusers_flux_kontext:FluxKontextPolicy")
+MODELS.register("wan", "advantageflow.models.diffusers_wan:WanPolicy")
 
 __all__ = ["MODELS", "FlowPolicy", "PolicyBase"]

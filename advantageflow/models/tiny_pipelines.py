@@ -211,6 +211,7 @@ BUILDERS = {
     "sd3": build_tiny_sd3,
     "flux": build_tiny_flux,
     "flux_kontext": _builder("diffusers_flux_kontext"),
+    "wan": _builder("diffusers_wan"),
 }
 
 
