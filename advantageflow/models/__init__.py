@@ -14,5 +14,6 @@ MODELS.register("sd3", "advantageflow.models.diffusers_sd3:SD3Policy")
 MODELS.register("flux", "advantageflow.models.diffusers_flux:FluxPolicy")
 MODELS.register("flux_kontext", "advantageflow.models.diffusers_flux_kontext:FluxKontextPolicy")
 MODELS.register("wan", "advantageflow.models.diffusers_wan:WanPolicy")
+MODELS.register("flux2", "advantageflow.models.diffusers_flux2:Flux2Policy")
 
 __all__ = ["MODELS", "FlowPolicy", "PolicyBase"]

@@ -212,6 +212,7 @@ BUILDERS = {
     "flux": build_tiny_flux,
     "flux_kontext": _builder("diffusers_flux_kontext"),
     "wan": _builder("diffusers_wan"),
+    "flux2": _builder("diffusers_flux2"),
 }
 
 
