@@ -163,6 +163,31 @@ def test_two_expert_wan22_is_refused(pipe):
         MODELS.get("wan")(make_cfg(), two, "cpu")
 
 
+def test_exported_lora_loads_into_the_pipeline(tmp_path):
+    """Our checkpoint's adapter, through diffusers' own ``load_lora_weights``, gives our velocity."""
+    from advantageflow.models.export import export_lora
+
+    policy = make_policy()
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in policy.trainable_parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=gen))
+    export_lora(policy, str(tmp_path))
+    fresh = type(policy.pipe).from_pretrained(tiny_pipeline_dir("wan"))
+    fresh.load_lora_weights(str(tmp_path))
+    x = torch.randn(1, *policy.sample_shape, generator=gen)
+    t = torch.tensor([0.6])
+    cond = policy.encode(PROMPTS[:1])
+    with torch.no_grad():
+        ours = policy.velocity(x, t, cond)
+        with policy.reference():
+            base = policy.velocity(x, t, cond)
+        policy.set_trained_forward(fresh.transformer)  # the loaded pipeline's network in our call
+        theirs = policy.velocity(x, t, cond)
+    assert (ours - base).abs().max() > 1e-2  # the adapter matters
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------- training
 
 
