@@ -4,9 +4,8 @@ the first time a GPU is available.
 With a CUDA device it trains the tiny SD3, FLUX.1, FLUX.1 Kontext, FLUX.2 and Wan pipelines
 (built in-process from configs, no download) with every algorithm for ``--epochs`` epochs in
 the GPU precision the real configs use (frozen weights in bf16, LoRA and losses in float32),
-initialises NCCL, runs a
-two-process ``torchrun`` job when two GPUs exist, and prints one table: seconds per epoch,
-peak GPU memory, final loss, ok or the error.  Without CUDA it says so and exits 0.
+initialises NCCL, runs a two-process ``torchrun`` job when two GPUs exist, and prints one
+table: seconds per epoch, peak GPU memory, final loss, ok or the error.  Without CUDA it says so and exits 0.
 ``--device cpu`` runs the same matrix on the CPU in float32 (what the tests do).
 
 The reward is the images' mean brightness, registered here: differentiable (DRaFT needs one)
