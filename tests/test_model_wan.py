@@ -96,6 +96,22 @@ def test_ode_sampling_reproduces_the_pipeline_call(pipe, scale):
         assert (plain - ours).abs().max() > 1e-2  # guidance matters
 
 
+def test_wan22_per_token_timesteps_reproduce_the_pipeline_call():
+    """``expand_timesteps`` (Wan2.2-TI2V-5B): the transformer gets one timestep per token."""
+    from diffusers import WanPipeline
+
+    def ti2v():
+        pipe = WanPipeline.from_pretrained(tiny_pipeline_dir("wan"))
+        pipe.register_to_config(expand_timesteps=True)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    policy = MODELS.get("wan")(make_cfg(cfg=False), ti2v(), "cpu")
+    noise = torch.randn(1, *policy.sample_shape, generator=torch.Generator().manual_seed(4))
+    ours = sample(bind_velocity(policy, policy.encode(PROMPTS[:1]), 1.0), noise, policy.time_grid(STEPS)).x0
+    torch.testing.assert_close(ours, pipeline_call(ti2v(), noise, 1.0), atol=1e-4, rtol=1e-4)
+
+
 def test_decode_gives_the_pipeline_video_and_is_differentiable(pipe):
     policy = make_policy(cfg=False)
     noise = torch.randn(1, *policy.sample_shape, generator=torch.Generator().manual_seed(3))
