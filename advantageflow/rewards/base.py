@@ -6,10 +6,10 @@ A reward is a batched callable on decoded samples::
 
 ``images`` is what the policy's ``decode`` returns: ``(B, 3, H, W)`` in ``[0, 1]`` for image
 models (``(B, 2)`` points for the 2-D task); video models' ``(B, F, 3, H, W)`` reach an image
-reward frame by frame (:class:`CompositeReward`: mean over frames).  ``metadata`` is one dict per sample (the
-prompt's structured spec, for verifiable rewards).  A reward may be ``async def``; it may
-set ``differentiable = True`` when its output keeps the autograd graph of ``images`` (DRaFT
-needs this).  Rewards are found by registry name or dotted path (``pkg.module:factory``);
+reward frame by frame (:class:`CompositeReward`: mean over frames).  ``metadata`` is one dict
+per sample (the prompt's structured spec, for verifiable rewards).  A reward may be
+``async def``; it may set ``differentiable = True`` when its output keeps the autograd graph
+of ``images`` (DRaFT needs this).  Rewards are found by registry name or dotted path (``pkg.module:factory``);
 the factory is called with the config's ``args``.  A factory that sets ``builds_cheaply = True``
 (no weights, no network) is built by ``advantageflow validate`` too, so that its constructor's
 checks (e.g. the OCR reward's tesseract) fail there rather than at the start of training.
@@ -187,9 +187,9 @@ class CompositeReward:
         components: dict[str, Tensor] = {}
         for name, reward in self.rewards.items():
             per_frame = images.dim() == 5 and not getattr(reward, "scores_video", False)
+            inputs = as_frames(images, prompts, metadata) if per_frame else (images, prompts, metadata)
             try:
-                raw = call_reward(reward, *(as_frames(images, prompts, metadata) if per_frame
-                                            else (images, prompts, metadata)))
+                raw = call_reward(reward, *inputs)
             except RewardError:
                 raise
             except Exception as err:  # noqa: BLE001 - a user's reward failing ends the run in one line
