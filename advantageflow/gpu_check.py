@@ -1,11 +1,11 @@
 """``scripts/gpu_check.sh`` / ``python -m advantageflow.gpu_check``: the one command to run
 the first time a GPU is available.
 
-With a CUDA device it trains the tiny SD3 and FLUX pipelines (built in-process from configs,
-no download) with every algorithm for ``--epochs`` epochs in the GPU precision the real
-configs use (frozen weights in bf16, LoRA and losses in float32), initialises NCCL, runs a
-two-process ``torchrun`` job when two GPUs exist, and prints one table: seconds per epoch,
-peak GPU memory, final loss, ok or the error.  Without CUDA it says so and exits 0.
+With a CUDA device it trains the tiny SD3, FLUX.1, FLUX.1 Kontext, FLUX.2 and Wan pipelines
+(built in-process from configs, no download) with every algorithm for ``--epochs`` epochs in
+the GPU precision the real configs use (frozen weights in bf16, LoRA and losses in float32),
+initialises NCCL, runs a two-process ``torchrun`` job when two GPUs exist, and prints one
+table: seconds per epoch, peak GPU memory, final loss, ok or the error.  Without CUDA it says so and exits 0.
 ``--device cpu`` runs the same matrix on the CPU in float32 (what the tests do).
 
 The reward is the images' mean brightness, registered here: differentiable (DRaFT needs one)
@@ -29,7 +29,7 @@ import torch
 CONFIGS = Path(__file__).resolve().parent / "_configs"
 if not CONFIGS.is_dir():  # a source checkout: the repository's configs/
     CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-MODELS = ("sd3", "flux", "qwen_image", "sana")
+MODELS = ("sd3", "flux", "qwen_image", "sana", "flux_kontext", "flux2", "wan")
 ALGOS = ("advantageflow", "awm", "flow_grpo", "diffusion_nft", "epg", "ram", "draft")
 REWARD = "gpu_check_brightness"
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from advantageflow.runlog import atomic_path
+from advantageflow.runlog import atomic_path, filmstrip
 
 IMAGE_TAG = "rollout/samples"
 WANDB_ID_FILE = "wandb_run.json"  # the W&B run id, so that --resume continues the same W&B run
@@ -122,6 +122,8 @@ def epoch_image(
         decoded = policy.decode(x0[flat])
     if decoded.dim() == 2 and decoded.shape[1] == 2:
         return render_points(policy.decode(x0), rewards, f"epoch {epoch} rollout")
+    if decoded.dim() == 5:  # videos: a film strip per sample
+        decoded = filmstrip(decoded)
     if decoded.dim() != 4:
         raise ValueError(f"cannot draw decoded samples of shape {tuple(decoded.shape)}")
     index = {row: i for i, row in enumerate(flat)}

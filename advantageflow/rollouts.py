@@ -144,7 +144,10 @@ def sample_noise(
 
 
 def encode_prompts(policy: Any, prompts: list[Prompt]) -> Any:
-    """Conditioning for each prompt, encoding every distinct text once."""
+    """Conditioning for each prompt, encoding every distinct text once; a policy that
+    ``conditions_on_metadata`` (an editing model's source image) is given the records themselves."""
+    if getattr(policy, "conditions_on_metadata", False):
+        return policy.encode(prompts)
     texts = [p.text for p in prompts]
     unique = list(dict.fromkeys(texts))
     cond = policy.encode(unique)

@@ -183,14 +183,28 @@ def plot_curves(rows: list[dict], out: Path, keys: tuple[str, ...] = ("reward/me
     return out
 
 
+def filmstrip(videos: Tensor, max_frames: int = 4) -> Tensor:
+    """Videos ``(B, F, 3, H, W)`` as images ``(B, 3, H, k W)``: ``k = min(F, max_frames)`` evenly
+    spaced frames side by side (first and last included), for grids and logs."""
+    frames = videos.shape[1]
+    k = min(frames, max_frames)
+    picks = [round(i * (frames - 1) / max(k - 1, 1)) for i in range(k)]
+    chosen = videos[:, picks]  # (B, k, 3, H, W)
+    b, _, c, h, w = chosen.shape
+    return chosen.permute(0, 2, 3, 1, 4).reshape(b, c, h, k * w)
+
+
 def save_samples(samples: Tensor, out: Path, title: str = "", ncol: int = 8, labels: list[str] | None = None) -> Path:
-    """PNG of decoded samples: a scatter for ``(B, 2)`` points, a grid for ``(B, 3, H, W)`` images."""
+    """PNG of decoded samples: a scatter for ``(B, 2)`` points, a grid for ``(B, 3, H, W)`` images
+    (videos ``(B, F, 3, H, W)`` as film strips)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     samples = samples.detach().float().cpu()
+    if samples.dim() == 5:  # videos: a film strip per sample
+        samples = filmstrip(samples)
     if samples.dim() == 2 and samples.shape[1] == 2:
         fig, ax = plt.subplots(figsize=(4.5, 4.5))
         ax.scatter(samples[:, 0], samples[:, 1], s=3, alpha=0.5)

@@ -14,5 +14,8 @@ MODELS.register("sd3", "advantageflow.models.diffusers_sd3:SD3Policy")
 MODELS.register("flux", "advantageflow.models.diffusers_flux:FluxPolicy")
 MODELS.register("qwen_image", "advantageflow.models.diffusers_qwen_image:QwenImagePolicy")
 MODELS.register("sana", "advantageflow.models.diffusers_sana:SanaPolicy")
+MODELS.register("flux_kontext", "advantageflow.models.diffusers_flux_kontext:FluxKontextPolicy")
+MODELS.register("wan", "advantageflow.models.diffusers_wan:WanPolicy")
+MODELS.register("flux2", "advantageflow.models.diffusers_flux2:Flux2Policy")
 
 __all__ = ["MODELS", "FlowPolicy", "PolicyBase"]

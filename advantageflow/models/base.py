@@ -147,6 +147,9 @@ class PolicyBase:
     """
 
     device: torch.device
+    #: ``encode`` takes the prompt records (text and metadata, e.g. an editing model's source
+    #: image) instead of their texts (``rollouts.encode_prompts``).
+    conditions_on_metadata: bool = False
 
     @classmethod
     def preflight(cls, cfg: Any) -> None:

@@ -120,18 +120,25 @@ class FluxPolicy(DiffusersPolicy):
         txt_ids = torch.zeros(prompt_embeds.shape[1], 3, device=x.device, dtype=dtype)
         # The pipeline hands the transformer (1000 sigma) / 1000 in float32; do the same arithmetic.
         timestep = (t.float() * 1000.0) / 1000.0
+        hidden, ids = self._image_tokens(x.to(dtype), cond, dtype)
         with autocast(self.device, self.dtype):
             tokens = self._active(
-                hidden_states=pack_latents(x.to(dtype)),
+                hidden_states=hidden,
                 timestep=timestep,
                 guidance=guidance,
                 pooled_projections=cond["pooled_prompt_embeds"].to(dtype),
                 encoder_hidden_states=prompt_embeds.to(dtype),
                 txt_ids=txt_ids,
-                img_ids=self._img_ids.to(dtype),
+                img_ids=ids,
                 return_dict=False,
             )[0]
-        return unpack_latents(tokens, h, w)
+        # Only the first (h/2 * w/2) tokens are the state's (Kontext appends its source image's).
+        return unpack_latents(tokens[:, : (h // 2) * (w // 2)], h, w)
+
+    def _image_tokens(self, x: Tensor, cond: dict[str, Tensor], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The transformer's image sequence ``(B, N, 4C)`` and its rotary ids ``(N, 3)``: the
+        packed state (a subclass may append conditioning tokens)."""
+        return pack_latents(x), self._img_ids.to(dtype)
 
     def time_grid(self, steps: int, shift: float | None = None) -> Tensor:
         """The scheduler's sigmas for ``steps`` steps, ``(steps + 1,)`` decreasing to 0

@@ -1,5 +1,5 @@
 """Tiny, randomly initialised diffusers pipelines for tests and demos (offline): SD3 and FLUX.1
-here, the others (Qwen-Image, SANA) beside their adapters, listed in :data:`BUILDERS`.
+here, the others (Qwen-Image, SANA, FLUX.1 Kontext, Wan, FLUX.2) beside their adapters, listed in :data:`BUILDERS`.
 
 Every component is built from a small config with the real diffusers / transformers classes,
 so a saved folder loads through the same ``from_pretrained`` path as a real checkpoint::
@@ -216,6 +216,9 @@ BUILDERS: dict[str, Any] = {
     "flux": build_tiny_flux,
     "qwen_image": "advantageflow.models.diffusers_qwen_image:build_tiny_qwen_image",
     "sana": "advantageflow.models.diffusers_sana:build_tiny_sana",
+    "flux_kontext": "advantageflow.models.diffusers_flux_kontext:build_tiny_pipeline",
+    "wan": "advantageflow.models.diffusers_wan:build_tiny_pipeline",
+    "flux2": "advantageflow.models.diffusers_flux2:build_tiny_pipeline",
 }
 
 
@@ -231,6 +234,8 @@ def build_tiny_pipeline(kind: str, seed: int = 0) -> Any:
 
 def save_tiny_pipeline(kind: str, out_dir: str, seed: int = 0) -> str:
     """Build the tiny pipeline ``kind`` (a key of :data:`BUILDERS`) and ``save_pretrained`` it."""
+    if kind not in BUILDERS:
+        raise ValueError(f"unknown tiny pipeline '{kind}' (choose from {sorted(BUILDERS)})")
     with torch.random.fork_rng(devices=[]):  # building seeds torch: leave the caller's RNG as it was
         build_tiny_pipeline(kind, seed).save_pretrained(out_dir)
     return out_dir
@@ -239,7 +244,7 @@ def save_tiny_pipeline(kind: str, out_dir: str, seed: int = 0) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m advantageflow.models.tiny_pipelines",
-        description="Save a tiny random diffusers pipeline (sd3, flux, qwen_image, sana) for tests and demos.",
+        description="Save a tiny random diffusers pipeline for tests and demos.",
     )
     parser.add_argument("kind", choices=sorted(BUILDERS))
     parser.add_argument("out_dir")

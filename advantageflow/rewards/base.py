@@ -5,10 +5,11 @@ A reward is a batched callable on decoded samples::
     reward(images, prompts, metadata) -> Tensor (B,)  |  dict[str, Tensor (B,)]
 
 ``images`` is what the policy's ``decode`` returns: ``(B, 3, H, W)`` in ``[0, 1]`` for image
-models (``(B, 2)`` points for the 2-D task).  ``metadata`` is one dict per sample (the
-prompt's structured spec, for verifiable rewards).  A reward may be ``async def``; it may
-set ``differentiable = True`` when its output keeps the autograd graph of ``images`` (DRaFT
-needs this).  Rewards are found by registry name or dotted path (``pkg.module:factory``);
+models (``(B, 2)`` points for the 2-D task); video models' ``(B, F, 3, H, W)`` reach an image
+reward frame by frame (:class:`CompositeReward`: mean over frames).  ``metadata`` is one dict
+per sample (the prompt's structured spec, for verifiable rewards).  A reward may be
+``async def``; it may set ``differentiable = True`` when its output keeps the autograd graph
+of ``images`` (DRaFT needs this).  Rewards are found by registry name or dotted path (``pkg.module:factory``);
 the factory is called with the config's ``args``.  A factory that sets ``builds_cheaply = True``
 (no weights, no network) is built by ``advantageflow validate`` too, so that its constructor's
 checks (e.g. the OCR reward's tesseract) fail there rather than at the start of training.
@@ -153,11 +154,25 @@ def build_reward(name: str, args: dict | None = None) -> Any:
     return factory(**check_factory_args(factory, dict(args or {})))
 
 
+def as_frames(videos: Tensor, prompts: list[str], metadata: list[dict]) -> tuple[Tensor, list[str], list[dict]]:
+    """Videos ``(B, F, 3, H, W)`` as ``B F`` images ``(B F, 3, H, W)``, each with its video's
+    prompt and metadata (video-major: video ``b``'s frames are rows ``b F .. b F + F - 1``)."""
+    frames = videos.shape[1]
+    return (
+        videos.flatten(0, 1),
+        [p for p in prompts for _ in range(frames)],
+        [m for m in metadata for _ in range(frames)],
+    )
+
+
 class CompositeReward:
     """Weighted sum of named rewards; each component is kept for logging.
 
     ``reward(images, prompts, metadata) -> RewardResult``.  Differentiable only when every
-    component is.
+    component is.  Videos ``(B, F, 3, H, W)`` (a video model's ``decode``): an image reward
+    scores each frame with its video's prompt, and the video's score is the mean over its
+    frames (so every frame counts equally and DRaFT's gradient reaches each); a reward that
+    sets ``scores_video = True`` is given the videos whole.
     """
 
     def __init__(self, rewards: dict[str, Any], weights: dict[str, float]) -> None:
@@ -171,14 +186,21 @@ class CompositeReward:
         batch = images.shape[0]
         components: dict[str, Tensor] = {}
         for name, reward in self.rewards.items():
+            per_frame = images.dim() == 5 and not getattr(reward, "scores_video", False)
+            inputs = as_frames(images, prompts, metadata) if per_frame else (images, prompts, metadata)
             try:
-                raw = call_reward(reward, images, prompts, metadata)
+                raw = call_reward(reward, *inputs)
             except RewardError:
                 raise
             except Exception as err:  # noqa: BLE001 - a user's reward failing ends the run in one line
                 first = (str(err).strip().splitlines() or [""])[0][:200]
                 raise RewardError(f"reward '{name}' raised {type(err).__name__}: {first}") from err
-            out = as_components(raw, name, batch)
+            if per_frame:  # (B F,) frame scores -> (B,) video scores
+                frames = images.shape[1]
+                per = as_components(raw, name, batch * frames)
+                out = {k: v.view(batch, frames).mean(dim=1) for k, v in per.items()}
+            else:
+                out = as_components(raw, name, batch)
             if len(out) > 1:
                 # A reward returning named parts: "score" is the reward, the rest is logged.
                 if "score" not in out:
