@@ -172,12 +172,15 @@ def folder_arch(folder: Path, family: str) -> Arch:
     """The architecture of a diffusers pipeline folder (configs and safetensors headers)."""
     transformer = json.loads((folder / "transformer" / "config.json").read_text(encoding="utf-8"))
     vae_config = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
-    resident = {
-        d.name: safetensors_numel(d)
-        for d in sorted(folder.iterdir())
-        if d.is_dir() and (d.name.startswith("text_encoder") or d.name == "vae")
-    }
+    resident = {d.name: safetensors_numel(d) for d in _resident_folders(folder)}
     return Arch(family, transformer, _vae_scale_factor(vae_config), resident, str(folder))
+
+
+def _resident_folders(folder: Path) -> list[Path]:
+    """The text encoders' and the VAE's folders of a pipeline folder."""
+    return [
+        d for d in sorted(folder.iterdir()) if d.is_dir() and (d.name.startswith("text_encoder") or d.name == "vae")
+    ]
 
 
 def _cached_hub_folder(hub_id: str) -> Path | None:
@@ -190,7 +193,11 @@ def _cached_hub_folder(hub_id: str) -> Path | None:
     if not isinstance(found, str):
         return None
     folder = Path(found).parent.parent
-    return folder if (folder / "vae" / "config.json").is_file() else None
+    if not (folder / "vae" / "config.json").is_file():
+        return None
+    # A partial download would under-count the resident weights: then the shipped counts are better.
+    complete = all(any(d.glob("*.safetensors")) for d in _resident_folders(folder))
+    return folder if complete else None
 
 
 def resolve_arch(model_cfg: Any, arch: str = "") -> Arch:
@@ -504,7 +511,8 @@ def adapter_step(policy: Any, cfg: Any, rows: int, meter: Any, simulate_cuda: bo
 def qwen_image_inputs(model: nn.Module, cfg: Any, rows: int, dtype: torch.dtype) -> dict[str, Any]:
     """The keyword arguments ``QwenImagePipeline.__call__`` gives the transformer for ``rows``
     samples: packed latents ``(rows, h/2 * w/2, 64)`` and ``model.max_sequence_length`` text
-    tokens of Qwen2.5-VL width (the longest prompt the pipeline allows; shorter prompts cost less)."""
+    tokens of Qwen2.5-VL width (the longest prompt the pipeline allows; shorter prompts cost less),
+    all of them real tokens (no padding mask)."""
     c = model.config
     f = cfg.vae_scale_factor
     h, w = cfg.model.height // f // 2, cfg.model.width // f // 2
@@ -512,7 +520,7 @@ def qwen_image_inputs(model: nn.Module, cfg: Any, rows: int, dtype: torch.dtype)
     return {
         "hidden_states": torch.randn(rows, h * w, c.in_channels, dtype=dtype),
         "encoder_hidden_states": torch.randn(rows, length, c.joint_attention_dim, dtype=dtype),
-        "encoder_hidden_states_mask": torch.ones(rows, length, dtype=torch.long),
+        "encoder_hidden_states_mask": None,  # the pipeline passes None when no prompt is padded
         "timestep": torch.rand(rows),
         "img_shapes": [[(1, h, w)]] * rows,
         "return_dict": False,
@@ -688,6 +696,8 @@ def estimate_memory(cfg: Any, arch_name: str = "", world_size: int = 1) -> Memor
         notes.append("train.optimizer=adamw8bit is estimated as float32 AdamW (its moments take a quarter of that)")
     if world_size > 1 and cfg.dist.strategy == "fsdp":
         notes.append("dist.strategy=fsdp is estimated unsharded (every process as with DDP)")
+    if world_size > 1 and cfg.dist.strategy == "ddp":
+        notes.append("DDP's gradient buckets (about one more copy of the gradients) are not counted")
     cfg_factor = 2 if cfg.algo == "flow_grpo" and cfg.sampler.guidance_scale != 1.0 else 1
     frozen = phases.weights - phases.trainable
     static = phases.weights + phases.snapshots + phases.optimizer + phases.rollout

@@ -26,17 +26,24 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
 #: the largest relative error of the estimated peak against the measured one that we accept
-#: (measured: below 1e-4 on every case here, see docs/models.md).
+#: (measured: at most 0.32 % on these cases -- the RNG states checkpointing saves -- see docs/models.md).
 TOLERANCE = 0.02
+
+
+# As the GPU configs: LoRA, gradient checkpointing, two micro-batches per step.
+GPU_LIKE = ["model.gradient_checkpointing=true", "train.micro_batch_size=4"]
 
 
 @pytest.mark.parametrize(
     "config, overrides",
     [
-        ("sd3_tiny_advantageflow.yaml", []),
-        ("flux_tiny_advantageflow.yaml", []),
+        ("sd3_tiny_advantageflow.yaml", GPU_LIKE),
+        ("flux_tiny_advantageflow.yaml", GPU_LIKE),
         # full fine-tuning (float32 copy + frozen copy), Flow-GRPO's trajectories and CFG batch
-        ("sd3_tiny_flow_grpo.yaml", ["model.lora.enabled=false", "sampler.guidance_scale=2.0", "model.cfg=true"]),
+        (
+            "sd3_tiny_flow_grpo.yaml",
+            ["model.lora.enabled=false", "sampler.guidance_scale=2.0", "model.cfg=true", "sampler.steps=3"],
+        ),
     ],
 )
 def test_estimate_matches_a_real_cpu_run(config, overrides):
