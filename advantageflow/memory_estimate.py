@@ -467,10 +467,10 @@ def _age_old_policies(algo: Any) -> None:
 
 def adapter_step(policy: Any, cfg: Any, rows: int, meter: Any, simulate_cuda: bool) -> _Phases:
     """The steady-state optimizer step of ``cfg`` on ``policy`` (fake or real weights),
-    measured by ``meter`` (``current`` bytes now, ``peak`` since ``reset_peak``; for a real
-    run, :class:`AllocatorMeter`): the algorithm and its snapshots, AdamW's moments, the
-    rollout buffer, then two micro-batches (the second accumulates into existing gradients),
-    clipping and the AdamW update."""
+    measured by ``meter`` (``current`` bytes now, ``peak`` since ``reset_peak``: :class:`LiveBytes`;
+    a real run reads the profiler afterwards, :func:`measure_cpu_step`): the algorithm and its
+    snapshots, AdamW's moments, the rollout buffer, then two micro-batches (the second
+    accumulates into existing gradients), clipping and the AdamW update."""
     from advantageflow.algorithms import ALGORITHMS
     from advantageflow.algorithms.base import TrainContext
 
