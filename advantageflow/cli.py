@@ -2,6 +2,7 @@
 
     advantageflow train [CONFIG] [key=value ...] [--run-dir DIR] [--resume [--allow-config-change]]
     advantageflow validate CONFIG [key=value ...]
+    advantageflow estimate-memory CONFIG [key=value ...] [--arch NAME] [--world-size N] [--json]
     advantageflow eval [CONFIG] [key=value ...] [--checkpoint DIR] [--task NAME] [--json]
     advantageflow sample [CONFIG] [key=value ...] --checkpoint DIR --prompt TEXT [--num N] [--index I] [--out DIR]
     advantageflow pretrain shapes [...]
@@ -158,6 +159,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(line)
     print(f"ok: algo={cfg.algo} model={cfg.model.name} task={cfg.task.name} "
           f"reward={[t.name for t in cfg.reward.terms()]} epochs={cfg.train.epochs}")
+    return 0
+
+
+def cmd_estimate_memory(args: argparse.Namespace) -> int:
+    from advantageflow.memory_estimate import estimate_memory
+
+    cfg = _load(args.items)
+    if args.world_size < 1:
+        from advantageflow.configbase import ConfigError
+
+        raise ConfigError("--world-size must be >= 1")
+    estimate = estimate_memory(cfg, arch_name=args.arch, world_size=args.world_size)
+    print(json.dumps(estimate.to_dict(), indent=1) if args.json else "\n".join(estimate.lines()))
     return 0
 
 
@@ -333,6 +347,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a config (and overrides) without running", allow_abbrev=False)
     p.add_argument("items", nargs="*", metavar="CONFIG [key=value]")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser(
+        "estimate-memory",
+        allow_abbrev=False,
+        help="peak memory per process of the config's training step, computed without weights (meta / fake tensors)",
+    )
+    p.add_argument("items", nargs="*", metavar="CONFIG [key=value]")
+    p.add_argument(
+        "--arch",
+        default="",
+        metavar="NAME",
+        help="a shipped architecture instead of model.path's: sd3.5-medium, flux.1-dev, qwen-image",
+    )
+    p.add_argument("--world-size", type=int, default=1, help="processes sharing each epoch's rollouts (DDP)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_estimate_memory)
 
     p = sub.add_parser("eval", help="evaluate the base model or a checkpoint on held-out prompts", allow_abbrev=False)
     p.add_argument("items", nargs="*", metavar="[CONFIG] [key=value]")

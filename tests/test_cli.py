@@ -61,7 +61,7 @@ def test_version_flag_prints_the_package_version(capsys):
     assert capsys.readouterr().out.strip() == f"advantageflow {advantageflow.__version__}"
 
 
-@pytest.mark.parametrize("command", ["", "train", "eval", "sample", "configs"])
+@pytest.mark.parametrize("command", ["", "train", "eval", "sample", "configs", "estimate-memory"])
 def test_help_is_plain_text(capsys, command):
     """No reStructuredText from docstrings (``literal``, :class:`X`) in what --help prints."""
     with pytest.raises(SystemExit) as done:

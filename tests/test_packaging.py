@@ -89,6 +89,8 @@ def test_wheel_ships_the_configs_and_license_metadata(wheel):
         metadata = zf.read(meta).decode()
         for config in CONFIGS:
             assert zf.read(f"advantageflow/_configs/{config}") == (REPO / "configs" / config).read_bytes()
+        for arch in sorted((REPO / "advantageflow" / "assets" / "arch").glob("*.json")):  # estimate-memory's
+            assert zf.read(f"advantageflow/assets/arch/{arch.name}") == arch.read_bytes()
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     assert "License-Expression: Apache-2.0" in metadata
     assert f"Version: {advantageflow.__version__}" in metadata
