@@ -285,6 +285,12 @@ class DiffusersPolicy(PolicyBase):
         self.transformer.train()  # the trainer's set_mode switches it (eval for rollouts)
         self._active = self.transformer
 
+    def _require_size_multiple(self, factor: int) -> None:
+        """Refuse a ``model.height`` / ``model.width`` the pipeline cannot tile (not a multiple
+        of ``factor``, the VAE's downsampling times the transformer's patch)."""
+        if self.cfg.height % factor or self.cfg.width % factor:
+            raise ConfigError(f"model.height and model.width must be multiples of {factor} for this pipeline")
+
     @classmethod
     def pipeline_class(cls) -> Any:  # pragma: no cover - overridden
         raise NotImplementedError

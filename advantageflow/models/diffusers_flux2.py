@@ -63,8 +63,7 @@ class Flux2Policy(DiffusersPolicy):
     def __init__(self, cfg: Config, pipe: Any, device: torch.device | str = "cpu") -> None:
         super().__init__(cfg, pipe, device)
         factor = pipe.vae_scale_factor * 2
-        if cfg.height % factor or cfg.width % factor:
-            raise ConfigError(f"model.height and model.width must be multiples of {factor} for this pipeline")
+        self._require_size_multiple(factor)
         h, w = cfg.height // factor, cfg.width // factor
         self.sample_shape = (self.transformer.config.in_channels, h, w)
         self._img_ids = token_ids(h, w, self.device)
@@ -151,14 +150,14 @@ def build_tiny_pipeline(seed: int = 0) -> Any:
     from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
 
-    from advantageflow.models.tiny_pipelines import VOCAB_SIZE, tiny_tokenizer
+    from advantageflow.models.tiny_pipelines import VOCAB_SIZE, tiny_tokenizer, token_ids_config
 
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer()
     tokenizer.chat_template = TINY_CHAT_TEMPLATE
     width = 16
     text = MistralConfig(
-        vocab_size=VOCAB_SIZE,
+        **token_ids_config(tokenizer),
         hidden_size=width,
         intermediate_size=32,
         num_hidden_layers=30,
@@ -166,9 +165,6 @@ def build_tiny_pipeline(seed: int = 0) -> Any:
         num_key_value_heads=1,
         head_dim=8,
         max_position_embeddings=128,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
     )
     vision = PixtralVisionConfig(  # present as in Mistral Small 3.1; text prompts never reach it
         hidden_size=width,

@@ -69,8 +69,7 @@ class QwenImagePolicy(DiffusersPolicy):
     def __init__(self, cfg: Config, pipe: Any, device: torch.device | str = "cpu") -> None:
         super().__init__(cfg, pipe, device)
         factor = pipe.vae_scale_factor * 2
-        if cfg.height % factor or cfg.width % factor:
-            raise ConfigError(f"model.height and model.width must be multiples of {factor} for this pipeline")
+        self._require_size_multiple(factor)
         h, w = cfg.height // pipe.vae_scale_factor, cfg.width // pipe.vae_scale_factor
         self.sample_shape = (self.transformer.config.in_channels // 4, h, w)
         self._text_len = 0  # the longest cached prompt, in tokens

@@ -29,7 +29,7 @@ from advantageflow.models.diffusers_common import (
     autocast,
     scheduler_sigmas,
 )
-from advantageflow.models.tiny_pipelines import TEXT_WIDTH, VOCAB_SIZE, tiny_tokenizer
+from advantageflow.models.tiny_pipelines import TEXT_WIDTH, tiny_tokenizer, token_ids_config
 
 #: SANA's attention: linear self-attention ``attn1`` and cross-attention ``attn2``, both with
 #: ``to_q/k/v`` and ``to_out.0`` (diffusers' SANA LoRA example adapts ``to_q/k/v``).
@@ -94,8 +94,7 @@ class SanaPolicy(DiffusersPolicy):
     def __init__(self, cfg: Config, pipe: Any, device: torch.device | str = "cpu") -> None:
         super().__init__(cfg, pipe, device)
         factor = pipe.vae_scale_factor * self.transformer.config.patch_size
-        if cfg.height % factor or cfg.width % factor:
-            raise ConfigError(f"model.height and model.width must be multiples of {factor} for this pipeline")
+        self._require_size_multiple(factor)
         self.sample_shape = (
             self.transformer.config.in_channels,
             cfg.height // pipe.vae_scale_factor,
@@ -218,7 +217,7 @@ def build_tiny_sana(seed: int = 0) -> Any:
     )
     text_encoder = Gemma2Model(
         Gemma2Config(
-            vocab_size=VOCAB_SIZE,
+            **token_ids_config(tokenizer),
             hidden_size=TEXT_WIDTH,
             intermediate_size=64,
             num_hidden_layers=2,
@@ -226,9 +225,6 @@ def build_tiny_sana(seed: int = 0) -> Any:
             num_key_value_heads=2,
             head_dim=8,
             max_position_embeddings=4096,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
         )
     ).eval()
     scheduler = DPMSolverMultistepScheduler(

@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from advantageflow.configbase import ConfigError
 from advantageflow.models.diffusers_common import (
     DiffusersOptions,
     DiffusersPolicy,
@@ -50,8 +49,7 @@ class SD3Policy(DiffusersPolicy):
     def __init__(self, cfg: Config, pipe: Any, device: torch.device | str = "cpu") -> None:
         super().__init__(cfg, pipe, device)
         factor = pipe.vae_scale_factor * self.transformer.config.patch_size
-        if cfg.height % factor or cfg.width % factor:
-            raise ConfigError(f"model.height and model.width must be multiples of {factor} for this pipeline")
+        self._require_size_multiple(factor)
         self.sample_shape = (
             self.transformer.config.in_channels,
             cfg.height // pipe.vae_scale_factor,

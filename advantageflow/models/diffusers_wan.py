@@ -150,26 +150,12 @@ def build_tiny_pipeline(seed: int = 0) -> Any:
     temporal 4), a 2-layer UMT5 encoder of width 32 and the tiny BPE tokenizer;
     ``FlowMatchEulerDiscreteScheduler(shift=3)`` so the pipeline's own loop is Euler."""
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
-    from transformers import UMT5Config, UMT5EncoderModel
 
-    from advantageflow.models.tiny_pipelines import TEXT_WIDTH, VOCAB_SIZE, tiny_tokenizer
+    from advantageflow.models.tiny_pipelines import TEXT_WIDTH, tiny_t5_encoder, tiny_tokenizer
 
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer()
-    text_encoder = UMT5EncoderModel(
-        UMT5Config(
-            vocab_size=VOCAB_SIZE,
-            d_model=TEXT_WIDTH,
-            d_kv=8,
-            d_ff=64,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            decoder_start_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = tiny_t5_encoder(tokenizer, umt5=True)
     z_dim = 4
     vae = AutoencoderKLWan(
         base_dim=8,

@@ -88,10 +88,22 @@ def _clip_config(tokenizer: Any, projection: bool) -> Any:
     )
 
 
-def _t5_encoder(tokenizer: Any) -> Any:
-    from transformers import T5Config, T5EncoderModel
+def token_ids_config(tokenizer: Any) -> dict[str, int]:
+    """The vocabulary size and special-token ids a tiny text model needs to match ``tokenizer``."""
+    return {
+        "vocab_size": VOCAB_SIZE,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
 
-    cfg = T5Config(
+
+def tiny_t5_encoder(tokenizer: Any, umt5: bool = False) -> Any:
+    """A 2-layer T5 (or UMT5, Wan's) encoder of width :data:`TEXT_WIDTH` over ``tokenizer``'s ids."""
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+
+    config_cls, model_cls = (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
+    cfg = config_cls(
         vocab_size=VOCAB_SIZE,
         d_model=TEXT_WIDTH,
         d_kv=8,
@@ -103,7 +115,7 @@ def _t5_encoder(tokenizer: Any) -> Any:
         eos_token_id=tokenizer.eos_token_id,
         decoder_start_token_id=tokenizer.pad_token_id,
     )
-    return T5EncoderModel(cfg)
+    return model_cls(cfg)
 
 
 def _tiny_vae(scaling_factor: float, shift_factor: float) -> Any:
@@ -148,7 +160,7 @@ def build_tiny_sd3(seed: int = 0) -> Any:
     vae = _tiny_vae(scaling_factor=1.5305, shift_factor=0.0609)
     text_encoder = CLIPTextModelWithProjection(_clip_config(tokenizer, True))
     text_encoder_2 = CLIPTextModelWithProjection(_clip_config(tokenizer, True))
-    text_encoder_3 = _t5_encoder(tokenizer)
+    text_encoder_3 = tiny_t5_encoder(tokenizer)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
@@ -186,7 +198,7 @@ def build_tiny_flux(seed: int = 0) -> Any:
     )
     vae = _tiny_vae(scaling_factor=0.3611, shift_factor=0.1159)  # FLUX's VAE factors
     text_encoder = CLIPTextModel(_clip_config(tokenizer, False))
-    text_encoder_2 = _t5_encoder(tokenizer)
+    text_encoder_2 = tiny_t5_encoder(tokenizer)
     # FLUX.1-dev's scheduler config: resolution-dependent shift.
     scheduler = FlowMatchEulerDiscreteScheduler(
         shift=3.0,
