@@ -6,6 +6,7 @@
     advantageflow sample [CONFIG] [key=value ...] --checkpoint DIR --prompt TEXT [--num N] [--out DIR]
     advantageflow pretrain shapes [...]
     advantageflow serve-reward NAME [...]
+    advantageflow convert-reward hpsv2|imagereward CHECKPOINT OUT [...]
     advantageflow configs [NAME ...] [--to DIR [--force]]
     advantageflow --version
 
@@ -237,6 +238,12 @@ def cmd_serve_reward(args: argparse.Namespace) -> int:
     return int(serve_main([args.name, *args.rest]) or 0)
 
 
+def cmd_convert_reward(args: argparse.Namespace) -> int:
+    from advantageflow.rewards.convert import main as convert_main
+
+    return int(convert_main([args.kind, *args.rest]) or 0)
+
+
 def configs_dir() -> Path:
     """The shipped example configs: ``advantageflow/_configs`` in an installed wheel (setup.py
     copies them in), else the source checkout's (or editable install's) ``configs/``."""
@@ -357,6 +364,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="registered reward name or dotted path")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="server options (--host, --port, --token, ...)")
     p.set_defaults(func=cmd_serve_reward)
+
+    p = sub.add_parser("convert-reward", help="convert an official HPSv2 / ImageReward checkpoint for the rewards",
+                       allow_abbrev=False)
+    p.add_argument("kind", choices=["hpsv2", "imagereward"], help="whose checkpoint")
+    p.add_argument("rest", nargs=argparse.REMAINDER,
+                   help="CHECKPOINT OUT and options (see: advantageflow convert-reward hpsv2 --help)")
+    p.set_defaults(func=cmd_convert_reward)
 
     p = sub.add_parser(
         "configs", help="list the shipped example configs, print one, or copy them to a folder", allow_abbrev=False

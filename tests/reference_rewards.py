@@ -128,7 +128,7 @@ def hpsv2(spec: dict) -> dict:
             scores.append(float(torch.diagonal(logits_per_image)[0]))
     from open_clip.tokenizer import DEFAULT_CONTEXT_LENGTH, default_bpe
 
-    return {"scores": scores, "checkpoint": str(ckpt), "ddp_checkpoint": str(ddp), "config": str(work / "tiny-hps.json"),
+    return {"scores": scores, "tokens": tokenizer(spec["prompts"]).tolist(), "checkpoint": str(ckpt), "ddp_checkpoint": str(ddp), "config": str(work / "tiny-hps.json"),
             "bpe": default_bpe(), "context_length": DEFAULT_CONTEXT_LENGTH}
 
 

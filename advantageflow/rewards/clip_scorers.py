@@ -16,9 +16,10 @@ mean/std normalisation) so gradients reach the images: every scorer here sets
 | ``imagereward`` | ``(MLP(BLIP_txt[CLS] | img) - 0.16717) / 1.03334`` | ImageReward, Xu et al. 2023 |
 
 Each loader reads a local folder or a hub id (``transformers`` ``from_pretrained``; this
-project never downloads in tests).  ``docs/rewards.md`` lists what differs from the official
-packages for ``hpsv2`` (OpenCLIP weights must be converted) and ``imagereward`` (LAVIS BLIP
-weights must be converted).
+project never downloads in tests).  ``hpsv2`` and ``imagereward`` also take the official
+checkpoint files (OpenCLIP / BLIP layouts), converted on load by
+:mod:`advantageflow.rewards.convert`; ``docs/rewards.md`` lists what differs from the official
+packages.
 """
 
 from __future__ import annotations
@@ -163,6 +164,22 @@ class ClipBackbone:
         self.transform = load_transform(processor_path or path, self.model.config.vision_config.image_size)
         self.max_length = self.model.config.text_config.max_position_embeddings
 
+    @classmethod
+    def from_openclip(cls, checkpoint: str, tokenizer: str | None = None,
+                      model_config: dict | str | None = None) -> ClipBackbone:
+        """An OpenCLIP checkpoint file converted on load (:mod:`advantageflow.rewards.convert`),
+        with OpenCLIP's eval preprocessing (shortest side to the model's size, centre crop,
+        OpenAI CLIP's mean/std) and ``tokenizer`` (see :func:`convert.clip_tokenizer`)."""
+        from advantageflow.rewards.convert import clip_tokenizer, openclip_to_clip, read_state_dict
+
+        self = cls.__new__(cls)
+        self.model = openclip_to_clip(read_state_dict(checkpoint), model_config)
+        self.tokenizer = clip_tokenizer(tokenizer)
+        size = self.model.config.vision_config.image_size
+        self.transform = ImageTransform(size, size)
+        self.max_length = self.model.config.text_config.max_position_embeddings
+        return self
+
     def image_embeds(self, images: Tensor) -> Tensor:
         """``(B, 3, H, W)`` in [0, 1] -> ``(B, D)`` unit-norm projected image features."""
         pixels = self.transform(images)
@@ -226,15 +243,25 @@ class PickScore(_FrozenScorer):
 
 
 class HPSv2Score(_FrozenScorer):
-    """HPSv2 (Wu et al. 2023): ``cos(E_img, E_txt)`` of a CLIP ViT-H/14 fine-tuned on HPD v2
-    (``hpsv2.score`` returns this cosine, about 0.2-0.3).  ``path`` must hold the model in
-    ``transformers`` ``CLIPModel`` format (the official checkpoint is OpenCLIP's; convert it)."""
+    """HPSv2 / HPSv2.1 (Wu et al. 2023): ``cos(E_img, E_txt)`` of a CLIP ViT-H/14 fine-tuned on
+    HPD v2 (``hpsv2.score`` returns this cosine, about 0.2-0.3).
+
+    ``path``: the official checkpoint file (``HPS_v2_compressed.pt`` / ``HPS_v2.1_compressed.pt``,
+    an OpenCLIP state dict, converted on load; ``model_config``: its OpenCLIP config, default
+    ViT-H-14; ``processor_path``: the tokenizer, see :func:`convert.clip_tokenizer`), or a
+    ``transformers`` ``CLIPModel`` folder (e.g. written by ``advantageflow convert-reward``).
+    """
 
     name = "hpsv2"
 
-    def __init__(self, path: str, processor_path: str | None = None,
+    def __init__(self, path: str, processor_path: str | None = None, model_config: dict | str | None = None,
                  device: str | None = None, dtype: str = "float32") -> None:
-        self.backbone = ClipBackbone(path, processor_path)
+        if os.path.isfile(path):
+            self.backbone = ClipBackbone.from_openclip(path, processor_path, model_config)
+        elif model_config is not None:
+            raise RewardError("hpsv2: model_config applies to an OpenCLIP checkpoint file, not a folder")
+        else:
+            self.backbone = ClipBackbone(path, processor_path)
         self.modules = [self.backbone.model]
         self._setup(device, dtype)
 
@@ -318,30 +345,57 @@ class ImageRewardScore(_FrozenScorer):
     cross-attention to the image; the ``[CLS]`` feature goes through :class:`ScoreHead` and is
     standardised: ``(MLP(f) - 0.16717362830052426) / 1.0333394966054072``.
 
-    ``path``: a ``transformers`` ``BlipForImageTextRetrieval`` folder (its ``vision_model`` and
-    ``text_encoder`` are used) with its tokenizer; ``head_path``: the MLP (default
-    ``<path>/imagereward_head.safetensors``).  Prompts are tokenised to ``max_length`` 35,
-    padded, as ImageReward does.
+    ``path``: the official ``ImageReward.pt`` (converted on load, :mod:`~advantageflow.rewards.convert`;
+    ``med_config``: its ``med_config.json``, default next to it; ``processor_path``: the BERT
+    tokenizer, default ``bert-base-uncased``), or a ``transformers`` ``BlipForImageTextRetrieval``
+    folder (its ``vision_model`` and ``text_encoder`` are used) with its tokenizer and
+    ``head_path``, the MLP (default ``<path>/imagereward_head.safetensors``).  Prompts are
+    tokenised to ``max_length`` 35, padded, as ImageReward does.
     """
 
     name = "imagereward"
 
     def __init__(self, path: str, head_path: str | None = None, processor_path: str | None = None,
-                 max_length: int = 35, device: str | None = None, dtype: str = "float32") -> None:
-        from transformers import AutoTokenizer, BlipForImageTextRetrieval
-
-        try:
-            model = BlipForImageTextRetrieval.from_pretrained(path)
-            self.tokenizer = AutoTokenizer.from_pretrained(processor_path or path)
-        except OSError as err:
-            raise RewardError(f"cannot load a BLIP model from '{path}': {err}") from err
+                 med_config: str | None = None, max_length: int = 35, device: str | None = None,
+                 dtype: str = "float32") -> None:
+        if os.path.isfile(path):
+            model, self.head, self.tokenizer = self._official(path, head_path, processor_path, med_config)
+            size = model.config.vision_config.image_size
+            self.transform = ImageTransform(size, size)  # ImageReward's _transform(224)
+        else:
+            model, self.tokenizer = self._folder(path, processor_path, med_config)
+            self.transform = load_transform(processor_path or path, model.config.vision_config.image_size)
+            self.head = load_head(head_path or os.path.join(path, "imagereward_head.safetensors"),
+                                  model.config.text_config.hidden_size)
         self.vision, self.text = model.vision_model, model.text_encoder
-        self.transform = load_transform(processor_path or path, model.config.vision_config.image_size)
-        self.head = load_head(head_path or os.path.join(path, "imagereward_head.safetensors"),
-                              model.config.text_config.hidden_size)
         self.max_length = int(max_length)
         self.modules = [self.vision, self.text, self.head]
         self._setup(device, dtype)
+
+    @staticmethod
+    def _official(path: str, head_path: str | None, processor_path: str | None, med_config: str | None):
+        """``ImageReward.pt`` -> (BLIP model, head, tokenizer), converted on load."""
+        from advantageflow.rewards.convert import bert_tokenizer, imagereward_to_blip, read_state_dict
+
+        if head_path is not None:
+            raise RewardError("imagereward: ImageReward.pt holds its MLP head; head_path applies to a folder")
+        med = med_config or os.path.join(os.path.dirname(path), "med_config.json")
+        if not os.path.isfile(med):
+            raise RewardError(f"imagereward: med_config.json not found at '{med}' (pass med_config)")
+        model, head = imagereward_to_blip(read_state_dict(path), med)
+        return model, head, bert_tokenizer(processor_path)
+
+    @staticmethod
+    def _folder(path: str, processor_path: str | None, med_config: str | None):
+        """A ``BlipForImageTextRetrieval`` folder -> (model, tokenizer)."""
+        from transformers import AutoTokenizer, BlipForImageTextRetrieval
+
+        if med_config is not None:
+            raise RewardError("imagereward: med_config applies to an ImageReward.pt file, not a folder")
+        try:
+            return BlipForImageTextRetrieval.from_pretrained(path), AutoTokenizer.from_pretrained(processor_path or path)
+        except OSError as err:
+            raise RewardError(f"cannot load a BLIP model from '{path}': {err}") from err
 
     def features(self, images: Tensor, prompts: list[str]) -> Tensor:
         """``(B, hidden)`` text ``[CLS]`` features grounded on the images."""
