@@ -106,10 +106,11 @@ def hpsv2(spec: dict) -> dict:
     torch.manual_seed(spec["seed"])
     model, _, _ = open_clip.create_model_and_transforms("tiny-hps", None, **kwargs)
     perturb(model, spec["seed"])
+    half = {k: v.half() for k, v in model.state_dict().items()}
     ckpt = work / "HPS_tiny.pt"
-    torch.save({"state_dict": model.state_dict()}, ckpt)  # HPS_v2(.1)_compressed.pt's layout
+    torch.save({"state_dict": half}, ckpt)  # HPS_v2(.1)_compressed.pt's layout: float16 (2 bytes / parameter)
     ddp = work / "HPS_tiny_ddp.pt"  # as the training script saves it (DistributedDataParallel)
-    torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, ddp)
+    torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in half.items()}}, ddp)
 
     # hpsv2.img_score.score, with the model built from the tiny config instead of ViT-H-14
     model, _, preprocess_val = open_clip.create_model_and_transforms("tiny-hps", None, **kwargs)

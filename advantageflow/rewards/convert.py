@@ -17,6 +17,7 @@ writes a folder they load like any other (``main`` below).  Files are read with
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import json
 import os
@@ -51,7 +52,7 @@ def read_state_dict(path: str) -> dict[str, Tensor]:
         obj: Any = load_file(path)
     else:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as err:  # noqa: BLE001 - pickled objects other than tensors
             raise RewardError(f"cannot read '{path}' as a tensors-only checkpoint: {err}") from err
     for key in ("state_dict", "model"):
@@ -169,15 +170,36 @@ def openclip_to_clip(state: dict[str, Tensor], model_config: dict | str | None =
     take.left.pop("attn_mask", None)  # a buffer in old OpenCLIP versions
     if take.left:  # attentional pooling, layer scale, logit_bias, ...: not a plain CLIP ViT
         raise RewardError(f"OpenCLIP keys with no CLIPModel counterpart: {sorted(take.left)[:5]}")
-    return _load_into(CLIPModel(config), take.out)
+    return _build(CLIPModel, config, take.out)
 
 
-def _load_into(model, state: dict[str, Tensor], may_miss: tuple[str, ...] = ()):
-    """Load ``state`` strictly except for buffers (``position_ids``) and ``may_miss`` prefixes."""
+def _no_init():
+    """transformers' context that skips random weight init (the weights are loaded right after;
+    for ViT-H-14 the init alone takes about a minute on a CPU)."""
+    try:
+        from transformers.initialization import no_init_weights  # transformers 5
+    except ImportError:
+        try:
+            from transformers.modeling_utils import no_init_weights  # transformers 4
+        except ImportError:
+            return contextlib.nullcontext()
+    return no_init_weights()
+
+
+def _build(model_cls, config, state: dict[str, Tensor], may_miss: tuple[str, ...] = ()):
+    """``model_cls(config)`` with ``state`` loaded, strictly except for buffers
+    (``position_ids``) and the ``may_miss`` prefixes, whose parameters are zeroed; eval mode."""
+    with _no_init():
+        model = model_cls(config)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("position_ids") and not k.startswith(may_miss)]
-    if missing or unexpected:
-        raise RewardError(f"conversion mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    bad = [k for k in missing if not k.endswith("position_ids") and not k.startswith(may_miss)]
+    if bad or unexpected:
+        raise RewardError(f"conversion mismatch: missing {bad[:5]}, unexpected {unexpected[:5]}")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key in missing:
+            if key in params:  # not uninitialised memory
+                params[key].zero_()
     return model.eval()
 
 
@@ -263,7 +285,7 @@ def imagereward_to_blip(state: dict[str, Tensor], med_config: dict | str, vision
 
     ``med_config``: BLIP's ``med_config.json`` (dict or file) for the text encoder; the ViT's
     sizes are read from the tensors, its head count is ``width // 64`` (BLIP's ViT-B and ViT-L)
-    unless ``vision_heads`` is given.  ``itm_head`` (not part of ImageReward) keeps its init.
+    unless ``vision_heads`` is given.  ``itm_head`` (not part of ImageReward) is zero.
     """
     from transformers import BlipConfig, BlipForImageTextRetrieval
 
@@ -299,7 +321,7 @@ def imagereward_to_blip(state: dict[str, Tensor], med_config: dict | str, vision
     head_state = {k[len("mlp."):]: take.left.pop(k) for k in [k for k in take.left if k.startswith("mlp.")]}
     if take.left:
         raise RewardError(f"ImageReward keys with no counterpart: {sorted(take.left)[:5]}")
-    model = _load_into(BlipForImageTextRetrieval(config), take.out, may_miss=("itm_head.",))
+    model = _build(BlipForImageTextRetrieval, config, take.out, may_miss=("itm_head.",))
     head = ScoreHead(text["hidden_size"] if "hidden_size" in text else 768)
     head.load_state_dict(head_state)
     return model, head.eval()
