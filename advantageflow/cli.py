@@ -157,8 +157,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     preflight(cfg)
     for line in convention_notes(cfg):
         print(line)
-    print(f"ok: algo={cfg.algo} model={cfg.model.name} task={cfg.task.name} "
-          f"reward={[t.name for t in cfg.reward.terms()]} epochs={cfg.train.epochs}")
+    print(
+        f"ok: algo={cfg.algo} model={cfg.model.name} task={cfg.task.name} "
+        f"reward={[t.name for t in cfg.reward.terms()]} epochs={cfg.train.epochs}"
+    )
     return 0
 
 
@@ -199,8 +201,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     grid = policy.time_grid(args.steps or cfg.sampler.eval_steps, cfg.sampler.shift)
     with torch.no_grad():
         cond = encode_prompts(policy, prompts)
-        out = sample(bind_velocity(policy, cond, cfg.sampler.guidance_scale), noise, grid.to(policy.device),
-                     solver=cfg.sampler.eval_solver)
+        out = sample(
+            bind_velocity(policy, cond, cfg.sampler.guidance_scale),
+            noise,
+            grid.to(policy.device),
+            solver=cfg.sampler.eval_solver,
+        )
         images = policy.decode(out.x0).cpu()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -320,14 +326,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     trust_help = "import the code a run folder's config names (package.module:callable); only for folders you trust"
 
-    p = sub.add_parser("train", help="train (no CONFIG: the main job, AdvantageFlow on the default task)",
-                       allow_abbrev=False)
+    p = sub.add_parser(
+        "train", help="train (no CONFIG: the main job, AdvantageFlow on the default task)", allow_abbrev=False
+    )
     p.add_argument("items", nargs="*", metavar="[CONFIG] [key=value]", help="YAML config and dotted overrides")
     p.add_argument("--run-dir", help="run folder (default runs/ALGO-TASK-TIME)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the run folder's newest intact checkpoint (no CONFIG: the config it recorded)")
-    p.add_argument("--allow-config-change", action="store_true",
-                   help="resume although keys that change the maths or the model differ from the checkpoint's")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the run folder's newest intact checkpoint (no CONFIG: the config it recorded)",
+    )
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume although keys that change the maths or the model differ from the checkpoint's",
+    )
     p.add_argument("--trust-config", action="store_true", help=trust_help)
     p.set_defaults(func=cmd_train)
 
@@ -365,11 +378,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER, help="server options (--host, --port, --token, ...)")
     p.set_defaults(func=cmd_serve_reward)
 
-    p = sub.add_parser("convert-reward", help="convert an official HPSv2 / ImageReward checkpoint for the rewards",
-                       allow_abbrev=False)
+    p = sub.add_parser(
+        "convert-reward", help="convert an official HPSv2 / ImageReward checkpoint for the rewards", allow_abbrev=False
+    )
     p.add_argument("kind", choices=["hpsv2", "imagereward"], help="whose checkpoint")
-    p.add_argument("rest", nargs=argparse.REMAINDER,
-                   help="CHECKPOINT OUT and options (see: advantageflow convert-reward hpsv2 --help)")
+    p.add_argument(
+        "rest",
+        nargs=argparse.REMAINDER,
+        help="CHECKPOINT OUT and options (see: advantageflow convert-reward hpsv2 --help)",
+    )
     p.set_defaults(func=cmd_convert_reward)
 
     p = sub.add_parser(

@@ -55,14 +55,51 @@ HPS_TINY_CONFIG = {
 }
 IR_TINY_VISION = {"patch_size": 32, "embed_dim": 128, "depth": 2, "num_heads": 2}
 IR_TINY_MED_CONFIG = {  # BLIP's med_config.json with small sizes (ImageReward's MLP needs width 768)
-    "architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
-    "hidden_dropout_prob": 0.1, "hidden_size": 768, "initializer_range": 0.02, "intermediate_size": 256,
-    "layer_norm_eps": 1e-12, "max_position_embeddings": 64, "model_type": "bert", "num_attention_heads": 12,
-    "num_hidden_layers": 2, "pad_token_id": 0, "type_vocab_size": 2, "vocab_size": None,
-    "encoder_width": IR_TINY_VISION["embed_dim"], "add_cross_attention": True,
+    "architectures": ["BertModel"],
+    "attention_probs_dropout_prob": 0.1,
+    "hidden_act": "gelu",
+    "hidden_dropout_prob": 0.1,
+    "hidden_size": 768,
+    "initializer_range": 0.02,
+    "intermediate_size": 256,
+    "layer_norm_eps": 1e-12,
+    "max_position_embeddings": 64,
+    "model_type": "bert",
+    "num_attention_heads": 12,
+    "num_hidden_layers": 2,
+    "pad_token_id": 0,
+    "type_vocab_size": 2,
+    "vocab_size": None,
+    "encoder_width": IR_TINY_VISION["embed_dim"],
+    "add_cross_attention": True,
 }
-WORDS = ["a", "photo", "of", "cat", "red", "square", "on", "blue", "background", "two", "dogs", "playing", "in",
-         "the", "park", "sign", "that", "says", "hello", "an", "astronaut", "riding", "horse", "##s", "##ing"]
+WORDS = [
+    "a",
+    "photo",
+    "of",
+    "cat",
+    "red",
+    "square",
+    "on",
+    "blue",
+    "background",
+    "two",
+    "dogs",
+    "playing",
+    "in",
+    "the",
+    "park",
+    "sign",
+    "that",
+    "says",
+    "hello",
+    "an",
+    "astronaut",
+    "riding",
+    "horse",
+    "##s",
+    "##ing",
+]
 
 
 def import_torchvision() -> None:
@@ -70,6 +107,7 @@ def import_torchvision() -> None:
     its import needs first (see the module docstring)."""
     try:
         import torchvision  # noqa: F401
+
         return
     except RuntimeError as err:
         if "torchvision::nms" not in str(err):
@@ -100,9 +138,19 @@ def hpsv2(spec: dict) -> dict:
     work = Path(spec["workdir"])
     (work / "tiny-hps.json").write_text(json.dumps(HPS_TINY_CONFIG))
     open_clip.add_model_config(work / "tiny-hps.json")
-    kwargs = dict(precision="amp", device="cpu", jit=False, force_quick_gelu=False, force_custom_text=False,
-                  force_patch_dropout=False, force_image_size=None, image_mean=None, image_std=None,
-                  aug_cfg={}, output_dict=True)  # hpsv2.img_score.initialize_model's arguments
+    kwargs = dict(
+        precision="amp",
+        device="cpu",
+        jit=False,
+        force_quick_gelu=False,
+        force_custom_text=False,
+        force_patch_dropout=False,
+        force_image_size=None,
+        image_mean=None,
+        image_std=None,
+        aug_cfg={},
+        output_dict=True,
+    )  # hpsv2.img_score.initialize_model's arguments
     torch.manual_seed(spec["seed"])
     model, _, _ = open_clip.create_model_and_transforms("tiny-hps", None, **kwargs)
     perturb(model, spec["seed"])
@@ -129,8 +177,15 @@ def hpsv2(spec: dict) -> dict:
             scores.append(float(torch.diagonal(logits_per_image)[0]))
     from open_clip.tokenizer import DEFAULT_CONTEXT_LENGTH, default_bpe
 
-    return {"scores": scores, "tokens": tokenizer(spec["prompts"]).tolist(), "checkpoint": str(ckpt), "ddp_checkpoint": str(ddp), "config": str(work / "tiny-hps.json"),
-            "bpe": default_bpe(), "context_length": DEFAULT_CONTEXT_LENGTH}
+    return {
+        "scores": scores,
+        "tokens": tokenizer(spec["prompts"]).tolist(),
+        "checkpoint": str(ckpt),
+        "ddp_checkpoint": str(ddp),
+        "config": str(work / "tiny-hps.json"),
+        "bpe": default_bpe(),
+        "context_length": DEFAULT_CONTEXT_LENGTH,
+    }
 
 
 def _transformers4_helpers() -> None:
@@ -141,9 +196,11 @@ def _transformers4_helpers() -> None:
     def find_pruneable_heads_and_indices(*args, **kwargs):  # only used to prune heads
         raise NotImplementedError("head pruning is not needed for scoring")
 
-    for name, fn in [("apply_chunking_to_forward", getattr(pu, "apply_chunking_to_forward", None)),
-                     ("prune_linear_layer", getattr(pu, "prune_linear_layer", None)),
-                     ("find_pruneable_heads_and_indices", find_pruneable_heads_and_indices)]:
+    for name, fn in [
+        ("apply_chunking_to_forward", getattr(pu, "apply_chunking_to_forward", None)),
+        ("prune_linear_layer", getattr(pu, "prune_linear_layer", None)),
+        ("find_pruneable_heads_and_indices", find_pruneable_heads_and_indices),
+    ]:
         if not hasattr(mu, name):
             setattr(mu, name, fn)
 
@@ -205,8 +262,13 @@ def imagereward(spec: dict) -> dict:
 
     def tiny_vit(vit_name, image_size, use_grad_checkpointing=False, ckpt_layer=0, drop_path_rate=0):
         v = IR_TINY_VISION  # create_vit knows only 'base' and 'large'
-        return vit.VisionTransformer(img_size=image_size, patch_size=v["patch_size"], embed_dim=v["embed_dim"],
-                                     depth=v["depth"], num_heads=v["num_heads"]), v["embed_dim"]
+        return vit.VisionTransformer(
+            img_size=image_size,
+            patch_size=v["patch_size"],
+            embed_dim=v["embed_dim"],
+            depth=v["depth"],
+            num_heads=v["num_heads"],
+        ), v["embed_dim"]
 
     blip.BertTokenizer = LocalBert
     blip_pretrain.create_vit = tiny_vit

@@ -22,10 +22,9 @@ import torch
 pytest.importorskip("transformers")
 
 from advantageflow.rewards import RewardError, build_reward  # noqa: E402
+from tests.reference_rewards import REFERENCE_DIR  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from reference_rewards import REFERENCE_DIR  # noqa: E402
 
 pytestmark = [
     pytest.mark.slow,
@@ -58,11 +57,15 @@ def write_images(folder: Path, size: int, seed: int) -> tuple[list[str], torch.T
 
 def run_reference(kind: str, folder: Path, paths: list[str]) -> dict:
     spec = folder / f"{kind}.json"
-    spec.write_text(json.dumps({"kind": kind, "workdir": str(folder), "images": paths, "prompts": PROMPTS,
-                                "seed": 0}))
+    spec.write_text(json.dumps({"kind": kind, "workdir": str(folder), "images": paths, "prompts": PROMPTS, "seed": 0}))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, str(HERE / "reference_rewards.py"), str(spec)], capture_output=True,
-                         text=True, timeout=600, env=env)
+    out = subprocess.run(
+        [sys.executable, str(HERE / "reference_rewards.py"), str(spec)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -109,8 +112,21 @@ def test_hpsv2_converted_folder_matches_official(hps, tmp_path):
 
     ref, x = hps
     out = tmp_path / "hps_hf"
-    assert main(["convert-reward", "hpsv2", ref["checkpoint"], str(out), "--model-config", ref["config"],
-                 "--tokenizer", ref["bpe"]]) == 0
+    assert (
+        main(
+            [
+                "convert-reward",
+                "hpsv2",
+                ref["checkpoint"],
+                str(out),
+                "--model-config",
+                ref["config"],
+                "--tokenizer",
+                ref["bpe"],
+            ]
+        )
+        == 0
+    )
     got = build_reward("hpsv2", {"path": str(out)})(x, PROMPTS, [{}] * len(PROMPTS))
     assert torch.allclose(got, torch.tensor(ref["scores"]), atol=1e-4)
 
@@ -139,8 +155,21 @@ def test_imagereward_converted_folder_matches_official(image_reward, tmp_path):
 
     ref, x = image_reward
     out = tmp_path / "ir_hf"
-    assert main(["convert-reward", "imagereward", ref["checkpoint"], str(out), "--med-config", ref["med_config"],
-                 "--tokenizer", ref["tokenizer"]]) == 0
+    assert (
+        main(
+            [
+                "convert-reward",
+                "imagereward",
+                ref["checkpoint"],
+                str(out),
+                "--med-config",
+                ref["med_config"],
+                "--tokenizer",
+                ref["tokenizer"],
+            ]
+        )
+        == 0
+    )
     assert (out / "imagereward_head.safetensors").is_file()
     got = build_reward("imagereward", {"path": str(out)})(x, PROMPTS, [{}] * len(PROMPTS))
     assert torch.allclose(got, torch.tensor(ref["scores"]), atol=1e-4)

@@ -38,8 +38,7 @@ from advantageflow.rewards.imageio import check_images
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-          "float64": torch.float64}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 @dataclass
@@ -68,7 +67,7 @@ class ImageTransform:
         if h < self.crop or w < self.crop:
             raise RewardError(f"image {h}x{w} is smaller than the crop {self.crop}")
         top, left = (h - self.crop) // 2, (w - self.crop) // 2
-        images = images[..., top:top + self.crop, left:left + self.crop]
+        images = images[..., top : top + self.crop, left : left + self.crop]
         mean = images.new_tensor(self.mean).view(1, -1, 1, 1)
         std = images.new_tensor(self.std).view(1, -1, 1, 1)
         return (images - mean) / std
@@ -165,8 +164,9 @@ class ClipBackbone:
         self.max_length = self.model.config.text_config.max_position_embeddings
 
     @classmethod
-    def from_openclip(cls, checkpoint: str, tokenizer: str | None = None,
-                      model_config: dict | str | None = None) -> ClipBackbone:
+    def from_openclip(
+        cls, checkpoint: str, tokenizer: str | None = None, model_config: dict | str | None = None
+    ) -> ClipBackbone:
         """An OpenCLIP checkpoint file converted on load (:mod:`advantageflow.rewards.convert`),
         with OpenCLIP's eval preprocessing (shortest side to the model's size, centre crop,
         OpenAI CLIP's mean/std) and ``tokenizer`` (see :func:`convert.clip_tokenizer`)."""
@@ -188,8 +188,9 @@ class ClipBackbone:
 
     def text_embeds(self, prompts: list[str], device: torch.device) -> Tensor:
         """``B`` prompts -> ``(B, D)`` unit-norm projected text features."""
-        tok = self.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_length,
-                             return_tensors="pt").to(device)
+        tok = self.tokenizer(
+            prompts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(device)
         out = self.model.text_model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
         pooled = out.pooler_output
         return F.normalize(self.model.text_projection(pooled), dim=-1)
@@ -207,8 +208,13 @@ class ClipScore(_FrozenScorer):
 
     name = "clip_score"
 
-    def __init__(self, path: str = "openai/clip-vit-base-patch32", weight: float = 2.5,
-                 device: str | None = None, dtype: str = "float32") -> None:
+    def __init__(
+        self,
+        path: str = "openai/clip-vit-base-patch32",
+        weight: float = 2.5,
+        device: str | None = None,
+        dtype: str = "float32",
+    ) -> None:
         self.backbone = ClipBackbone(path)
         self.weight = float(weight)
         self.modules = [self.backbone.model]
@@ -227,9 +233,14 @@ class PickScore(_FrozenScorer):
 
     name = "pickscore"
 
-    def __init__(self, path: str = "yuvalkirstain/PickScore_v1",
-                 processor_path: str | None = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
-                 divide_by: float = 1.0, device: str | None = None, dtype: str = "float32") -> None:
+    def __init__(
+        self,
+        path: str = "yuvalkirstain/PickScore_v1",
+        processor_path: str | None = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+        divide_by: float = 1.0,
+        device: str | None = None,
+        dtype: str = "float32",
+    ) -> None:
         if os.path.isdir(path) and processor_path == "laion/CLIP-ViT-H-14-laion2B-s32B-b79K":
             processor_path = None  # a local model folder carries its own processor
         self.backbone = ClipBackbone(path, processor_path)
@@ -254,8 +265,14 @@ class HPSv2Score(_FrozenScorer):
 
     name = "hpsv2"
 
-    def __init__(self, path: str, processor_path: str | None = None, model_config: dict | str | None = None,
-                 device: str | None = None, dtype: str = "float32") -> None:
+    def __init__(
+        self,
+        path: str,
+        processor_path: str | None = None,
+        model_config: dict | str | None = None,
+        device: str | None = None,
+        dtype: str = "float32",
+    ) -> None:
         if os.path.isfile(path):
             self.backbone = ClipBackbone.from_openclip(path, processor_path, model_config)
         elif model_config is not None:
@@ -280,8 +297,14 @@ class ScoreHead(nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.layers = nn.Sequential(
-            nn.Linear(dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
-            nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1),
+            nn.Linear(dim, 1024),
+            nn.Dropout(0.2),
+            nn.Linear(1024, 128),
+            nn.Dropout(0.2),
+            nn.Linear(128, 64),
+            nn.Dropout(0.1),
+            nn.Linear(64, 16),
+            nn.Linear(16, 1),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -303,7 +326,7 @@ def load_head(path: str, dim: int) -> ScoreHead:
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state) if isinstance(state, dict) else state
-    head_state = {k[k.index("layers."):]: v for k, v in state.items() if "layers." in k}
+    head_state = {k[k.index("layers.") :]: v for k, v in state.items() if "layers." in k}
     head = ScoreHead(dim)
     try:
         head.load_state_dict(head_state)
@@ -322,8 +345,13 @@ class AestheticScore(_FrozenScorer):
 
     name = "aesthetic"
 
-    def __init__(self, head_path: str, clip_path: str = "openai/clip-vit-large-patch14",
-                 device: str | None = None, dtype: str = "float32") -> None:
+    def __init__(
+        self,
+        head_path: str,
+        clip_path: str = "openai/clip-vit-large-patch14",
+        device: str | None = None,
+        dtype: str = "float32",
+    ) -> None:
         self.backbone = ClipBackbone(clip_path)
         self.head = load_head(head_path, self.backbone.model.config.projection_dim)
         self.modules = [self.backbone.model, self.head]
@@ -355,9 +383,16 @@ class ImageRewardScore(_FrozenScorer):
 
     name = "imagereward"
 
-    def __init__(self, path: str, head_path: str | None = None, processor_path: str | None = None,
-                 med_config: str | None = None, max_length: int = 35, device: str | None = None,
-                 dtype: str = "float32") -> None:
+    def __init__(
+        self,
+        path: str,
+        head_path: str | None = None,
+        processor_path: str | None = None,
+        med_config: str | None = None,
+        max_length: int = 35,
+        device: str | None = None,
+        dtype: str = "float32",
+    ) -> None:
         if os.path.isfile(path):
             model, self.head, self.tokenizer = self._official(path, head_path, processor_path, med_config)
             size = model.config.vision_config.image_size
@@ -365,8 +400,9 @@ class ImageRewardScore(_FrozenScorer):
         else:
             model, self.tokenizer = self._folder(path, processor_path, med_config)
             self.transform = load_transform(processor_path or path, model.config.vision_config.image_size)
-            self.head = load_head(head_path or os.path.join(path, "imagereward_head.safetensors"),
-                                  model.config.text_config.hidden_size)
+            self.head = load_head(
+                head_path or os.path.join(path, "imagereward_head.safetensors"), model.config.text_config.hidden_size
+            )
         self.vision, self.text = model.vision_model, model.text_encoder
         self.max_length = int(max_length)
         self.modules = [self.vision, self.text, self.head]
@@ -393,18 +429,25 @@ class ImageRewardScore(_FrozenScorer):
         if med_config is not None:
             raise RewardError("imagereward: med_config applies to an ImageReward.pt file, not a folder")
         try:
-            return BlipForImageTextRetrieval.from_pretrained(path), AutoTokenizer.from_pretrained(processor_path or path)
+            return BlipForImageTextRetrieval.from_pretrained(path), AutoTokenizer.from_pretrained(
+                processor_path or path
+            )
         except OSError as err:
             raise RewardError(f"cannot load a BLIP model from '{path}': {err}") from err
 
     def features(self, images: Tensor, prompts: list[str]) -> Tensor:
         """``(B, hidden)`` text ``[CLS]`` features grounded on the images."""
         image_embeds = self.vision(pixel_values=self.transform(images)).last_hidden_state
-        tok = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_length,
-                             return_tensors="pt").to(images.device)
+        tok = self.tokenizer(
+            prompts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(images.device)
         image_mask = torch.ones(image_embeds.shape[:2], dtype=torch.long, device=images.device)
-        out = self.text(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"],
-                        encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask)
+        out = self.text(
+            input_ids=tok["input_ids"],
+            attention_mask=tok["attention_mask"],
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=image_mask,
+        )
         return out.last_hidden_state[:, 0, :]
 
     def score(self, images: Tensor, prompts: list[str]) -> Tensor:

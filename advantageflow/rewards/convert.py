@@ -62,7 +62,7 @@ def read_state_dict(path: str) -> dict[str, Tensor]:
         raise RewardError(f"'{path}' holds no state dict")
     state = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
     if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     return state
 
 
@@ -73,10 +73,13 @@ class _Taker:
         self.left = dict(state)
         self.out: dict[str, Tensor] = {}
 
-    def __call__(self, src: str, dst: str, fn: Callable[[Tensor], Tensor] | None = None) -> None:
+    def pop(self, src: str) -> Tensor:
         if src not in self.left:
             raise RewardError(f"checkpoint has no '{src}'")
-        value = self.left.pop(src)
+        return self.left.pop(src)
+
+    def __call__(self, src: str, dst: str, fn: Callable[[Tensor], Tensor] | None = None) -> None:
+        value = self.pop(src)
         self.out[dst] = fn(value) if fn else value
 
     def pair(self, src: str, dst: str) -> None:
@@ -94,6 +97,8 @@ def _load_config(config: dict | str | None, default: dict) -> dict:
         return default
     if isinstance(config, dict):
         return config
+    if not os.path.isfile(config):
+        raise RewardError(f"model config not found: '{config}'")
     with open(config) as f:
         return json.load(f)
 
@@ -106,9 +111,14 @@ def _openclip_block(take: _Taker, src: str, dst: str) -> None:
     """One OpenCLIP ``ResidualAttentionBlock`` -> one ``CLIPEncoderLayer``."""
     take.pair(f"{src}.ln_1", f"{dst}.layer_norm1")
     for part in ("weight", "bias"):
-        q, k, v = take.left.pop(f"{src}.attn.in_proj_{part}").chunk(3)
-        take.out.update({f"{dst}.self_attn.q_proj.{part}": q, f"{dst}.self_attn.k_proj.{part}": k,
-                         f"{dst}.self_attn.v_proj.{part}": v})
+        q, k, v = take.pop(f"{src}.attn.in_proj_{part}").chunk(3)
+        take.out.update(
+            {
+                f"{dst}.self_attn.q_proj.{part}": q,
+                f"{dst}.self_attn.k_proj.{part}": k,
+                f"{dst}.self_attn.v_proj.{part}": v,
+            }
+        )
     take.pair(f"{src}.attn.out_proj", f"{dst}.self_attn.out_proj")
     take.pair(f"{src}.ln_2", f"{dst}.layer_norm2")
     take.pair(f"{src}.mlp.c_fc", f"{dst}.mlp.fc1")
@@ -131,25 +141,39 @@ def openclip_to_clip(state: dict[str, Tensor], model_config: dict | str | None =
         raise RewardError("not an OpenCLIP ViT CLIP state dict (no visual.conv1 / token_embedding)")
     v_width, _, patch, _ = state["visual.conv1.weight"].shape
     if vcfg.get("width", v_width) != v_width:
-        raise RewardError(f"vision width {v_width} in the checkpoint, {vcfg['width']} in the model config "
-                          "(pass the OpenCLIP model config of this checkpoint)")
+        raise RewardError(
+            f"vision width {v_width} in the checkpoint, {vcfg['width']} in the model config "
+            "(pass the OpenCLIP model config of this checkpoint)"
+        )
     vocab, t_width = state["token_embedding.weight"].shape
     if tcfg.get("width", t_width) != t_width:
-        raise RewardError(f"text width {t_width} in the checkpoint, {tcfg['width']} in the model config "
-                          "(pass the OpenCLIP model config of this checkpoint)")
+        raise RewardError(
+            f"text width {t_width} in the checkpoint, {tcfg['width']} in the model config "
+            "(pass the OpenCLIP model config of this checkpoint)"
+        )
     grid = round((state["visual.positional_embedding"].shape[0] - 1) ** 0.5)
     act = "quick_gelu" if cfg.get("quick_gelu") else "gelu"
-    vision = dict(hidden_size=v_width, patch_size=patch, image_size=grid * patch, hidden_act=act,
-                  num_hidden_layers=take.layers("visual.transformer.resblocks.", ".ln_1.weight"),
-                  num_attention_heads=v_width // vcfg.get("head_width", 64),
-                  intermediate_size=state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0])
-    text = dict(vocab_size=vocab, hidden_size=t_width, hidden_act=act,
-                max_position_embeddings=state["positional_embedding"].shape[0],
-                num_hidden_layers=take.layers("transformer.resblocks.", ".ln_1.weight"),
-                num_attention_heads=tcfg.get("heads", 8),
-                intermediate_size=state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-                # OpenCLIP pools the text at argmax(token id), i.e. the first <end_of_text> (the last id)
-                bos_token_id=vocab - 2, eos_token_id=vocab - 1)
+    vision = dict(
+        hidden_size=v_width,
+        patch_size=patch,
+        image_size=grid * patch,
+        hidden_act=act,
+        num_hidden_layers=take.layers("visual.transformer.resblocks.", ".ln_1.weight"),
+        num_attention_heads=v_width // vcfg.get("head_width", 64),
+        intermediate_size=state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+    )
+    text = dict(
+        vocab_size=vocab,
+        hidden_size=t_width,
+        hidden_act=act,
+        max_position_embeddings=state["positional_embedding"].shape[0],
+        num_hidden_layers=take.layers("transformer.resblocks.", ".ln_1.weight"),
+        num_attention_heads=tcfg.get("heads", 8),
+        intermediate_size=state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+        # OpenCLIP pools the text at argmax(token id), i.e. the first <end_of_text> (the last id)
+        bos_token_id=vocab - 2,
+        eos_token_id=vocab - 1,
+    )
     config = CLIPConfig(vision_config=vision, text_config=text, projection_dim=state["visual.proj"].shape[1])
 
     take("visual.class_embedding", "vision_model.embeddings.class_embedding")
@@ -223,7 +247,7 @@ def clip_tokenizer_from_bpe(bpe_path: str):
     from transformers import CLIPTokenizer
 
     with gzip.open(bpe_path, "rt", encoding="utf-8") as f:
-        merges = f.read().split("\n")[1:49152 - 256 - 2 + 1]
+        merges = f.read().split("\n")[1 : 49152 - 256 - 2 + 1]
     pairs = [tuple(m.split()) for m in merges]
     vocab = list(_bytes_to_unicode().values())
     vocab = vocab + [v + "</w>" for v in vocab] + ["".join(p) for p in pairs] + ["<|startoftext|>", "<|endoftext|>"]
@@ -300,25 +324,42 @@ def imagereward_to_blip(state: dict[str, Tensor], med_config: dict | str, vision
     patch = state[f"{vit}.patch_embed.proj.weight"].shape[-1]
     grid = round((state[f"{vit}.pos_embed"].shape[1] - 1) ** 0.5)
     depth = take.layers(f"{vit}.blocks.", ".norm1.weight")
-    vision = dict(hidden_size=width, patch_size=patch, image_size=grid * patch, num_hidden_layers=depth,
-                  num_attention_heads=vision_heads or width // 64, layer_norm_eps=1e-6, hidden_act="gelu",
-                  intermediate_size=state[f"{vit}.blocks.0.mlp.fc1.weight"].shape[0])
-    keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-            "max_position_embeddings", "layer_norm_eps", "hidden_act", "pad_token_id")
+    vision = dict(
+        hidden_size=width,
+        patch_size=patch,
+        image_size=grid * patch,
+        num_hidden_layers=depth,
+        num_attention_heads=vision_heads or width // 64,
+        layer_norm_eps=1e-6,
+        hidden_act="gelu",
+        intermediate_size=state[f"{vit}.blocks.0.mlp.fc1.weight"].shape[0],
+    )
+    keys = (
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "max_position_embeddings",
+        "layer_norm_eps",
+        "hidden_act",
+        "pad_token_id",
+    )
     text = {k: med[k] for k in keys if k in med}
     text["encoder_hidden_size"] = med.get("encoder_width", width)
-    config = BlipConfig(vision_config=vision, text_config=text,
-                        projection_dim=state["blip.vision_proj.weight"].shape[0])
+    config = BlipConfig(
+        vision_config=vision, text_config=text, projection_dim=state["blip.vision_proj.weight"].shape[0]
+    )
 
     _blip_vit(take, vit, depth)
     for key in [k for k in take.left if k.startswith("blip.text_encoder.")]:
         if key.endswith("position_ids"):
             take.left.pop(key)
         else:
-            take(key, key[len("blip."):])
+            take(key, key[len("blip.") :])
     take.pair("blip.vision_proj", "vision_proj")
     take.pair("blip.text_proj", "text_proj")
-    head_state = {k[len("mlp."):]: take.left.pop(k) for k in [k for k in take.left if k.startswith("mlp.")]}
+    head_state = {k[len("mlp.") :]: take.left.pop(k) for k in [k for k in take.left if k.startswith("mlp.")]}
     if take.left:
         raise RewardError(f"ImageReward keys with no counterpart: {sorted(take.left)[:5]}")
     model = _build(BlipForImageTextRetrieval, config, take.out, may_miss=("itm_head.",))
@@ -361,8 +402,7 @@ def convert_hpsv2(checkpoint: str, out: str, model_config: str | None = None, to
     _save_processor(out, model.config.vision_config.image_size)
 
 
-def convert_imagereward(checkpoint: str, out: str, med_config: str | None = None,
-                        tokenizer: str | None = None) -> None:
+def convert_imagereward(checkpoint: str, out: str, med_config: str | None = None, tokenizer: str | None = None) -> None:
     """Write ``out``: ``BlipForImageTextRetrieval`` + ``imagereward_head.safetensors`` + tokenizer +
     processor config, loadable by the ``imagereward`` reward."""
     from safetensors.torch import save_file
@@ -370,7 +410,9 @@ def convert_imagereward(checkpoint: str, out: str, med_config: str | None = None
     med = med_config or os.path.join(os.path.dirname(checkpoint), "med_config.json")
     model, head = imagereward_to_blip(read_state_dict(checkpoint), med)
     model.save_pretrained(out)
-    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, os.path.join(out, "imagereward_head.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in head.state_dict().items()}, os.path.join(out, "imagereward_head.safetensors")
+    )
     bert_tokenizer(tokenizer).save_pretrained(out)
     _save_processor(out, model.config.vision_config.image_size)
 
@@ -379,14 +421,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="advantageflow convert-reward",
         description="Convert an official HPSv2 / HPSv2.1 or ImageReward checkpoint into a folder the "
-                    "hpsv2 / imagereward rewards load (the rewards also take the checkpoint file directly).")
+        "hpsv2 / imagereward rewards load (the rewards also take the checkpoint file directly).",
+    )
     parser.add_argument("kind", choices=["hpsv2", "imagereward"])
     parser.add_argument("checkpoint", help="HPS_v2(.1)_compressed.pt or ImageReward.pt")
     parser.add_argument("out", help="output folder")
     parser.add_argument("--model-config", help="hpsv2: OpenCLIP model config JSON (default: ViT-H-14)")
     parser.add_argument("--med-config", help="imagereward: med_config.json (default: next to the checkpoint)")
-    parser.add_argument("--tokenizer", help="tokenizer folder / hub id, or (hpsv2) OpenCLIP's bpe_simple_vocab_16e6."
-                        f"txt.gz (defaults: open_clip's BPE or {CLIP_TOKENIZER_HUB}; {BERT_TOKENIZER_HUB})")
+    parser.add_argument(
+        "--tokenizer",
+        help="tokenizer folder / hub id, or (hpsv2) OpenCLIP's bpe_simple_vocab_16e6."
+        f"txt.gz (defaults: open_clip's BPE or {CLIP_TOKENIZER_HUB}; {BERT_TOKENIZER_HUB})",
+    )
     args = parser.parse_args(argv)
     if args.kind == "hpsv2":
         convert_hpsv2(args.checkpoint, args.out, args.model_config, args.tokenizer)
