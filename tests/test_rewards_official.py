@@ -37,7 +37,7 @@ pytestmark = [
 PROMPTS = [
     "a photo of a cat",
     "Two DOGS playing in the park!",
-    'a sign that says "hello"',
+    "a sign that says “hello” &amp;  goodbye",  # curly quotes, an HTML entity, two spaces: OpenCLIP cleans them
     "an astronaut riding a horse, " + "highly detailed, " * 30,  # past 77 CLIP tokens: truncated
 ]
 
@@ -97,10 +97,12 @@ def test_hpsv2_checkpoint_file_matches_official(hps):
 
 
 def test_hpsv2_tokenizer_matches_openclip(hps):
-    from advantageflow.rewards.convert import clip_tokenizer
+    pytest.importorskip("ftfy", reason="OpenCLIP's clean-up needs ftfy (pip install 'advantageflow[official-rewards]')")
+    from advantageflow.rewards.convert import clip_tokenizer, openclip_clean
 
     ref, _ = hps
-    ours = clip_tokenizer(ref["bpe"])(PROMPTS, padding="max_length", truncation=True, max_length=77)["input_ids"]
+    prompts = [openclip_clean(p) for p in PROMPTS]
+    ours = clip_tokenizer(ref["bpe"])(prompts, padding="max_length", truncation=True, max_length=77)["input_ids"]
     for mine, theirs in zip(ours, ref["tokens"]):
         end = theirs.index(49407) + 1  # OpenCLIP pads with 0 after <end_of_text>, we with <end_of_text>
         assert mine[:end] == theirs[:end]

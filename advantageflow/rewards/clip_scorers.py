@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,8 +150,11 @@ class ClipBackbone:
     """A ``transformers`` ``CLIPModel`` + tokenizer + torch preprocessing.
 
     ``path``: folder or hub id of the model; ``processor_path``: where the tokenizer and
-    ``preprocessor_config.json`` live (default: ``path``).
+    ``preprocessor_config.json`` live (default: ``path``).  ``clean``: applied to each prompt
+    before tokenising (HPSv2 sets OpenCLIP's clean-up), default none.
     """
+
+    clean: Callable[[str], str] | None = None
 
     def __init__(self, path: str, processor_path: str | None = None) -> None:
         from transformers import AutoTokenizer, CLIPModel
@@ -188,6 +192,8 @@ class ClipBackbone:
 
     def text_embeds(self, prompts: list[str], device: torch.device) -> Tensor:
         """``B`` prompts -> ``(B, D)`` unit-norm projected text features."""
+        if self.clean is not None:
+            prompts = [self.clean(p) for p in prompts]
         tok = self.tokenizer(
             prompts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         ).to(device)
@@ -279,6 +285,9 @@ class HPSv2Score(_FrozenScorer):
             raise RewardError("hpsv2: model_config applies to an OpenCLIP checkpoint file, not a folder")
         else:
             self.backbone = ClipBackbone(path, processor_path)
+        from advantageflow.rewards.convert import openclip_clean
+
+        self.backbone.clean = openclip_clean  # hpsv2.score tokenises with OpenCLIP's SimpleTokenizer
         self.modules = [self.backbone.model]
         self._setup(device, dtype)
 

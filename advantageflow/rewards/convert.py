@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gzip
+import html
 import json
 import os
 import tempfile
@@ -258,6 +259,20 @@ def clip_tokenizer_from_bpe(bpe_path: str):
         with open(merges_file, "w", encoding="utf-8") as f:
             f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
         return CLIPTokenizer(vocab=vocab_file, merges=merges_file, model_max_length=77)
+
+
+def openclip_clean(text: str) -> str:
+    """OpenCLIP's (and OpenAI CLIP's) prompt clean-up before BPE: ``ftfy.fix_text`` (when
+    ``ftfy`` is installed: ``pip install 'advantageflow[official-rewards]'``; it e.g. straightens
+    curly quotes), HTML entities unescaped twice, whitespace runs collapsed.  Lower-casing is
+    left to the tokenizer."""
+    try:
+        import ftfy
+
+        text = ftfy.fix_text(text)
+    except ImportError:
+        pass
+    return " ".join(html.unescape(html.unescape(text)).split())
 
 
 def openclip_bpe_file() -> str | None:
