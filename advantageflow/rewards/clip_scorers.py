@@ -267,6 +267,7 @@ class HPSv2Score(_FrozenScorer):
     an OpenCLIP state dict, converted on load; ``model_config``: its OpenCLIP config, default
     ViT-H-14; ``processor_path``: the tokenizer, see :func:`convert.clip_tokenizer`), or a
     ``transformers`` ``CLIPModel`` folder (e.g. written by ``advantageflow convert-reward``).
+    Prompts get OpenCLIP's clean-up (:func:`convert.openclip_clean`) before tokenising.
     """
 
     name = "hpsv2"
