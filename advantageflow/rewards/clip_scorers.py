@@ -35,6 +35,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advantageflow.rewards.base import RewardError
+from advantageflow.rewards.convert import (
+    bert_tokenizer,
+    clip_tokenizer,
+    imagereward_to_blip,
+    openclip_clean,
+    openclip_to_clip,
+    read_state_dict,
+)
 from advantageflow.rewards.imageio import check_images
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -174,8 +182,6 @@ class ClipBackbone:
         """An OpenCLIP checkpoint file converted on load (:mod:`advantageflow.rewards.convert`),
         with OpenCLIP's eval preprocessing (shortest side to the model's size, centre crop,
         OpenAI CLIP's mean/std) and ``tokenizer`` (see :func:`convert.clip_tokenizer`)."""
-        from advantageflow.rewards.convert import clip_tokenizer, openclip_to_clip, read_state_dict
-
         self = cls.__new__(cls)
         self.model = openclip_to_clip(read_state_dict(checkpoint), model_config)
         self.tokenizer = clip_tokenizer(tokenizer)
@@ -286,8 +292,6 @@ class HPSv2Score(_FrozenScorer):
             raise RewardError("hpsv2: model_config applies to an OpenCLIP checkpoint file, not a folder")
         else:
             self.backbone = ClipBackbone(path, processor_path)
-        from advantageflow.rewards.convert import openclip_clean
-
         self.backbone.clean = openclip_clean  # hpsv2.score tokenises with OpenCLIP's SimpleTokenizer
         self.modules = [self.backbone.model]
         self._setup(device, dtype)
@@ -421,8 +425,6 @@ class ImageRewardScore(_FrozenScorer):
     @staticmethod
     def _official(path: str, head_path: str | None, processor_path: str | None, med_config: str | None):
         """``ImageReward.pt`` -> (BLIP model, head, tokenizer), converted on load."""
-        from advantageflow.rewards.convert import bert_tokenizer, imagereward_to_blip, read_state_dict
-
         if head_path is not None:
             raise RewardError("imagereward: ImageReward.pt holds its MLP head; head_path applies to a folder")
         med = med_config or os.path.join(os.path.dirname(path), "med_config.json")
