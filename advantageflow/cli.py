@@ -7,6 +7,7 @@
     advantageflow sample [CONFIG] [key=value ...] --checkpoint DIR --prompt TEXT [--num N] [--index I] [--out DIR]
     advantageflow pretrain shapes [...]
     advantageflow serve-reward NAME [...]
+    advantageflow convert-reward hpsv2|imagereward CHECKPOINT OUT [...]
     advantageflow configs [NAME ...] [--to DIR [--force]]
     advantageflow --version
 
@@ -157,8 +158,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     preflight(cfg)
     for line in convention_notes(cfg):
         print(line)
-    print(f"ok: algo={cfg.algo} model={cfg.model.name} task={cfg.task.name} "
-          f"reward={[t.name for t in cfg.reward.terms()]} epochs={cfg.train.epochs}")
+    print(
+        f"ok: algo={cfg.algo} model={cfg.model.name} task={cfg.task.name} "
+        f"reward={[t.name for t in cfg.reward.terms()]} epochs={cfg.train.epochs}"
+    )
     return 0
 
 
@@ -257,6 +260,12 @@ def cmd_serve_reward(args: argparse.Namespace) -> int:
     return int(serve_main([args.name, *args.rest]) or 0)
 
 
+def cmd_convert_reward(args: argparse.Namespace) -> int:
+    from advantageflow.rewards.convert import main as convert_main
+
+    return int(convert_main([args.kind, *args.rest]) or 0)
+
+
 def configs_dir() -> Path:
     """The shipped example configs: ``advantageflow/_configs`` in an installed wheel (setup.py
     copies them in), else the source checkout's (or editable install's) ``configs/``."""
@@ -333,14 +342,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     trust_help = "import the code a run folder's config names (package.module:callable); only for folders you trust"
 
-    p = sub.add_parser("train", help="train (no CONFIG: the main job, AdvantageFlow on the default task)",
-                       allow_abbrev=False)
+    p = sub.add_parser(
+        "train", help="train (no CONFIG: the main job, AdvantageFlow on the default task)", allow_abbrev=False
+    )
     p.add_argument("items", nargs="*", metavar="[CONFIG] [key=value]", help="YAML config and dotted overrides")
     p.add_argument("--run-dir", help="run folder (default runs/ALGO-TASK-TIME)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the run folder's newest intact checkpoint (no CONFIG: the config it recorded)")
-    p.add_argument("--allow-config-change", action="store_true",
-                   help="resume although keys that change the maths or the model differ from the checkpoint's")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the run folder's newest intact checkpoint (no CONFIG: the config it recorded)",
+    )
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume although keys that change the maths or the model differ from the checkpoint's",
+    )
     p.add_argument("--trust-config", action="store_true", help=trust_help)
     p.set_defaults(func=cmd_train)
 
@@ -399,6 +415,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="registered reward name or dotted path")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="server options (--host, --port, --token, ...)")
     p.set_defaults(func=cmd_serve_reward)
+
+    p = sub.add_parser(
+        "convert-reward", help="convert an official HPSv2 / ImageReward checkpoint for the rewards", allow_abbrev=False
+    )
+    p.add_argument("kind", choices=["hpsv2", "imagereward"], help="whose checkpoint")
+    p.add_argument(
+        "rest",
+        nargs=argparse.REMAINDER,
+        help="CHECKPOINT OUT and options (see: advantageflow convert-reward hpsv2 --help)",
+    )
+    p.set_defaults(func=cmd_convert_reward)
 
     p = sub.add_parser(
         "configs", help="list the shipped example configs, print one, or copy them to a folder", allow_abbrev=False

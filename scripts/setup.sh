@@ -29,5 +29,15 @@ echo "[setup] creating $VENV (about a minute)"
 # The CPU build of PyTorch, the version CI tests; the package itself only asks for torch>=2.6.
 "$VENV/bin/python" -m pip install -q "torch==2.13.0"
 "$VENV/bin/python" -m pip install -q -e ".[all]"
+# The official HPSv2 (OpenCLIP) and ImageReward (BLIP) code, only for tests/test_rewards_official.py,
+# which checks our converters against it (about 10-25 s).  --no-deps into a side folder, never
+# the venv: torchvision's PyPI wheel is CUDA-built, cannot load its ops next to the CPU torch and
+# then fails to import -- and transformers imports torchvision whenever it is installed.
+# image-reward's own pins (timm 0.6, diffusers, ...) would clash with open_clip's; not needed.
+REF=$VENV/reference-rewards
+rm -rf "$REF"
+"$VENV/bin/python" -m pip install -q --no-deps --target "$REF" "torchvision==0.28.0" "open_clip_torch==3.3.0" \
+  "timm==1.0.31" "ftfy==6.3.1" "wcwidth==0.2.13" "image-reward==1.5" "fairscale==0.4.13" \
+  || echo "[setup] warning: could not install the reference reward packages; tests/test_rewards_official.py will be skipped"
 echo "$WANT" > "$STAMP"
 echo "[setup] done"

@@ -16,15 +16,17 @@ mean/std normalisation) so gradients reach the images: every scorer here sets
 | ``imagereward`` | ``(MLP(BLIP_txt[CLS] | img) - 0.16717) / 1.03334`` | ImageReward, Xu et al. 2023 |
 
 Each loader reads a local folder or a hub id (``transformers`` ``from_pretrained``; this
-project never downloads in tests).  ``docs/rewards.md`` lists what differs from the official
-packages for ``hpsv2`` (OpenCLIP weights must be converted) and ``imagereward`` (LAVIS BLIP
-weights must be converted).
+project never downloads in tests).  ``hpsv2`` and ``imagereward`` also take the official
+checkpoint files (OpenCLIP / BLIP layouts), converted on load by
+:mod:`advantageflow.rewards.convert`; ``docs/rewards.md`` lists what differs from the official
+packages.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,12 +35,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advantageflow.rewards.base import RewardError
+from advantageflow.rewards.convert import (
+    bert_tokenizer,
+    clip_tokenizer,
+    imagereward_to_blip,
+    openclip_clean,
+    openclip_to_clip,
+    read_state_dict,
+)
 from advantageflow.rewards.imageio import check_images
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-          "float64": torch.float64}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 @dataclass
@@ -67,7 +76,7 @@ class ImageTransform:
         if h < self.crop or w < self.crop:
             raise RewardError(f"image {h}x{w} is smaller than the crop {self.crop}")
         top, left = (h - self.crop) // 2, (w - self.crop) // 2
-        images = images[..., top:top + self.crop, left:left + self.crop]
+        images = images[..., top : top + self.crop, left : left + self.crop]
         mean = images.new_tensor(self.mean).view(1, -1, 1, 1)
         std = images.new_tensor(self.std).view(1, -1, 1, 1)
         return (images - mean) / std
@@ -149,8 +158,11 @@ class ClipBackbone:
     """A ``transformers`` ``CLIPModel`` + tokenizer + torch preprocessing.
 
     ``path``: folder or hub id of the model; ``processor_path``: where the tokenizer and
-    ``preprocessor_config.json`` live (default: ``path``).
+    ``preprocessor_config.json`` live (default: ``path``).  ``clean``: applied to each prompt
+    before tokenising (HPSv2 sets OpenCLIP's clean-up), default none.
     """
+
+    clean: Callable[[str], str] | None = None
 
     def __init__(self, path: str, processor_path: str | None = None) -> None:
         from transformers import AutoTokenizer, CLIPModel
@@ -163,6 +175,21 @@ class ClipBackbone:
         self.transform = load_transform(processor_path or path, self.model.config.vision_config.image_size)
         self.max_length = self.model.config.text_config.max_position_embeddings
 
+    @classmethod
+    def from_openclip(
+        cls, checkpoint: str, tokenizer: str | None = None, model_config: dict | str | None = None
+    ) -> ClipBackbone:
+        """An OpenCLIP checkpoint file converted on load (:mod:`advantageflow.rewards.convert`),
+        with OpenCLIP's eval preprocessing (shortest side to the model's size, centre crop,
+        OpenAI CLIP's mean/std) and ``tokenizer`` (see :func:`convert.clip_tokenizer`)."""
+        self = cls.__new__(cls)
+        self.model = openclip_to_clip(read_state_dict(checkpoint), model_config)
+        self.tokenizer = clip_tokenizer(tokenizer)
+        size = self.model.config.vision_config.image_size
+        self.transform = ImageTransform(size, size)
+        self.max_length = self.model.config.text_config.max_position_embeddings
+        return self
+
     def image_embeds(self, images: Tensor) -> Tensor:
         """``(B, 3, H, W)`` in [0, 1] -> ``(B, D)`` unit-norm projected image features."""
         pixels = self.transform(images)
@@ -171,8 +198,11 @@ class ClipBackbone:
 
     def text_embeds(self, prompts: list[str], device: torch.device) -> Tensor:
         """``B`` prompts -> ``(B, D)`` unit-norm projected text features."""
-        tok = self.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_length,
-                             return_tensors="pt").to(device)
+        if self.clean is not None:
+            prompts = [self.clean(p) for p in prompts]
+        tok = self.tokenizer(
+            prompts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(device)
         out = self.model.text_model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
         pooled = out.pooler_output
         return F.normalize(self.model.text_projection(pooled), dim=-1)
@@ -190,8 +220,13 @@ class ClipScore(_FrozenScorer):
 
     name = "clip_score"
 
-    def __init__(self, path: str = "openai/clip-vit-base-patch32", weight: float = 2.5,
-                 device: str | None = None, dtype: str = "float32") -> None:
+    def __init__(
+        self,
+        path: str = "openai/clip-vit-base-patch32",
+        weight: float = 2.5,
+        device: str | None = None,
+        dtype: str = "float32",
+    ) -> None:
         self.backbone = ClipBackbone(path)
         self.weight = float(weight)
         self.modules = [self.backbone.model]
@@ -210,9 +245,14 @@ class PickScore(_FrozenScorer):
 
     name = "pickscore"
 
-    def __init__(self, path: str = "yuvalkirstain/PickScore_v1",
-                 processor_path: str | None = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
-                 divide_by: float = 1.0, device: str | None = None, dtype: str = "float32") -> None:
+    def __init__(
+        self,
+        path: str = "yuvalkirstain/PickScore_v1",
+        processor_path: str | None = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+        divide_by: float = 1.0,
+        device: str | None = None,
+        dtype: str = "float32",
+    ) -> None:
         if os.path.isdir(path) and processor_path == "laion/CLIP-ViT-H-14-laion2B-s32B-b79K":
             processor_path = None  # a local model folder carries its own processor
         self.backbone = ClipBackbone(path, processor_path)
@@ -226,15 +266,33 @@ class PickScore(_FrozenScorer):
 
 
 class HPSv2Score(_FrozenScorer):
-    """HPSv2 (Wu et al. 2023): ``cos(E_img, E_txt)`` of a CLIP ViT-H/14 fine-tuned on HPD v2
-    (``hpsv2.score`` returns this cosine, about 0.2-0.3).  ``path`` must hold the model in
-    ``transformers`` ``CLIPModel`` format (the official checkpoint is OpenCLIP's; convert it)."""
+    """HPSv2 / HPSv2.1 (Wu et al. 2023): ``cos(E_img, E_txt)`` of a CLIP ViT-H/14 fine-tuned on
+    HPD v2 (``hpsv2.score`` returns this cosine, about 0.2-0.3).
+
+    ``path``: the official checkpoint file (``HPS_v2_compressed.pt`` / ``HPS_v2.1_compressed.pt``,
+    an OpenCLIP state dict, converted on load; ``model_config``: its OpenCLIP config, default
+    ViT-H-14; ``processor_path``: the tokenizer, see :func:`convert.clip_tokenizer`), or a
+    ``transformers`` ``CLIPModel`` folder (e.g. written by ``advantageflow convert-reward``).
+    Prompts get OpenCLIP's clean-up (:func:`convert.openclip_clean`) before tokenising.
+    """
 
     name = "hpsv2"
 
-    def __init__(self, path: str, processor_path: str | None = None,
-                 device: str | None = None, dtype: str = "float32") -> None:
-        self.backbone = ClipBackbone(path, processor_path)
+    def __init__(
+        self,
+        path: str,
+        processor_path: str | None = None,
+        model_config: dict | str | None = None,
+        device: str | None = None,
+        dtype: str = "float32",
+    ) -> None:
+        if os.path.isfile(path):
+            self.backbone = ClipBackbone.from_openclip(path, processor_path, model_config)
+        elif model_config is not None:
+            raise RewardError("hpsv2: model_config applies to an OpenCLIP checkpoint file, not a folder")
+        else:
+            self.backbone = ClipBackbone(path, processor_path)
+        self.backbone.clean = openclip_clean  # hpsv2.score tokenises with OpenCLIP's SimpleTokenizer
         self.modules = [self.backbone.model]
         self._setup(device, dtype)
 
@@ -253,8 +311,14 @@ class ScoreHead(nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.layers = nn.Sequential(
-            nn.Linear(dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
-            nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1),
+            nn.Linear(dim, 1024),
+            nn.Dropout(0.2),
+            nn.Linear(1024, 128),
+            nn.Dropout(0.2),
+            nn.Linear(128, 64),
+            nn.Dropout(0.1),
+            nn.Linear(64, 16),
+            nn.Linear(16, 1),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -276,7 +340,7 @@ def load_head(path: str, dim: int) -> ScoreHead:
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state) if isinstance(state, dict) else state
-    head_state = {k[k.index("layers."):]: v for k, v in state.items() if "layers." in k}
+    head_state = {k[k.index("layers.") :]: v for k, v in state.items() if "layers." in k}
     head = ScoreHead(dim)
     try:
         head.load_state_dict(head_state)
@@ -295,8 +359,13 @@ class AestheticScore(_FrozenScorer):
 
     name = "aesthetic"
 
-    def __init__(self, head_path: str, clip_path: str = "openai/clip-vit-large-patch14",
-                 device: str | None = None, dtype: str = "float32") -> None:
+    def __init__(
+        self,
+        head_path: str,
+        clip_path: str = "openai/clip-vit-large-patch14",
+        device: str | None = None,
+        dtype: str = "float32",
+    ) -> None:
         self.backbone = ClipBackbone(clip_path)
         self.head = load_head(head_path, self.backbone.model.config.projection_dim)
         self.modules = [self.backbone.model, self.head]
@@ -318,39 +387,79 @@ class ImageRewardScore(_FrozenScorer):
     cross-attention to the image; the ``[CLS]`` feature goes through :class:`ScoreHead` and is
     standardised: ``(MLP(f) - 0.16717362830052426) / 1.0333394966054072``.
 
-    ``path``: a ``transformers`` ``BlipForImageTextRetrieval`` folder (its ``vision_model`` and
-    ``text_encoder`` are used) with its tokenizer; ``head_path``: the MLP (default
-    ``<path>/imagereward_head.safetensors``).  Prompts are tokenised to ``max_length`` 35,
-    padded, as ImageReward does.
+    ``path``: the official ``ImageReward.pt`` (converted on load, :mod:`~advantageflow.rewards.convert`;
+    ``med_config``: its ``med_config.json``, default next to it; ``processor_path``: the BERT
+    tokenizer, default ``bert-base-uncased``), or a ``transformers`` ``BlipForImageTextRetrieval``
+    folder (its ``vision_model`` and ``text_encoder`` are used) with its tokenizer and
+    ``head_path``, the MLP (default ``<path>/imagereward_head.safetensors``).  Prompts are
+    tokenised to ``max_length`` 35, padded, as ImageReward does.
     """
 
     name = "imagereward"
 
-    def __init__(self, path: str, head_path: str | None = None, processor_path: str | None = None,
-                 max_length: int = 35, device: str | None = None, dtype: str = "float32") -> None:
-        from transformers import AutoTokenizer, BlipForImageTextRetrieval
-
-        try:
-            model = BlipForImageTextRetrieval.from_pretrained(path)
-            self.tokenizer = AutoTokenizer.from_pretrained(processor_path or path)
-        except OSError as err:
-            raise RewardError(f"cannot load a BLIP model from '{path}': {err}") from err
+    def __init__(
+        self,
+        path: str,
+        head_path: str | None = None,
+        processor_path: str | None = None,
+        med_config: str | None = None,
+        max_length: int = 35,
+        device: str | None = None,
+        dtype: str = "float32",
+    ) -> None:
+        if os.path.isfile(path):
+            model, self.head, self.tokenizer = self._official(path, head_path, processor_path, med_config)
+            size = model.config.vision_config.image_size
+            self.transform = ImageTransform(size, size)  # ImageReward's _transform(224)
+        else:
+            model, self.tokenizer = self._folder(path, processor_path, med_config)
+            self.transform = load_transform(processor_path or path, model.config.vision_config.image_size)
+            self.head = load_head(
+                head_path or os.path.join(path, "imagereward_head.safetensors"), model.config.text_config.hidden_size
+            )
         self.vision, self.text = model.vision_model, model.text_encoder
-        self.transform = load_transform(processor_path or path, model.config.vision_config.image_size)
-        self.head = load_head(head_path or os.path.join(path, "imagereward_head.safetensors"),
-                              model.config.text_config.hidden_size)
         self.max_length = int(max_length)
         self.modules = [self.vision, self.text, self.head]
         self._setup(device, dtype)
 
+    @staticmethod
+    def _official(path: str, head_path: str | None, processor_path: str | None, med_config: str | None):
+        """``ImageReward.pt`` -> (BLIP model, head, tokenizer), converted on load."""
+        if head_path is not None:
+            raise RewardError("imagereward: ImageReward.pt holds its MLP head; head_path applies to a folder")
+        med = med_config or os.path.join(os.path.dirname(path), "med_config.json")
+        if not os.path.isfile(med):
+            raise RewardError(f"imagereward: med_config.json not found at '{med}' (pass med_config)")
+        model, head = imagereward_to_blip(read_state_dict(path), med)
+        return model, head, bert_tokenizer(processor_path)
+
+    @staticmethod
+    def _folder(path: str, processor_path: str | None, med_config: str | None):
+        """A ``BlipForImageTextRetrieval`` folder -> (model, tokenizer)."""
+        from transformers import AutoTokenizer, BlipForImageTextRetrieval
+
+        if med_config is not None:
+            raise RewardError("imagereward: med_config applies to an ImageReward.pt file, not a folder")
+        try:
+            return BlipForImageTextRetrieval.from_pretrained(path), AutoTokenizer.from_pretrained(
+                processor_path or path
+            )
+        except OSError as err:
+            raise RewardError(f"cannot load a BLIP model from '{path}': {err}") from err
+
     def features(self, images: Tensor, prompts: list[str]) -> Tensor:
         """``(B, hidden)`` text ``[CLS]`` features grounded on the images."""
         image_embeds = self.vision(pixel_values=self.transform(images)).last_hidden_state
-        tok = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_length,
-                             return_tensors="pt").to(images.device)
+        tok = self.tokenizer(
+            prompts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(images.device)
         image_mask = torch.ones(image_embeds.shape[:2], dtype=torch.long, device=images.device)
-        out = self.text(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"],
-                        encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask)
+        out = self.text(
+            input_ids=tok["input_ids"],
+            attention_mask=tok["attention_mask"],
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=image_mask,
+        )
         return out.last_hidden_state[:, 0, :]
 
     def score(self, images: Tensor, prompts: list[str]) -> Tensor:
