@@ -50,16 +50,6 @@ def eval_noise_key(seed: int, index: int) -> tuple:
     return (seed, "eval", index)
 
 
-def shapes_checkpoint_noise(seed: int, count: int, sample_shape: tuple[int, ...]) -> Tensor:
-    """Initial noise ``(count, *sample_shape)`` of ShapesEval's checkpoint evaluation
-    (:func:`~advantageflow.tasks.shapes.evaluator.evaluate_shapes_eval`, run at the end of
-    ``advantageflow pretrain shapes``): one stream seeded by ``seed`` itself, not per-sample
-    keys.  Kept as it is because the shipped asset's recorded scores (its ``config.json``
-    ``eval`` section, the CFG scan in docs/shapes.md) were made with these draws; the main
-    evaluation keys each sample's noise by :func:`eval_noise_key`."""
-    return torch.randn((count, *sample_shape), generator=torch.Generator().manual_seed(seed))
-
-
 def loss_step_key(seed: int, epoch: int, inner: int, step: int) -> tuple:
     """Draws shared by optimizer step ``step`` of inner epoch ``inner`` (``TrainContext.generator``)."""
     return (seed, "loss", epoch, inner, step)

@@ -169,6 +169,20 @@ def test_the_shapes_evaluator_samples_as_rollouts_generate_and_honours_solver_an
     assert not torch.allclose(images["base"], images["solver"], atol=1e-3)
 
 
+def test_the_checkpoint_evaluation_draws_the_trainer_evaluations_noise(shipped):
+    """``evaluate_checkpoint`` (end of pretraining) and ``advantageflow eval`` / the trainer score the same images."""
+    from advantageflow.evaluation import generate_eval_samples
+    from advantageflow.tasks.shapes.grammar import eval_slots
+
+    specs, per = list(eval_slots())[:2], 2
+    sampler = asset_sampler(shipped, steps=3)
+    ours = sample_shapes_eval(shipped, specs, per, sampler, seed=3)
+    spec = SamplingSpec.for_evaluation(shipped, sampler)
+    prompts = [Prompt(to_prompt(specs[i // per])) for i in range(len(specs) * per)]
+    theirs = generate_eval_samples(shipped, prompts, list(range(len(prompts))), 3, spec, per)
+    assert torch.equal(ours, shipped.decode(theirs.x0))
+
+
 def test_shipped_model_fits_renders_better_than_an_untrained_one(shipped):
     trained = flow_matching_loss(shipped, num_images=32, times=2)
     assert flow_matching_loss(shipped, num_images=32, times=2) == trained  # deterministic

@@ -409,18 +409,19 @@ def sample_shapes_eval(
     :func:`~advantageflow.rollouts.generate_from_noise` with the evaluation settings of
     ``sampler`` (a ``SamplerConfig``: ``eval_steps``, ``eval_solver``, ``shift``, guidance,
     ``batch_size``; default :func:`asset_sampler`) from
-    :func:`~advantageflow.seeding.shapes_checkpoint_noise` (the same noise for every model: the
-    draws the asset's recorded scores were made with)."""
-    from advantageflow.rollouts import SamplingSpec, decode_samples, generate_from_noise
-    from advantageflow.seeding import shapes_checkpoint_noise
+    the evaluation's noise keys (:func:`~advantageflow.seeding.eval_noise_key`, sample ``i`` of
+    spec ``i // samples_per_prompt``): on the evaluation slots these are the images
+    ``advantageflow eval`` and the trainer's evaluation score."""
+    from advantageflow.rollouts import SamplingSpec, decode_samples, generate
+    from advantageflow.seeding import eval_noise_key
     from advantageflow.tasks.base import Prompt
     from advantageflow.tasks.shapes.grammar import to_prompt
 
     spec = SamplingSpec.for_evaluation(policy, sampler or asset_sampler(policy))
     rows = [k for k in range(len(specs)) for _ in range(samples_per_prompt)]
     prompts = [Prompt(to_prompt(specs[k]), specs[k].to_dict()) for k in rows]
-    noise = shapes_checkpoint_noise(seed, len(rows), tuple(policy.sample_shape))
-    return decode_samples(policy, generate_from_noise(policy, prompts, noise, rows, spec).x0, spec.chunk)
+    keys = [eval_noise_key(seed, i) for i in range(len(rows))]
+    return decode_samples(policy, generate(policy, prompts, keys, rows, spec).x0, spec.chunk)
 
 
 def evaluate_shapes_eval(
