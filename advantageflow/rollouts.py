@@ -146,7 +146,7 @@ def sample_noise(
 def encode_prompts(policy: Any, prompts: list[Prompt]) -> Any:
     """Conditioning for each prompt, encoding every distinct text once; a policy that
     ``conditions_on_metadata`` (an editing model's source image) is given the records themselves."""
-    if getattr(policy, "conditions_on_metadata", False):
+    if policy.conditions_on_metadata:
         return policy.encode(prompts)
     texts = [p.text for p in prompts]
     unique = list(dict.fromkeys(texts))

@@ -316,9 +316,8 @@ def _train(
         if stopped_by:
             break
     bar.close()
-    final_exports = getattr(policy, "write_final_exports", None)  # e.g. model.lora.merge_at_end
-    if final_exports is not None and env.is_main:
-        final_exports(str(run_dir))
+    if env.is_main:
+        policy.write_final_exports(str(run_dir))  # e.g. model.lora.merge_at_end
     env.barrier()
     if scorer is not None:
         scorer.shutdown()
@@ -546,12 +545,12 @@ def _save(run: RunParts, root: Path, state: LoopState, eval_ema=None) -> None:
         if eval_ema is not None:
             algo_state = {**algo_state, EVAL_EMA_KEY: eval_ema.state_dict()}
     if env.is_main:
-        extras = getattr(policy, "write_checkpoint_extras", None)  # files for other tools (LoRA adapter)
         save_checkpoint(
             root, state.epoch, policy_state, optimizer_state, algo_state,
             {"loop": asdict(state), "algo": cfg.algo, "world_size": env.world_size,
              "strategy": strategy.name, "config": cfg.to_dict()}, keep=cfg.checkpoint.keep,
-            extras=(lambda folder: extras(policy_state, str(folder))) if extras else None,
+            # files for other tools beside the weights (a diffusers LoRA adapter)
+            extras=lambda folder: policy.write_checkpoint_extras(policy_state, str(folder)),
         )
     env.barrier()
 

@@ -56,10 +56,12 @@ class FlowPolicy(Protocol):
     Attributes:
         sample_shape: per-sample state shape ``S`` (e.g. ``(2,)`` or ``(C, H, W)``).
         device: where the model lives.
+        conditions_on_metadata: ``encode`` takes prompt records, not texts (an editing model).
     """
 
     sample_shape: tuple[int, ...]
     device: torch.device
+    conditions_on_metadata: bool
 
     def velocity(self, x: Tensor, t: Tensor, cond: Any, guidance_scale: float = 1.0) -> Tensor:
         """Velocity ``(B, *S)`` at states ``x`` ``(B, *S)`` and times ``t`` ``(B,)``.
@@ -114,6 +116,13 @@ class FlowPolicy(Protocol):
 
     def memory(self) -> dict[str, float]:
         """Peak memory of this process, ``{"perf/max_memory_gb": ...}`` (GiB)."""
+
+    def write_checkpoint_extras(self, state: dict[str, Tensor], folder: str) -> None:
+        """Files for other tools written beside each checkpoint's weights (``state``, the
+        trainable state being saved), e.g. a diffusers LoRA adapter; none by default."""
+
+    def write_final_exports(self, run_dir: str) -> None:
+        """Files written once at the end of a run (e.g. ``model.lora.merge_at_end``); none by default."""
 
 
 def memory_per_process(device: torch.device | str | None = None) -> dict[str, float]:
@@ -172,6 +181,12 @@ class PolicyBase:
 
     def memory(self) -> dict[str, float]:
         return memory_per_process(self.device)
+
+    def write_checkpoint_extras(self, state: dict[str, Tensor], folder: str) -> None:
+        return None
+
+    def write_final_exports(self, run_dir: str) -> None:
+        return None
 
     def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:  # pragma: no cover
         raise NotImplementedError

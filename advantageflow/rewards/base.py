@@ -138,7 +138,7 @@ def check_reward_gradient(algo: str, algo_cls: Any, rewards: list[tuple[str, str
     """
     from advantageflow.configbase import ConfigError
 
-    if not getattr(algo_cls, "requires_differentiable_reward", False):
+    if not algo_cls.requires_differentiable_reward:
         return
     for where, name, reward in rewards:
         if declared_differentiable(reward) is False:
