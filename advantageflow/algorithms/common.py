@@ -111,6 +111,15 @@ def sample_times(
     return (t_min + (t_max - t_min) * u).to(device)
 
 
+def require_at_least(cfg: Any, bounds: dict[str, float]) -> None:
+    """``ConfigError`` "KEY must be >= BOUND" for the first field of ``cfg`` below its bound."""
+    from advantageflow.configbase import ConfigError
+
+    for key, bound in bounds.items():
+        if not getattr(cfg, key) >= bound:  # also refuses NaN
+            raise ConfigError(f"{key} must be >= {bound}")
+
+
 @dataclass
 class TrainingTimes:
     """Where a forward-process loss draws its training times: ``time_sampling`` (``uniform``

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from advantageflow.algorithms.base import AlgorithmBase, TrainContext
-from advantageflow.algorithms.common import LaggedPolicy, TrainingTimes, noised
+from advantageflow.algorithms.common import LaggedPolicy, TrainingTimes, noised, require_at_least
 from advantageflow.sampling import SamplerRequest
 from advantageflow.types import LossOutput, Rollout, index_cond, mean_flat
 
@@ -94,13 +94,8 @@ class EPG(AlgorithmBase):
         num_draws: int = 4
 
         def validate(self) -> None:
-            from advantageflow.configbase import ConfigError
-
             super().validate()
-            if self.num_draws < 1:
-                raise ConfigError("num_draws must be >= 1")
-            if self.beta < 0:
-                raise ConfigError("beta must be >= 0")
+            require_at_least(self, {"num_draws": 1, "beta": 0})
 
     def __init__(self, cfg: Config, policy: Any) -> None:
         self.cfg = cfg

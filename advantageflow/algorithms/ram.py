@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from advantageflow.algorithms.base import AlgorithmBase, TrainContext
-from advantageflow.algorithms.common import TrainingTimes, noised
+from advantageflow.algorithms.common import TrainingTimes, noised, require_at_least
 from advantageflow.sampling import SamplerRequest
 from advantageflow.types import LossOutput, Rollout, expand_time, mean_flat
 
@@ -82,13 +82,8 @@ class RAM(AlgorithmBase):
         draws_per_sample: int = 1
 
         def validate(self) -> None:
-            from advantageflow.configbase import ConfigError
-
             super().validate()
-            if self.eta < 0:
-                raise ConfigError("eta must be >= 0")
-            if self.draws_per_sample < 1:
-                raise ConfigError("draws_per_sample must be >= 1")
+            require_at_least(self, {"eta": 0, "draws_per_sample": 1})
 
     def __init__(self, cfg: Config, policy: Any) -> None:
         self.cfg = cfg
