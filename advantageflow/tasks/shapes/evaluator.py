@@ -406,7 +406,7 @@ def sample_shapes_eval(
 ) -> Tensor:
     """Images ``(len(specs) * samples_per_prompt, 3, H, W)`` in ``[0, 1]`` of each spec's prompt
     (``samples_per_prompt`` consecutive rows per spec), sampled by
-    :func:`~advantageflow.rollouts.generate_from_noise` with the evaluation settings of
+    :func:`~advantageflow.rollouts.generate` with the evaluation settings of
     ``sampler`` (a ``SamplerConfig``: ``eval_steps``, ``eval_solver``, ``shift``, guidance,
     ``batch_size``; default :func:`asset_sampler`) from
     the evaluation's noise keys (:func:`~advantageflow.seeding.eval_noise_key`, sample ``i`` of
