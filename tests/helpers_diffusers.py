@@ -53,3 +53,25 @@ def check_checkpointing(plain: Any, ckpt: Any, prompts: list[str]) -> None:
     assert ckpt.transformer.gradient_checkpointing and any(g.abs().sum() > 0 for g in grads[1])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def check_exported_lora_velocity(policy: Any, pipeline_dir: str, cond: Any, tmp_path: Path) -> None:
+    """``export_lora(policy)``, then diffusers' own ``load_lora_weights`` into a fresh pipeline
+    from ``pipeline_dir``: its transformer in our call gives our velocity at ``cond`` (to 1e-5),
+    and the adapter changes the velocity (> 1e-2)."""
+    from advantageflow.models.export import export_lora
+
+    perturb_lora(policy, seed=5)
+    export_lora(policy, str(tmp_path))
+    fresh = type(policy.pipe).from_pretrained(pipeline_dir)
+    fresh.load_lora_weights(str(tmp_path))
+    x = torch.randn(1, *policy.sample_shape, generator=torch.Generator().manual_seed(6))
+    t = torch.tensor([0.6])
+    with torch.no_grad():
+        ours = policy.velocity(x, t, cond)
+        with policy.reference():
+            base = policy.velocity(x, t, cond)
+        policy.set_trained_forward(fresh.transformer)  # the loaded pipeline's network in our call
+        theirs = policy.velocity(x, t, cond)
+    assert (ours - base).abs().max() > 1e-2  # the adapter matters
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)

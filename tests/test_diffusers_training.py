@@ -17,6 +17,8 @@ from advantageflow.checkpoint import latest_checkpoint, load_checkpoint  # noqa:
 from advantageflow.config import load_config  # noqa: E402
 from advantageflow.models.export import load_policy  # noqa: E402
 from advantageflow.rewards import REWARDS  # noqa: E402
+from advantageflow.rollouts import encode_prompts  # noqa: E402
+from advantageflow.tasks.base import Prompt  # noqa: E402
 from advantageflow.trainer import train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,10 +86,13 @@ def test_algorithm_trains_the_tiny_pipeline(kind, algo, tmp_path):
     check_one_update(kind, algo, tmp_path)
 
 
-def check_one_update(kind: str, algo: str, tmp_path: Path, extra: tuple[str, ...] = ()) -> None:
+def check_one_update(
+    kind: str, algo: str, tmp_path: Path, extra: tuple[str, ...] = (), prompt: Prompt | None = None
+) -> None:
     """One update of ``algo`` on the tiny ``kind`` pipeline through the trainer (the model's
-    ``configs/<kind>_tiny_advantageflow.yaml``, ``algo=`` switched): finite losses, moved LoRA
-    weights, and a checkpoint whose policy differs from the base model."""
+    ``configs/<kind>_tiny_advantageflow.yaml``, ``algo=`` switched, then ``extra`` overrides):
+    finite losses, moved LoRA weights, and a checkpoint whose policy differs from the base
+    model at ``prompt`` (default "a red cat"; an editing model's record carries its image)."""
     cfg = load_config(str(REPO / f"configs/{kind}_tiny_advantageflow.yaml"), [*tiny_overrides(kind, algo), *extra])
     result = train(cfg, tmp_path / "run")
     assert result.steps == 1
@@ -103,7 +108,7 @@ def check_one_update(kind: str, algo: str, tmp_path: Path, extra: tuple[str, ...
     policy = load_policy(cfg.model, state)
     x = torch.randn(1, *policy.sample_shape, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([0.7])
-    cond = policy.encode(["a red cat"])
+    cond = encode_prompts(policy, [prompt or Prompt("a red cat")])
     with torch.no_grad():
         v = policy.velocity(x, t, cond)
         with policy.reference():

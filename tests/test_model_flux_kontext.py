@@ -4,10 +4,8 @@ pipeline's ``__call__`` for the same noise and source image, and every algorithm
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -20,6 +18,8 @@ from advantageflow.models.tiny_pipelines import tiny_pipeline_dir  # noqa: E402
 from advantageflow.rollouts import encode_prompts  # noqa: E402
 from advantageflow.sampling import bind_velocity, sample  # noqa: E402
 from advantageflow.tasks.base import Prompt  # noqa: E402
+from tests.helpers_diffusers import check_exported_lora_velocity  # noqa: E402
+from tests.test_diffusers_training import ALGOS, check_one_update  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "advantageflow/assets/edits/shapes"
@@ -137,86 +137,16 @@ def test_a_prompt_without_a_source_image_is_refused():
 
 def test_exported_lora_loads_into_the_pipeline(tmp_path):
     """Our checkpoint's adapter, through diffusers' own ``load_lora_weights``, gives our velocity."""
-    from advantageflow.models.export import export_lora
-
     policy = make_policy()
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for p in policy.trainable_parameters():
-            p.add_(0.2 * torch.randn(p.shape, generator=gen))
-    export_lora(policy, str(tmp_path))
-    fresh = type(policy.pipe).from_pretrained(tiny_pipeline_dir("flux_kontext"))
-    fresh.load_lora_weights(str(tmp_path))
-    x = torch.randn(1, *policy.sample_shape, generator=gen)
-    t = torch.tensor([0.6])
     cond = encode_prompts(policy, records(1))
-    with torch.no_grad():
-        ours = policy.velocity(x, t, cond)
-        with policy.reference():
-            base = policy.velocity(x, t, cond)
-        policy.set_trained_forward(fresh.transformer)  # the loaded pipeline's network in our call
-        theirs = policy.velocity(x, t, cond)
-    assert (ours - base).abs().max() > 1e-2  # the adapter matters
-    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+    check_exported_lora_velocity(policy, tiny_pipeline_dir("flux_kontext"), cond, tmp_path)
 
 
 # ---------------------------------------------------------------------------- training
 
 
-class MeanBrightness:
-    """Differentiable test reward: mean pixel value ``(B,)`` (so DRaFT can train too)."""
-
-    differentiable = True
-
-    def __call__(self, images, prompts, metadata):
-        return images.float().mean(dim=(1, 2, 3))
-
-
-ALGO_OVERRIDES = {"awm": ["awm.num_timesteps=1"], "epg": ["epg.num_draws=1"], "flow_grpo": ["flow_grpo.beta=0.04"]}
-ALGOS = ["advantageflow", "awm", "flow_grpo", "diffusion_nft", "epg", "ram", "draft"]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("algo", ALGOS)
 def test_every_algorithm_trains_the_tiny_pipeline(algo, tmp_path):
-    from advantageflow.algorithms import ALGORITHMS
-    from advantageflow.checkpoint import latest_checkpoint, load_checkpoint
-    from advantageflow.config import load_config
-    from advantageflow.rewards import REWARDS
-    from advantageflow.trainer import train
-
-    if algo not in ALGORITHMS:
-        pytest.skip(f"{algo} is not registered")
-    if "test_kontext_brightness" not in REWARDS:
-        REWARDS.register("test_kontext_brightness", MeanBrightness)
-    cfg = load_config(
-        str(REPO / "configs/flux_kontext_tiny_advantageflow.yaml"),
-        [
-            f"algo={algo}",
-            f"task.path={DATA / 'edits.jsonl'}",
-            f"model.image_root={DATA}",
-            "model.height=16",
-            "model.width=16",
-            "model.max_sequence_length=8",
-            "model.lora.rank=2",
-            "model.lora.alpha=4",
-            "reward.name=test_kontext_brightness",
-            "sampler.steps=2",
-            "sampler.eval_steps=2",
-            "train.epochs=1",
-            "train.prompts_per_epoch=1",
-            "train.group_size=2",
-            "train.micro_batch_size=2",
-            "train.lr=0.01",
-            "eval.every=0",
-            "checkpoint.every=1",
-            *ALGO_OVERRIDES.get(algo, []),
-        ],
-    )
-    result = train(cfg, tmp_path / "run")
-    assert result.steps == 1
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss/total"] for r in rows if "loss/total" in r]
-    assert losses and np.isfinite(losses).all()
-    state = load_checkpoint(latest_checkpoint(tmp_path / "run" / "checkpoints")).policy
-    assert sum(float(v.abs().sum()) for k, v in state.items() if "lora_B" in k) > 0, f"{algo} did not train"
+    data = (f"task.path={DATA / 'edits.jsonl'}", f"model.image_root={DATA}")  # the shipped tiny edit set
+    check_one_update("flux_kontext", algo, tmp_path, extra=data, prompt=records(1)[0])
