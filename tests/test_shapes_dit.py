@@ -207,3 +207,21 @@ def test_every_architecture_variant_maps_images_to_velocities_and_trains_every_p
 def test_half_resolution_stage_needs_the_full_resolution_one():
     with pytest.raises(ValueError, match="mid_channels needs conv_channels"):
         ShapesDiT(DiTConfig(conv_channels=0, mid_channels=8))
+
+
+def test_x_prediction_turns_the_networks_clean_image_into_the_velocity():
+    """``prediction: x0``: the network's output is the clean-image estimate; its velocity is
+    ``(x_t - x0_hat) / max(t, t_min)``, so an exact x0 gives the exact velocity ``eps - x0``."""
+    torch.manual_seed(0)
+    net = ShapesDiT(DiTConfig(width=32, depth=1, heads=2, conv_channels=8, prediction="x0"))
+    x0, eps = torch.rand(3, 3, 32, 32) * 2 - 1, torch.randn(3, 3, 32, 32)
+    t = torch.tensor([0.02, 0.5, 0.9])
+    x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
+    tokens = tokenize(["a red circle", "two bars", ""], 12)
+    net._network = lambda x, t, tokens: x0  # an oracle network: the velocity must be exact
+    v = net(x_t, t, tokens)
+    torch.testing.assert_close(v[1:], (eps - x0)[1:], rtol=1e-5, atol=1e-5)
+    # below t_min the division is floored: bounded, and exact again at t = t_min
+    torch.testing.assert_close(v[0], (x_t[0] - x0[0]) / 0.05)
+    with pytest.raises(ValueError, match="prediction must be"):
+        ShapesDiT(DiTConfig(prediction="eps"))

@@ -24,6 +24,7 @@ from advantageflow.tasks.shapes.scene import (
     RELATIONS,
     SHAPES,
     TAGS,
+    Layout,
     ObjectSpec,
     Relation,
     SceneSpec,
@@ -143,10 +144,13 @@ def test_task_tag_filter():
     assert task.test_prompts() and all(p.metadata["tag"] == "counting" for p in task.test_prompts())
 
 
-def test_sample_scene_satisfies_spec_and_never_overlaps():
+@pytest.mark.parametrize("layout", [Layout(), Layout(size=10.0, centre_step=4.0)], ids=["benchmark", "lattice"])
+def test_sample_scene_satisfies_spec_and_never_overlaps(layout):
     rng = random.Random(0)
     for spec in random.Random(1).sample(all_specs(), 200):
-        scene = sample_scene(spec, rng)
+        scene = sample_scene(spec, rng, layout=layout)
+        if layout.centre_step:  # the restricted pretraining layout: fixed size, centres on the lattice
+            assert all(o.size == 10.0 and o.cx % 4 == 0 and o.cy % 4 == 0 for o in scene.objects)
         assert len(scene.objects) == sum(o.count for o in spec.objects)
         for i, a in enumerate(scene.objects):
             assert 0 <= a.box()[0] and a.box()[2] <= scene.size

@@ -70,6 +70,8 @@ class DiTConfig:
     conv_channels: int = 0  # > 0: convolutional stem and head at full resolution (see ShapesDiT)
     conv_blocks: int = 1  # residual blocks of the convolutional head
     mid_channels: int = 0  # > 0: a half-resolution convolutional stage around the transformer
+    prediction: str = "velocity"  # or "x0": the network predicts the clean image (see ShapesDiT)
+    x0_t_min: float = 0.05  # with prediction "x0": v = (x_t - x0) / max(t, x0_t_min)
 
 
 def timestep_embedding(t: Tensor, dim: int) -> Tensor:
@@ -167,6 +169,8 @@ class ShapesDiT(nn.Module):
         super().__init__()
         if cfg.image_size % cfg.patch or cfg.width % cfg.heads:
             raise ValueError("image_size must be divisible by patch and width by heads")
+        if cfg.prediction not in ("velocity", "x0"):
+            raise ValueError(f"prediction must be 'velocity' or 'x0', not {cfg.prediction!r}")
         self.cfg = cfg
         w, p = cfg.width, cfg.patch
         self.grid = cfg.image_size // p
@@ -205,6 +209,15 @@ class ShapesDiT(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def forward(self, x: Tensor, t: Tensor, tokens: Tensor) -> Tensor:
+        """The velocity ``(B, C, H, W)``, whatever ``cfg.prediction`` the network outputs."""
+        out = self._network(x, t, tokens)
+        if self.cfg.prediction == "velocity":
+            return out
+        # x-prediction (Li & He 2025, "Back to Basics", Sec. 3): with x_t = (1 - t) x0 + t eps
+        # the velocity eps - x0 is (x_t - x0) / t; t is floored so the map stays bounded near 0
+        return (x - out) / t.clamp(min=self.cfg.x0_t_min).view(-1, 1, 1, 1).to(x.dtype)
+
+    def _network(self, x: Tensor, t: Tensor, tokens: Tensor) -> Tensor:
         b, ch, hh, ww = x.shape
         p, g = self.token_patch, self.grid
         txt = self.tok(tokens) + self.tok_pos[:, : tokens.shape[1]]  # (B, L, D)

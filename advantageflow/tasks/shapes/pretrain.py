@@ -34,7 +34,7 @@ import torch
 
 from advantageflow.models.dit import DiTConfig, ShapesDiT, save_asset
 from advantageflow.tasks.shapes.grammar import specs_for_tag, to_prompt
-from advantageflow.tasks.shapes.scene import BACKGROUND, TAGS, render_specs
+from advantageflow.tasks.shapes.scene import BACKGROUND, TAGS, Layout, render_specs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--conv-channels", type=int, default=16, help="full-resolution conv stem/head channels (0 = none)")
     p.add_argument("--mid-channels", type=int, default=0,
                    help="channels of a half-resolution conv stage around the transformer (0 = none)")
+    p.add_argument("--prediction", choices=("velocity", "x0"), default="velocity",
+                   help="what the network outputs: the velocity, or the clean image (x-prediction, "
+                        "the loss stays on the velocity)")
+    p.add_argument("--object-size", type=float, default=0.0,
+                   help="draw every pretraining object this size in pixels (0 = the benchmark's 9-12)")
+    p.add_argument("--centre-step", type=float, default=0.0,
+                   help="put pretraining objects' centres on multiples of this many pixels (0 = anywhere)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init", default="", help="start from the weights of this asset folder (its architecture wins)")
     p.add_argument("--time-sampling", choices=("uniform", "logit_normal"), default="uniform",
@@ -111,10 +118,12 @@ def velocity_mse(v: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | 
 _RESUME_FREE = ("minutes", "no_progress", "eval_samples", "save_every", "resume_every")
 
 
-def sample_batch(rng: random.Random, batch: int, cfg_dropout: float) -> tuple[torch.Tensor, list[str]]:
+def sample_batch(
+    rng: random.Random, batch: int, cfg_dropout: float, layout: Layout | None = None
+) -> tuple[torch.Tensor, list[str]]:
     """``(B, 3, 32, 32)`` renders in ``[-1, 1]`` and their prompts ('' for dropped ones)."""
     specs = [rng.choice(_SPECS[rng.choice(TAGS)]) for _ in range(batch)]
-    images, _ = render_specs(specs, rng)
+    images, _ = render_specs(specs, rng, layout=layout)
     prompts = ["" if rng.random() < cfg_dropout else to_prompt(s) for s in specs]
     return images * 2 - 1, prompts
 
@@ -168,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(args.seed)
     noise_gen = torch.Generator().manual_seed(args.seed + 1)
     cfg = DiTConfig(patch=args.patch, width=args.width, depth=args.depth, heads=args.heads,
-                    conv_channels=args.conv_channels, mid_channels=args.mid_channels)
+                    conv_channels=args.conv_channels, mid_channels=args.mid_channels,
+                    prediction=args.prediction)
     net = ShapesDiT(cfg)
     if args.init:
         from advantageflow.models.dit import load_asset
@@ -176,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         net, _ = load_asset(args.init)
         net.train()
         cfg = net.cfg
+    layout = Layout(size=args.object_size, centre_step=args.centre_step)
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.0)
     final_ratio = args.lr_final / args.lr
@@ -209,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
 
     while step < args.steps:
         step += 1
-        x0, prompts = sample_batch(rng, args.batch_size, args.cfg_dropout)
+        x0, prompts = sample_batch(rng, args.batch_size, args.cfg_dropout, layout)
         tokens = tokenize(prompts, cfg.max_tokens)
         eps = torch.randn(x0.shape, generator=noise_gen)
         if args.time_sampling == "logit_normal":
