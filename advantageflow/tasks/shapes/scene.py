@@ -208,7 +208,7 @@ def sample_scene(
         for shape, color in wanted:
             s = layout.object_size(rng)
             for _ in range(50):
-                drawn_color = color or rng.choice(list(COLORS))  # the draws' order is pinned by the golden tests
+                drawn_color = color or rng.choice(list(COLORS))  # colour before centres: the draws of earlier versions
                 cx, cy = layout.centre(rng, s, size), layout.centre(rng, s, size)
                 obj = PlacedObject(shape, drawn_color, cx, cy, s)
                 if all(_boxes_apart(obj, p, GAP) for p in placed):
