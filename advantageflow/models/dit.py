@@ -248,6 +248,19 @@ class ShapesDiT(nn.Module):
         return self.head_out(F.silu(self.head_norm(h)))
 
 
+def build_network(model: dict) -> nn.Module:
+    """The untrained network of an asset's ``model`` section: a :class:`ShapesDiT`, or a
+    :class:`~advantageflow.models.unet.ShapesUNet` when it says ``"arch": "unet"``."""
+    arch = model.get("arch", "dit")
+    if arch == "unet":
+        from advantageflow.models.unet import ShapesUNet, UNetConfig
+
+        return ShapesUNet(UNetConfig(**model))
+    if arch != "dit":
+        raise ValueError(f"unknown ShapesEval network architecture {arch!r} (known: dit, unet)")
+    return ShapesDiT(DiTConfig(**{k: v for k, v in model.items() if k != "arch"}))
+
+
 def asset_files(path: str | Path = "") -> tuple[Path, Path]:
     """``(config.json, model.safetensors)`` of an asset folder ('' = the shipped one);
     ``FileNotFoundError`` naming the folder if either is missing."""
@@ -261,18 +274,18 @@ def asset_files(path: str | Path = "") -> tuple[Path, Path]:
     return cfg_file, weights
 
 
-def load_asset(path: str | Path = "") -> tuple[ShapesDiT, dict]:
+def load_asset(path: str | Path = "") -> tuple[nn.Module, dict]:
     """The network and its ``config.json`` from an asset folder ('' = the shipped one)."""
     from safetensors.torch import load_file
 
     cfg_file, weights = asset_files(path)
     meta = json.loads(cfg_file.read_text())
-    net = ShapesDiT(DiTConfig(**meta["model"]))
+    net = build_network(meta["model"])
     net.load_state_dict(load_file(str(weights)))
     return net.eval(), meta
 
 
-def save_asset(net: ShapesDiT, meta: dict, path: str | Path) -> None:
+def save_asset(net: nn.Module, meta: dict, path: str | Path) -> None:
     """Write ``model.safetensors`` and ``config.json`` (``meta`` plus the architecture)."""
     from safetensors.torch import save_file
 

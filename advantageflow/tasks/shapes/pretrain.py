@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from advantageflow.models.dit import DiTConfig, ShapesDiT, save_asset
+from advantageflow.models.unet import ShapesUNet, UNetConfig
 from advantageflow.tasks.shapes.grammar import specs_for_tag, to_prompt
 from advantageflow.tasks.shapes.scene import BACKGROUND, TAGS, Layout, render_specs
 
@@ -52,13 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=200, help="linear warm-up steps")
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved weights")
     p.add_argument("--cfg-dropout", type=float, default=0.1, help="fraction of empty prompts")
+    p.add_argument("--arch", choices=("dit", "unet"), default="dit",
+                   help="network: the DiT (ShapesDiT) or a three-level U-Net with text cross-attention (ShapesUNet)")
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--patch", type=int, default=4)
-    p.add_argument("--conv-channels", type=int, default=16, help="full-resolution conv stem/head channels (0 = none)")
+    p.add_argument("--conv-channels", type=int, default=16,
+                   help="full-resolution conv channels (DiT: stem/head, 0 = none; U-Net: its top level)")
     p.add_argument("--mid-channels", type=int, default=0,
-                   help="channels of a half-resolution conv stage around the transformer (0 = none)")
+                   help="channels of a half-resolution conv stage around the transformer (DiT: 0 = none; "
+                        "U-Net: its middle level, 0 = twice --conv-channels)")
     p.add_argument("--prediction", choices=("velocity", "x0"), default="velocity",
                    help="what the network outputs: the velocity, or the clean image (x-prediction, "
                         "the loss stays on the velocity)")
@@ -131,6 +136,19 @@ def sample_batch(
 _SPECS = {tag: specs_for_tag(tag) for tag in TAGS}
 
 
+def _new_network(args: argparse.Namespace) -> torch.nn.Module:
+    """The untrained network the arguments describe (``--arch``)."""
+    if args.arch == "unet":
+        if args.prediction != "velocity":
+            raise SystemExit("error: --arch unet predicts the velocity only (drop --prediction)")
+        return ShapesUNet(UNetConfig(base_channels=args.conv_channels,
+                                     mid_channels=args.mid_channels or 2 * args.conv_channels,
+                                     width=args.width, depth=args.depth, heads=args.heads))
+    return ShapesDiT(DiTConfig(patch=args.patch, width=args.width, depth=args.depth, heads=args.heads,
+                               conv_channels=args.conv_channels, mid_channels=args.mid_channels,
+                               prediction=args.prediction))
+
+
 def _meta(args: argparse.Namespace, extra: dict) -> dict:
     return {
         "sampling": {
@@ -176,10 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     noise_gen = torch.Generator().manual_seed(args.seed + 1)
-    cfg = DiTConfig(patch=args.patch, width=args.width, depth=args.depth, heads=args.heads,
-                    conv_channels=args.conv_channels, mid_channels=args.mid_channels,
-                    prediction=args.prediction)
-    net = ShapesDiT(cfg)
+    net = _new_network(args)
+    cfg = net.cfg
     if args.init:
         from advantageflow.models.dit import load_asset
 
@@ -205,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         wall_before, cpu_before = state["wall_s"], state["cpu_s"]
         print(f"resuming the unfinished run in {out} at step {step}", flush=True)
     n_params = sum(p.numel() for p in net.parameters())
-    print(f"ShapesDiT: {n_params / 1e6:.2f} M parameters; {args.steps} steps of {args.batch_size}; "
+    print(f"{type(net).__name__}: {n_params / 1e6:.2f} M parameters; {args.steps} steps of {args.batch_size}; "
           f"writing {out}", flush=True)
 
     bar = None
