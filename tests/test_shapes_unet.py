@@ -77,3 +77,28 @@ def test_pretrain_with_the_unet(tmp_path):
     assert meta["pretrain"]["arch"] == "unet"
     with pytest.raises(SystemExit, match="velocity only"):
         pretrain([*args, "--prediction", "x0", "--out", str(tmp_path / "x0")])
+
+
+def test_unet_gradients_do_not_depend_on_thread_count():
+    """Under the trainer's thread-invariant kernels every U-Net gradient is equal bit for bit
+    with 1 and 2 threads (an affine LayerNorm once broke this)."""
+    from advantageflow.numerics import thread_invariant_kernels
+
+    torch.manual_seed(0)
+    net = ShapesUNet(UNetConfig(base_channels=8, mid_channels=16, width=32, depth=1, heads=2))
+    for p in net.parameters():  # leave zero-initialised layers no chance to hide a difference
+        torch.nn.init.normal_(p, std=0.05)
+    x, t = torch.randn(4, 3, 32, 32), torch.rand(4)
+    tokens = torch.randint(3, 20, (4, 6))
+    grads, previous = [], torch.get_num_threads()
+    try:
+        with thread_invariant_kernels():
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                net.zero_grad()
+                net(x, t, tokens).square().mean().backward()
+                grads.append({n: p.grad.clone() for n, p in net.named_parameters()})
+    finally:
+        torch.set_num_threads(previous)
+    differ = [n for n in grads[0] if not torch.equal(grads[0][n], grads[1][n])]
+    assert not differ, f"gradients that depend on the thread count: {differ}"

@@ -98,7 +98,8 @@ class ShapesUNet(nn.Module):
         self.register_buffer("pos_fixed", sincos_2d(self.grid, w)[None], persistent=False)
         self.pos = nn.Parameter(torch.zeros(1, self.grid * self.grid, w))
         self.blocks = nn.ModuleList(Block(w, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
-        self.mid_norm = nn.LayerNorm(w, eps=1e-6)
+        # no affine: its weight gradients are an ATen reduction that depends on the thread count
+        self.mid_norm = nn.LayerNorm(w, elementwise_affine=False, eps=1e-6)
         self.up2 = nn.Conv2d(w, c2, 3, padding=1)
         self.dec2 = ConvResBlock(c2, w)
         self.dec2_text = TextCrossAttention(c2, w, cfg.text_heads)
