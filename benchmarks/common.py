@@ -86,6 +86,8 @@ class Curve:
     rows, flops: cumulative network rows (forward + backward: ``perf/network_rows_fwd`` +
     ``perf/network_rows_bwd``) and ``perf/flops`` at each evaluation (empty for results saved
     before the trainer counted them; ``flops`` also when the model's FLOPs are not counted).
+    seed: the run's seed where methods were run on different seed sets (imported runs);
+    None = the curve's position in its method's list.
     """
 
     seconds: list[float]
@@ -96,6 +98,7 @@ class Curve:
     ended: str = ""
     rows: list[float] = field(default_factory=list)
     flops: list[float] = field(default_factory=list)
+    seed: int | None = None
 
 
 def read_curve(run_dir: Path, metric: str) -> Curve:

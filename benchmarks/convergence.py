@@ -197,17 +197,33 @@ MEASURES = (
 )
 
 
-def speedups(mine: list, theirs: list, cap: float) -> tuple[list[float], bool]:
-    """Per-seed ratio theirs / mine (same seed); a baseline that missed the target counts as
-    ``cap``, its whole run ('>=' lower bound)."""
+def speedups(mine: dict, theirs: dict, cap: dict) -> tuple[list[float], bool]:
+    """Per-seed ratio theirs / mine over the seeds both ran (``{seed: cost or None}``); a
+    baseline that missed the target counts as ``cap[seed]``, the cost of its whole run on that
+    seed ('>=' lower bound)."""
     out, bound = [], False
-    for m, b in zip(mine, theirs):
-        if m is None:
+    for seed, m in mine.items():
+        if m is None or seed not in theirs:
             continue
+        b = theirs[seed]
         if b is None:
-            b, bound = cap, True
+            b, bound = cap[seed], True
         out.append(b / max(m, 1e-9))
     return out, bound
+
+
+def largest_fall(values: list[float]) -> float:
+    """How far a curve ever fell below its best value so far (the stability criterion)."""
+    best, fall = -math.inf, 0.0
+    for v in values:
+        best = max(best, v)
+        fall = max(fall, best - v)
+    return fall
+
+
+def curve_seeds(curves: list[Curve]) -> list[int]:
+    """Each curve's seed: its own where recorded (imported runs), else its position."""
+    return [c.seed if c.seed is not None else i for i, c in enumerate(curves)]
 
 
 def summarize(task: str, spec: TaskSpec, results: dict, lrs: dict, target: float, base: float,
@@ -222,8 +238,9 @@ def summarize(task: str, spec: TaskSpec, results: dict, lrs: dict, target: float
             per[algo][m.key] = [first_crossing(m.xs(c), c.values, target) if m.xs(c) else None for c in curves]
     measures = [m for m in MEASURES if all(m.xs(c) for cs in results.values() for c in cs)]
 
-    header = ["method", "lr (chosen)", "epochs", "s / epoch", f"final {spec.metric}", "final − base",
-              f"best {spec.metric}", "reached", "stopped early", *[m.label for m in measures],
+    header = ["method", "seeds", "lr (chosen)", "epochs", "s / epoch", f"final {spec.metric}", "final − base",
+              f"best {spec.metric}", "largest fall below the best", "reached", "stopped early",
+              *[m.label for m in measures],
               *[f"speed-up vs Flow-GRPO ({m.key})" for m in measures]]
     rows = []
     for algo in results:
@@ -237,16 +254,21 @@ def summarize(task: str, spec: TaskSpec, results: dict, lrs: dict, target: float
                 sp_cells.append("–")
                 continue
             base_curves = results[BASELINE]
-            cap = budget_s if m.key == "time" and budget_s > 0 else max(m.xs(c)[-1] for c in base_curves)
-            ratios, bound = speedups(p[m.key], per[BASELINE][m.key], cap)
+            base_seeds = curve_seeds(base_curves)
+            cap = {s: budget_s if m.key == "time" and budget_s > 0 else m.xs(c)[-1]
+                   for s, c in zip(base_seeds, base_curves)}
+            ratios, bound = speedups(dict(zip(curve_seeds(results[algo]), p[m.key])),
+                                     dict(zip(base_seeds, per[BASELINE][m.key])), cap)
             if not ratios:
                 sp_cells.append("–")
                 continue
             sp_cells.append(f"{'≥' if bound else ''}{mean_std(ratios)[0]:.2f}x [{min(ratios):.2f}–{max(ratios):.2f}]")
         rows.append([
-            algo, f"{lrs[algo]:.1e}", f"{mean_std(p['epochs'])[0]:.0f}", f"{mean_std(p['epoch_s'])[0]:.3f}",
+            algo, ",".join(str(s) for s in curve_seeds(results[algo])), f"{lrs[algo]:.1e}",
+            f"{mean_std(p['epochs'])[0]:.0f}", f"{mean_std(p['epoch_s'])[0]:.3f}",
             fmt(*mean_std(p["final"])), fmt(*mean_std([c.values[-1] - c.values[0] for c in results[algo]])),
-            fmt(*mean_std(p["best"])), f"{reached}/{len(p['time'])}",
+            fmt(*mean_std(p["best"])), f"{max(largest_fall(c.values) for c in results[algo]):.3f}",
+            f"{reached}/{len(p['time'])}",
             str(sum(c.ended.startswith("stopped") for c in results[algo])), *cost_cells, *sp_cells,
         ])
     return markdown_table(header, rows), per
@@ -334,9 +356,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep-runs", action="store_true")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra config override for every run (repeatable)")
+    ap.add_argument("--import-runs", default=None, metavar="MANIFEST",
+                    help="report runs made outside the benchmark (e.g. long `advantageflow train` runs): a JSON file "
+                         "{\"runs\": {method: {seed: run_dir}}, \"protocol\": how they were made}; writes "
+                         "<out>.json/.md/.png like a benchmark run")
     ap.add_argument("--from-json", default=None,
                     help="re-render the table and plot of a saved run (with --target: at another target)")
     args = ap.parse_args(argv)
+    if args.import_runs:
+        stem = Path(args.out) if args.out else RESULTS / f"imported_{args.task}"
+        data = import_runs(Path(args.import_runs), args.task, args.target)
+        with open(stem.with_suffix(".json"), "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=1)
+        print(write_report(data, stem))
+        return 0
     if args.from_json:
         data = json.loads(Path(args.from_json).read_text())
         note = ""
@@ -493,29 +526,97 @@ def budget_text(budget_s: float, budget_samples: int) -> str:
     return " or ".join(parts)
 
 
+def import_runs(manifest: Path, task: str, target: float | None = None) -> dict:
+    """Benchmark data (the schema ``--from-json`` reads) from run folders made outside the
+    benchmark, each with its own seed: ``{"runs": {method: {seed: run_dir}}, "protocol": text}``.
+
+    A run without ``summary.json`` is reported as unfinished (its last evaluation counts as
+    final).  Every run of a method must share the learning rate, and its config's algorithm
+    must be the method's; the target is the mean base value of the first method's runs + the
+    task's delta unless ``target`` is given.
+    """
+    import yaml
+
+    spec = TASKS[task]
+    try:
+        wanted = json.loads(manifest.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise SystemExit(f"convergence: cannot read the manifest {manifest}: {err}") from None
+    unknown = [m for m in wanted.get("runs", {}) if m not in spec.algos]
+    if not wanted.get("runs") or unknown:
+        raise SystemExit(f"convergence: {manifest} needs 'runs': {{method: {{seed: run_dir}}}} with methods from "
+                         f"{list(spec.algos)} (unknown: {unknown})")
+    curves, lrs, runs, wall = {}, {}, {}, 0.0
+    for method, by_seed in wanted["runs"].items():
+        curves[method], runs[method] = [], {}
+        for seed_text, run_text in sorted(by_seed.items(), key=lambda kv: int(kv[0])):
+            run = Path(run_text)
+            if not (run / "metrics.jsonl").exists():
+                raise SystemExit(f"convergence: {method} seed {seed_text}: no metrics.jsonl in {run}")
+            config = yaml.safe_load((run / "config.yaml").read_text())
+            algo = VARIANTS.get(method, (method, None))[0]
+            if config.get("algo") != algo:
+                raise SystemExit(f"convergence: {run} ran algo '{config.get('algo')}', not {method}'s '{algo}'")
+            lr = float(config["train"]["lr"])
+            if lrs.setdefault(method, lr) != lr:
+                raise SystemExit(f"convergence: {method}'s runs use different learning rates ({lrs[method]}, {lr})")
+            curve = read_curve(run, spec.metric)
+            curve.seed = int(seed_text)
+            summary = run / "summary.json"
+            if summary.exists():
+                info = json.loads(summary.read_text())
+                curve.ended = info.get("stopped_by", "epochs")
+                wall += info.get("wall_s", 0.0)
+            else:
+                curve.ended = f"unfinished (epoch {curve.epochs})"
+            curves[method].append(curve)
+            runs[method][seed_text] = {"run_dir": str(run), "ended": curve.ended}
+    first = next(iter(curves.values()))
+    seeds = sorted({c.seed for cs in curves.values() for c in cs})
+    samples = max(c.samples[-1] for cs in curves.values() for c in cs)
+    return {
+        "task": task, "quick": False, "budget_s": 0.0, "budget_samples": samples, "seeds": seeds,
+        "factors": [1.0], "tuning_seed": None, "command": command_line(), "commit": git_commit(),
+        "machine_start": "imported runs (each run's summary.json -> numerics)", "machine_end": "-",
+        "eval_every": None, "target": target if target is not None else (
+            sum(c.values[0] for c in first) / len(first) + spec.target_delta),
+        "lrs": lrs, "tuning_log": [], "elapsed_s": wall, "workers": None,
+        "protocol": wanted.get("protocol", ""), "imported": runs,
+        "curves": {m: [vars(c) for c in cs] for m, cs in curves.items()},
+    }
+
+
 def write_report(data: dict, stem: Path, note: str = "") -> str:
     """Markdown table + PNG from a benchmark's saved data (see ``--from-json``)."""
     spec = TASKS[data["task"]]
     results = {a: [Curve(**c) for c in cs] for a, cs in data["curves"].items()}
     seeds, budget_s, target = data["seeds"], data["budget_s"], data["target"]
-    base = sum(c.values[0] for c in next(iter(results.values()))) / len(seeds)
+    first = next(iter(results.values()))
+    base = sum(c.values[0] for c in first) / len(first)
     table, _ = summarize(data["task"], spec, results, data["lrs"], target, base, budget_s, seeds)
     budget = budget_text(budget_s, data.get("budget_samples", 0))
     title = f"{data['task']}: held-out {spec.metric}, {budget} of training per run, seeds {seeds}"
     plot(results, spec, target, budget_s, stem.with_suffix(".png"), title)
-    stops = [f"- {a} seed {s}: {c.ended} (after {c.epochs} epochs, {c.seconds[-1]:.1f}s)"
-             for a, cs in results.items() for s, c in zip(seeds, cs) if c.ended.startswith("stopped")]
-    stopped = ("Runs the trainer stopped before the budget (their last evaluation counts as final):\n"
+    stops = [f"- {a} seed {s}: {c.ended} (after {c.epochs} epochs; last evaluation after {c.samples[-1]} samples, "
+             f"{c.seconds[-1]:.1f}s)"
+             for a, cs in results.items() for s, c in zip(curve_seeds(cs), cs)
+             if c.ended.startswith(("stopped", "unfinished"))]
+    stopped = ("Runs that ended before the budget (their last evaluation counts as final):\n"
                + "\n".join(stops) + "\n") if stops else ""
     tuning = ("\n".join(f"- {line}" for line in data["tuning_log"]) if data["tuning_log"] else
               f"- none beyond each config's own lr (factors {data['factors']}): equal (zero) tuning for every method")
-    text = f"""# Convergence on {data['task']}{' (quick)' if data['quick'] else ''}
-
-Command: `{data['command']}` (commit {data['commit']}, {data['elapsed_s'] / 60:.1f} min in all).{note}
-Machine at start: {data['machine_start']}.
-Machine at end: {data['machine_end']}.
-
-Every method starts from the same base model and uses the same seeds {seeds} (prompts and
+    if data.get("imported"):
+        protocol = f"""Imported runs (made outside the benchmark, each method on the seeds listed; `--import-runs`):
+{data['protocol']}
+Held-out metric: `{spec.metric}`; base {base:.3f} (mean over the first method's seeds); **target {target:.3f}**.
+Cost-to-target (training seconds, samples, network rows = `perf/network_rows_fwd` +
+`perf/network_rows_bwd`, and `perf/flops`; the last two do not depend on the machine or its load) is
+read at evaluation resolution, means ± std over the seeds that reached it; speed-ups are per-seed
+ratios Flow-GRPO / method over the seeds both ran (mean [min–max]); '≥' marks a lower bound where
+Flow-GRPO missed the target (its whole run on that seed counted as its cost).
+"""
+    else:
+        protocol = f"""Every method starts from the same base model and uses the same seeds {seeds} (prompts and
 noise are keyed by the seed; runs interleaved over methods), {budget} of training each
 (`train.max_wall_s` / `train.max_samples`: rollouts + rewards + updates; held-out evaluation every
 {data['eval_every']} epochs is not counted).  Held-out metric: `{spec.metric}`; base {base:.3f} (mean over
@@ -524,7 +625,14 @@ seeds); **target {target:.3f}**.  Cost-to-target (training seconds, samples, net
 machine or its load) is read at evaluation resolution, means ± std over the seeds that reached it;
 speed-ups are per-seed ratios Flow-GRPO / method (mean [min–max]); '≥' marks a lower bound
 where Flow-GRPO missed the target (its whole run counted as its cost).
+"""
+    text = f"""# Convergence on {data['task']}{' (quick)' if data['quick'] else ''}
 
+Command: `{data['command']}` (commit {data['commit']}, {data['elapsed_s'] / 60:.1f} min in all).{note}
+Machine at start: {data['machine_start']}.
+Machine at end: {data['machine_end']}.
+
+{protocol}
 Tuning budget (equal for every method; tuning seed {data['tuning_seed']}, not reported):
 {tuning}
 

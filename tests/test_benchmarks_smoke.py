@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -66,6 +67,39 @@ def test_convergence_sample_budget(tmp_path, toy_cache):
         # 128 samples per epoch: the budget ends both runs after epoch 2, evaluated there
         assert curve["ended"] == "budget" and curve["epochs"] == 2 and curve["samples"] == [0, 256]
     assert "256 samples of training" in stem.with_suffix(".md").read_text()
+
+    # The same runs imported as runs made outside the benchmark (`--import-runs`) give the same
+    # curves and the same table rows; a run without summary.json is reported as unfinished.
+    runs = {a: {"0": str(next(work.glob(f"{a}_seed0_lr*")))} for a in ("flow_grpo", "advantageflow")}
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"runs": runs, "protocol": "made by the benchmark above"}))
+    imported = tmp_path / "imported"
+    assert convergence.main(["--task", "toy2d", "--import-runs", str(manifest), "--out", str(imported)]) == 0
+    got = json.loads(imported.with_suffix(".json").read_text())
+    for algo in runs:
+        for key in ("values", "samples", "rows", "flops", "seconds"):
+            assert got["curves"][algo][0][key] == data["curves"][algo][0][key]
+        assert got["curves"][algo][0]["seed"] == 0 and got["curves"][algo][0]["ended"] == "max_samples"
+    table_rows = [{line.split(" | ")[0]: line.split(" | ", 2)[2]
+                   for line in p.with_suffix(".md").read_text().splitlines()
+                   if line.startswith(("| flow_grpo |", "| advantageflow |"))} for p in (stem, imported)]
+    assert table_rows[0] == table_rows[1] and len(table_rows[0]) == 2
+    assert "made by the benchmark above" in imported.with_suffix(".md").read_text()
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(runs["advantageflow"]["0"], unfinished)
+    (unfinished / "summary.json").unlink()
+    manifest.write_text(json.dumps({"runs": {"flow_grpo": runs["flow_grpo"], "advantageflow": {"1": str(unfinished)}}}))
+    assert convergence.main(["--task", "toy2d", "--import-runs", str(manifest), "--out", str(imported)]) == 0
+    assert "- advantageflow seed 1: unfinished (epoch 2)" in imported.with_suffix(".md").read_text()
+    # a run of another algorithm, or an unknown method, is refused with the reason
+    for bad, reason in (({"awm": runs["flow_grpo"]}, "ran algo 'flow_grpo'"), ({"grpo": runs["flow_grpo"]}, "unknown")):
+        manifest.write_text(json.dumps({"runs": bad}))
+        try:
+            convergence.main(["--task", "toy2d", "--import-runs", str(manifest), "--out", str(imported)])
+        except SystemExit as err:
+            assert reason in str(err), err
+        else:
+            raise AssertionError(f"{bad} was imported")
 
 
 def test_convergence_workers_and_resume(tmp_path, toy_cache):
