@@ -18,7 +18,7 @@ from advantageflow.algorithms.diffusion_nft import (
     optimality_probability,
 )
 from advantageflow.algorithms.draft import DRaFT
-from advantageflow.algorithms.epg import EPG, elbo_surrogate
+from advantageflow.algorithms.epg import EPG, elbo_surrogate, epg_loss, velocity_gap
 from advantageflow.algorithms.flow_grpo import FlowGRPO, gaussian_kl
 from advantageflow.algorithms.ram import RAM, ram_loss
 from advantageflow.models.toy import ToyMLPPolicy, VelocityMLP
@@ -500,6 +500,75 @@ def test_epg_rho_is_one_on_policy_and_exp_elbo_difference_after_a_step():
     assert out.metrics["stats/rho_mean"] == pytest.approx(float(rho.mean()), rel=1e-5)
     expected = (-rho * batch.advantages * l_theta + 0.1 * (l_theta - l_ref)).mean()
     torch.testing.assert_close(out.loss.detach(), expected)
+
+
+def test_epg_velocity_kl_matches_recomputation():
+    policy = make_policy()
+    batch = make_batch(policy)
+    algo = EPG(EPG.Config(num_draws=2, kl_velocity=0.7), policy)
+    algo.begin_epoch(policy)
+    perturb_(policy)
+    (out,) = list(algo.losses(batch, ctx(policy, seed=4)))
+    draws = rows(4)
+    t = draws.rand(2).T.reshape(-1)
+    x0 = batch.x0.repeat(2, 1)
+    eps = draws.randn(2, 2).transpose(0, 1).reshape(x0.shape)
+    x_t = (1 - t[:, None]) * x0 + t[:, None] * eps
+    with torch.no_grad():
+        v = policy.velocity(x_t, t)
+        with policy.reference():
+            v_ref = policy.velocity(x_t, t)
+    l_theta = elbo_surrogate(v, eps - x0, 2)
+    gap = ((v - v_ref) ** 2).mean(1).reshape(2, -1).mean(0)
+    # first update of the epoch: rho = 1; the paper's policy term plus ours
+    expected = (-batch.advantages * l_theta + 0.7 * gap).mean()
+    torch.testing.assert_close(out.loss.detach(), expected)
+    assert out.metrics["loss/ref_velocity_gap"] == pytest.approx(float(gap.mean()), rel=1e-5)
+
+
+def test_epg_velocity_kl_makes_a_negative_sample_loss_bounded():
+    """One sample, one draw, ``A < 0``: the paper's loss ``A ||v - u||^2`` has no minimum in ``v``;
+    with ``c ||v - v_ref||^2`` and ``A + c > 0`` its minimiser is ``(A u + c v_ref) / (A + c)``
+    (closed form), where the gradient vanishes."""
+    u, v_ref = torch.tensor([[1.0, -2.0]]), torch.tensor([[0.5, 0.5]])
+    a, c = torch.tensor([-0.6]), 1.5
+    v_star = ((a[:, None] * u + c * v_ref) / (a[:, None] + c)).requires_grad_(True)
+    l_theta = elbo_surrogate(v_star, u, 1)
+    out = epg_loss(l_theta, l_theta.detach(), a, v_gap=velocity_gap(v_star, v_ref, 1), kl_velocity=c)
+    (grad,) = torch.autograd.grad(out.loss.sum(), v_star)
+    torch.testing.assert_close(grad, torch.zeros_like(grad), atol=1e-6, rtol=0)
+    # the paper's loss alone keeps falling along v - u
+    far = (u + 10.0 * (v_star.detach() - u)).requires_grad_(True)
+    paper = epg_loss(elbo_surrogate(far, u, 1), elbo_surrogate(far, u, 1).detach(), a).loss
+    assert float(paper) < float(epg_loss(l_theta, l_theta.detach(), a).loss) - 1.0
+    with pytest.raises(ValueError, match="v_gap"):
+        epg_loss(l_theta, l_theta.detach(), a, kl_velocity=c)
+
+
+def test_epg_negative_margin_stops_only_far_negative_samples():
+    """Samples: (A > 0, far below ref), (A < 0, within the margin), (A < 0, beyond it).  Only the
+    third loses its policy gradient; the others get the paper's ``-rho A grad l``."""
+    l_theta = torch.tensor([-3.0, -1.2, -2.0], requires_grad=True)
+    l_ref = torch.tensor([-1.0, -1.0, -1.0])
+    adv = torch.tensor([0.5, -0.4, -0.4])
+    out = epg_loss(l_theta, l_theta.detach(), adv, l_ref=l_ref, negative_margin=0.5)
+    assert out.clipped.tolist() == [False, False, True]
+    (grad,) = torch.autograd.grad(out.loss.sum(), l_theta)
+    torch.testing.assert_close(grad, torch.tensor([-0.5, 0.4, 0.0]))
+    paper = epg_loss(l_theta, l_theta.detach(), adv, l_ref=l_ref)
+    torch.testing.assert_close(out.loss.detach(), paper.loss.detach())  # same value, other gradient
+    with pytest.raises(ValueError, match="l_ref"):
+        epg_loss(l_theta, l_theta.detach(), adv, negative_margin=0.5)
+
+
+def test_epg_rho_max_truncates_the_weight_not_the_reported_ratio():
+    l_theta = torch.tensor([-1.0, -1.0], requires_grad=True)
+    l_old = torch.tensor([-1.0 - math.log(5.0), -1.0 - math.log(1.5)])  # rho = 5, 1.5
+    adv = torch.tensor([0.3, 0.3])
+    out = epg_loss(l_theta, l_old, adv, rho_max=2.0)
+    torch.testing.assert_close(out.rho, torch.tensor([5.0, 1.5]))
+    (grad,) = torch.autograd.grad(out.loss.sum(), l_theta)
+    torch.testing.assert_close(grad, torch.tensor([-2.0 * 0.3, -1.5 * 0.3]))
 
 
 # --------------------------------------------------------------------------- RAM
