@@ -526,9 +526,24 @@ def budget_text(budget_s: float, budget_samples: int) -> str:
     return " or ".join(parts)
 
 
+def per_run_table(results: dict, target: float) -> str:
+    """One row per run: seed, how it ended, base / best / final value, the largest fall below
+    its best, and the samples, network rows and FLOPs to ``target``."""
+    rows = []
+    for algo, curves in results.items():
+        for seed, c in zip(curve_seeds(curves), curves):
+            cost = [first_crossing(m.xs(c), c.values, target) if m.xs(c) else None for m in MEASURES[1:]]
+            rows.append([algo, str(seed), c.ended, str(c.samples[-1]), f"{c.values[0]:.3f}", f"{max(c.values):.3f}",
+                         f"{c.values[-1]:.3f}", f"{largest_fall(c.values):.3f}",
+                         *("not reached" if x is None else f"{x:.3g}" for x in cost)])
+    return markdown_table(["method", "seed", "ended", "samples", "base", "best", "final", "largest fall below the best",
+                           *[f"{m.key} to target" for m in MEASURES[1:]]], rows)
+
+
 def import_runs(manifest: Path, task: str, target: float | None = None) -> dict:
     """Benchmark data (the schema ``--from-json`` reads) from run folders made outside the
     benchmark, each with its own seed: ``{"runs": {method: {seed: run_dir}}, "protocol": text}``.
+    ``method@label`` reports another setting of ``method`` as its own row (e.g. ``epg@paper``).
 
     A run without ``summary.json`` is reported as unfinished (its last evaluation counts as
     final).  Every run of a method must share the learning rate, and its config's algorithm
@@ -542,7 +557,7 @@ def import_runs(manifest: Path, task: str, target: float | None = None) -> dict:
         wanted = json.loads(manifest.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise SystemExit(f"convergence: cannot read the manifest {manifest}: {err}") from None
-    unknown = [m for m in wanted.get("runs", {}) if m not in spec.algos]
+    unknown = [m for m in wanted.get("runs", {}) if m.split("@")[0] not in spec.algos]
     if not wanted.get("runs") or unknown:
         raise SystemExit(f"convergence: {manifest} needs 'runs': {{method: {{seed: run_dir}}}} with methods from "
                          f"{list(spec.algos)} (unknown: {unknown})")
@@ -554,7 +569,8 @@ def import_runs(manifest: Path, task: str, target: float | None = None) -> dict:
             if not (run / "metrics.jsonl").exists():
                 raise SystemExit(f"convergence: {method} seed {seed_text}: no metrics.jsonl in {run}")
             config = yaml.safe_load((run / "config.yaml").read_text())
-            algo = VARIANTS.get(method, (method, None))[0]
+            name = method.split("@")[0]
+            algo = VARIANTS.get(name, (name, None))[0]
             if config.get("algo") != algo:
                 raise SystemExit(f"convergence: {run} ran algo '{config.get('algo')}', not {method}'s '{algo}'")
             lr = float(config["train"]["lr"])
@@ -626,6 +642,9 @@ machine or its load) is read at evaluation resolution, means ± std over the see
 speed-ups are per-seed ratios Flow-GRPO / method (mean [min–max]); '≥' marks a lower bound
 where Flow-GRPO missed the target (its whole run counted as its cost).
 """
+    if data.get("imported"):
+        table += "\n\nPer run (target as above; cost at the first evaluation at or above it):\n\n" + per_run_table(
+            results, target)
     text = f"""# Convergence on {data['task']}{' (quick)' if data['quick'] else ''}
 
 Command: `{data['command']}` (commit {data['commit']}, {data['elapsed_s'] / 60:.1f} min in all).{note}

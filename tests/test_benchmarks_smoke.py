@@ -81,16 +81,18 @@ def test_convergence_sample_budget(tmp_path, toy_cache):
             assert got["curves"][algo][0][key] == data["curves"][algo][0][key]
         assert got["curves"][algo][0]["seed"] == 0 and got["curves"][algo][0]["ended"] == "max_samples"
     table_rows = [{line.split(" | ")[0]: line.split(" | ", 2)[2]
-                   for line in p.with_suffix(".md").read_text().splitlines()
+                   for line in p.with_suffix(".md").read_text().split("Per run")[0].splitlines()
                    if line.startswith(("| flow_grpo |", "| advantageflow |"))} for p in (stem, imported)]
     assert table_rows[0] == table_rows[1] and len(table_rows[0]) == 2
     assert "made by the benchmark above" in imported.with_suffix(".md").read_text()
+    assert "| advantageflow | 0 | max_samples | 256 |" in imported.with_suffix(".md").read_text()  # per-run table
     unfinished = tmp_path / "unfinished"
     shutil.copytree(runs["advantageflow"]["0"], unfinished)
     (unfinished / "summary.json").unlink()
-    manifest.write_text(json.dumps({"runs": {"flow_grpo": runs["flow_grpo"], "advantageflow": {"1": str(unfinished)}}}))
+    manifest.write_text(json.dumps({"runs": {"flow_grpo": runs["flow_grpo"],
+                                             "advantageflow@cut": {"1": str(unfinished)}}}))
     assert convergence.main(["--task", "toy2d", "--import-runs", str(manifest), "--out", str(imported)]) == 0
-    assert "- advantageflow seed 1: unfinished (epoch 2)" in imported.with_suffix(".md").read_text()
+    assert "- advantageflow@cut seed 1: unfinished (epoch 2)" in imported.with_suffix(".md").read_text()
     # a run of another algorithm, or an unknown method, is refused with the reason
     for bad, reason in (({"awm": runs["flow_grpo"]}, "ran algo 'flow_grpo'"), ({"grpo": runs["flow_grpo"]}, "unknown")):
         manifest.write_text(json.dumps({"runs": bad}))
