@@ -472,6 +472,16 @@ def test_elbo_surrogate_averages_draw_major_stacks():
     torch.testing.assert_close(elbo_surrogate(v, u, 3), expected.mean(0))
 
 
+def epg_draws(batch, seed: int, k: int):
+    """EPG's ``k`` draws per sample, re-derived: draw-major stacks (draw d of sample i at d * n + i),
+    each sample's draws from its own generator.  Returns ``x_t, t, x0, eps``."""
+    draws = rows(seed)
+    t = draws.rand(k).T.reshape(-1)
+    x0 = batch.x0.repeat(k, 1)
+    eps = draws.randn(k, 2).transpose(0, 1).reshape(x0.shape)
+    return (1 - t[:, None]) * x0 + t[:, None] * eps, t, x0, eps
+
+
 def test_epg_rho_is_one_on_policy_and_exp_elbo_difference_after_a_step():
     policy = make_policy()
     batch = make_batch(policy)
@@ -484,12 +494,7 @@ def test_epg_rho_is_one_on_policy_and_exp_elbo_difference_after_a_step():
     perturb_(policy)
     algo.after_step(policy, 0)
     (out,) = list(algo.losses(batch, ctx(policy, seed=9)))
-    # Draw-major stacks: draw d of sample i sits at d * n + i; sample i's draws are its own.
-    draws = rows(9)
-    t = draws.rand(3).T.reshape(-1)
-    x0 = batch.x0.repeat(3, 1)
-    eps = draws.randn(3, 2).transpose(0, 1).reshape(x0.shape)
-    x_t = (1 - t[:, None]) * x0 + t[:, None] * eps
+    x_t, t, x0, eps = epg_draws(batch, seed=9, k=3)
     with torch.no_grad():
         l_theta = elbo_surrogate(policy.velocity(x_t, t), eps - x0, 3)
         with policy.use_parameters(old):
@@ -509,11 +514,7 @@ def test_epg_velocity_kl_matches_recomputation():
     algo.begin_epoch(policy)
     perturb_(policy)
     (out,) = list(algo.losses(batch, ctx(policy, seed=4)))
-    draws = rows(4)
-    t = draws.rand(2).T.reshape(-1)
-    x0 = batch.x0.repeat(2, 1)
-    eps = draws.randn(2, 2).transpose(0, 1).reshape(x0.shape)
-    x_t = (1 - t[:, None]) * x0 + t[:, None] * eps
+    x_t, t, x0, eps = epg_draws(batch, seed=4, k=2)
     with torch.no_grad():
         v = policy.velocity(x_t, t)
         with policy.reference():
