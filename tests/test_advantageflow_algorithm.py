@@ -141,3 +141,53 @@ def test_ema_old_policy_schedule():
     algo.after_step(policy, 1)  # decay 0.25
     assert not algo.old.fresh
     assert torch.allclose(algo.old.params[0], 0.25 * (start + 2.0) + 0.75 * (start + 6.0))
+
+
+def test_stratified_times_put_one_draw_in_each_stratum_and_keep_the_distribution():
+    from advantageflow.algorithms.common import sample_times
+    from advantageflow.seeding import RowRandom
+
+    k_total = 4
+    for kind in ("uniform", "logit_normal"):
+        rows = RowRandom([(7, i) for i in range(4000)])
+        draws = torch.stack([sample_times(rows, kind=kind, stratum=(k, k_total)) for k in range(k_total)], 1)
+        if kind == "uniform":
+            lo = torch.arange(k_total) / k_total
+            assert bool(((draws >= lo) & (draws < lo + 1 / k_total)).all())  # draw k in [k/K, (k+1)/K)
+            quantiles = torch.tensor([0.25, 0.5, 0.75])
+        else:  # equal-probability strata of the logit-normal: edges sigmoid(ndtri(k / K))
+            edges = torch.sigmoid(torch.special.ndtri(torch.tensor([0.25, 0.5, 0.75])))
+            assert bool((draws[:, :-1] < edges).all()) and bool((draws[:, 1:] >= edges).all())
+            quantiles = edges
+        # pooled over strata, the times follow the unstratified law (its quartiles)
+        pooled = draws.flatten()
+        for q, x in zip((0.25, 0.5, 0.75), quantiles):
+            assert abs(float((pooled < x).double().mean()) - q) < 0.01
+    try:
+        sample_times(RowRandom([0]), stratum=(4, 4))
+    except ValueError as err:
+        assert "stratum 4 of 4" in str(err)
+    else:
+        raise AssertionError("a stratum outside 0..K-1 must be refused")
+
+
+def test_advantageflow_stratified_draws_cover_the_time_range_per_sample():
+    b, d, k_total = 64, 2, 3
+    batch = _rollout(b, d, torch.ones(b, dtype=torch.float64))
+    seen = []
+
+    class Recording(PerSamplePolicy):
+        def velocity(self, x_t, t, cond):
+            seen.append(t.detach().clone())
+            return super().velocity(x_t, t, cond)
+
+    policy = Recording(b, d)
+    cfg = AdvantageFlow.Config(lambda_ref=0.0, draws_per_sample=k_total, stratified_times=True)
+    algo = AdvantageFlow(cfg, policy)
+    algo.begin_epoch(policy)
+    ctx = TrainContext(policy=policy, generator=torch.Generator().manual_seed(0), step=0)
+    for term in algo.losses(batch, ctx):
+        term.loss.backward()
+    times = torch.stack(seen, 1)  # (B, K): one theta pass per draw
+    stratum = torch.floor(times * k_total)
+    assert torch.equal(stratum, torch.arange(k_total, dtype=times.dtype).expand(b, k_total))

@@ -98,11 +98,25 @@ def sample_times(
     t_max: float = 1.0,
     device: torch.device | str = "cpu",
     draws: int | None = None,
+    stratum: tuple[int, int] | None = None,
 ) -> Tensor:
     """Training times in ``[t_min, t_max]``, uniform or logit-normal (SD3), one per row
-    ``(B,)`` or ``draws`` per row ``(B, draws)``, each row from its own generator."""
+    ``(B,)`` or ``draws`` per row ``(B, draws)``, each row from its own generator.
+
+    ``stratum = (k, K)`` draws the uniform variate from ``[k / K, (k + 1) / K)`` (stratified
+    sampling: ``K`` draws of one sample, one per stratum, cover the time range evenly; for
+    ``logit_normal`` through the normal quantile, so the strata have equal probability)."""
     shape = () if draws is None else (draws,)
-    if kind == "uniform":
+    if stratum is not None:
+        k, count = stratum
+        if not 0 <= k < count:
+            raise ValueError(f"stratum {k} of {count} does not exist")
+        u = (k + rows.rand(*shape)) / count
+        if kind == "logit_normal":
+            u = torch.sigmoid(torch.special.ndtri(u.clamp(1e-6, 1 - 1e-6)))
+        elif kind != "uniform":
+            raise ValueError(f"unknown time sampling '{kind}'")
+    elif kind == "uniform":
         u = rows.rand(*shape)
     elif kind == "logit_normal":
         u = torch.sigmoid(rows.randn(*shape))
@@ -135,11 +149,11 @@ class TrainingTimes:
         if not 0.0 <= self.t_min < self.t_max <= 1.0:
             raise ConfigError("need 0 <= t_min < t_max <= 1")
 
-    def draw_times(self, rows: RowRandom, device: torch.device | str, draws: int | None = None) -> Tensor:
+    def draw_times(self, rows: RowRandom, device: torch.device | str, draws: int | None = None,
+                   stratum: tuple[int, int] | None = None) -> Tensor:
         """:func:`sample_times` with these settings: ``(B,)``, or ``(B, draws)``."""
-        return sample_times(
-            rows, kind=self.time_sampling, t_min=self.t_min, t_max=self.t_max, device=device, draws=draws
-        )
+        return sample_times(rows, kind=self.time_sampling, t_min=self.t_min, t_max=self.t_max, device=device,
+                            draws=draws, stratum=stratum)
 
 
 def stratum_edges(count: int, low: int, high: int) -> list[int]:
