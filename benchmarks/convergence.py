@@ -117,9 +117,7 @@ def algo_config_dict(task: str, method: str) -> dict:
     data[algo] = own.get(algo, {})
     # The authors' batch conventions that differ from AdvantageFlow's.
     data.setdefault("advantage", {})["std"] = own.get("advantage", {}).get("std", "global")
-    base_steps = load_yaml(ROOT / "configs" / "toy2d_advantageflow.yaml")["train"]["steps_per_epoch"]
-    if own["train"]["steps_per_epoch"] != base_steps:
-        data.setdefault("train", {})["steps_per_epoch"] = own["train"]["steps_per_epoch"]
+    data.setdefault("train", {})["steps_per_epoch"] = own["train"]["steps_per_epoch"]
     return data
 
 
