@@ -147,7 +147,7 @@ class TrainConfig:
     resumed run's parts.
     """
 
-    epochs: int = 50
+    epochs: int = 36
     prompts_per_epoch: int = 16
     group_size: int = 8
     steps_per_epoch: int = 1
@@ -198,7 +198,7 @@ class EvalConfig:
     :class:`advantageflow.evaluation.WeightsEMA`.  Kept in checkpoints.
     """
 
-    every: int = 10
+    every: int = 12
     num_prompts: int = 96
     samples_per_prompt: int = 9
     ema_decay: float = 0.0
