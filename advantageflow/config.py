@@ -542,8 +542,9 @@ def check_resume_config(recorded: dict | None, cfg: Config, allow_change: bool, 
                           "pass --allow-config-change to resume anyway")
     now = cfg.to_dict()
     # Keys added to the config after the checkpoint was written, set to their default, keep
-    # the old run's behaviour: fill them in so they do not count as changes.
-    defaults = _flatten(load_config(None, [f"algo={cfg.algo}"]).to_dict())
+    # the old run's behaviour: fill them in so they do not count as changes.  The algorithm's
+    # class defaults (not the main job's section), since those are what an absent key meant.
+    defaults = _flatten(load_config(None, data={"algo": cfg.algo}).to_dict())
     recorded = _with_missing(recorded, {k: v for k, v in _flatten(now).items() if defaults.get(k, object()) == v})
     refused, harmless = config_differences(recorded, now)
     if refused and not allow_change:

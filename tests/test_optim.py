@@ -71,3 +71,12 @@ def test_resume_accepts_a_checkpoint_from_before_a_key_existed():
     changed = load_config(TOY, ["train.optimizer=adamw8bit"])
     with pytest.raises(ConfigError, match="train.optimizer"):
         check_resume_config(recorded, changed, False, "ckpt")
+
+
+def test_resume_fills_keys_added_since_the_checkpoint_with_the_class_defaults():
+    """A checkpoint written before ``advantageflow.stratified_times`` existed resumes a config
+    that leaves it at the class default (off), although the main job's section turns it on."""
+    cfg = load_config(TOY)
+    recorded = cfg.to_dict()
+    del recorded["advantageflow"]["stratified_times"]
+    assert check_resume_config(recorded, cfg, False, "ckpt") == []

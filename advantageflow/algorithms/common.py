@@ -107,21 +107,17 @@ def sample_times(
     sampling: ``K`` draws of one sample, one per stratum, cover the time range evenly; for
     ``logit_normal`` through the normal quantile, so the strata have equal probability)."""
     shape = () if draws is None else (draws,)
-    if stratum is not None:
+    if kind not in ("uniform", "logit_normal"):
+        raise ValueError(f"unknown time sampling '{kind}'")
+    if stratum is None:
+        u = rows.rand(*shape) if kind == "uniform" else torch.sigmoid(rows.randn(*shape))
+    else:
         k, count = stratum
         if not 0 <= k < count:
             raise ValueError(f"stratum {k} of {count} does not exist")
         u = (k + rows.rand(*shape)) / count
         if kind == "logit_normal":
             u = torch.sigmoid(torch.special.ndtri(u.clamp(1e-6, 1 - 1e-6)))
-        elif kind != "uniform":
-            raise ValueError(f"unknown time sampling '{kind}'")
-    elif kind == "uniform":
-        u = rows.rand(*shape)
-    elif kind == "logit_normal":
-        u = torch.sigmoid(rows.randn(*shape))
-    else:
-        raise ValueError(f"unknown time sampling '{kind}'")
     return (t_min + (t_max - t_min) * u).to(device)
 
 
