@@ -226,7 +226,9 @@ def test_sigterm_is_handled_like_ctrl_c(tmp_path, toy_run):
     _, over = toy_run
     run = tmp_path / "r"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "advantageflow", "train", TOY, *over, "train.epochs=500",
+    # far more epochs than can finish before the signal, however the test and the run are scheduled
+    # (with 500 a loaded machine once let the run end with rc 0 before the signal was sent)
+    proc = subprocess.Popen([sys.executable, "-m", "advantageflow", "train", TOY, *over, "train.epochs=1000000",
                              "--run-dir", str(run)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.monotonic() + 300  # (generous: the test machine may be busy)

@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training times: U(0, 1), or SD3's logit-normal (Esser et al. 2024, Sec. 3.1; m 0, s 1)")
     p.add_argument("--fg-weight", type=float, default=0.0,
                    help="extra loss weight on the objects' pixels (grown by 1 px); 0 = plain flow matching")
+    p.add_argument("--distill-guidance", type=float, default=0.0,
+                   help="guidance distillation (needs --init): the student learns the --init model's "
+                        "classifier-free-guided velocity at this scale, so it samples CFG-free "
+                        "(Meng et al. 2023; FLUX.1-dev is guidance-distilled); 0 = plain flow matching")
     p.add_argument("--save-every", type=int, default=0, help="also save snapshots OUT/step_K every K steps")
     p.add_argument("--resume-every", type=int, default=250, help="steps between resume states (0 = none)")
     p.add_argument("--guidance", type=float, default=1.0, help="guidance_scale recorded in config.json")
@@ -117,6 +121,23 @@ def velocity_mse(v: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | 
     if weights is None:
         return err.mean()
     return (err * weights).mean() / weights.mean()
+
+
+@torch.no_grad()
+def guided_target(
+    teacher: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor,
+    empty_tokens: torch.Tensor, conditional: list[bool], scale: float,
+) -> torch.Tensor:
+    """The guidance-distillation target ``(B, 3, H, W)``: the teacher's classifier-free-guided
+    velocity ``v_u + scale * (v_c - v_u)`` (Ho & Salimans 2022, Eq. 6 in velocity form) for
+    the rows with a prompt, its unconditional velocity ``v_u`` for the empty-prompt rows (so
+    the student keeps an unconditional branch for CFG).  Meng et al. 2023 ("On Distillation
+    of Guided Diffusion Models"), stage one at one fixed scale."""
+    v_c = teacher(x_t, t, tokens)
+    v_u = teacher(x_t, t, empty_tokens)
+    guided = v_u + scale * (v_c - v_u)
+    keep = torch.tensor(conditional, dtype=torch.bool).view(-1, 1, 1, 1)
+    return torch.where(keep, guided, v_u)
 
 
 # arguments that do not change the weights: a resumed run may differ in these
@@ -202,6 +223,11 @@ def main(argv: list[str] | None = None) -> int:
         net, _ = load_asset(args.init)
         net.train()
         cfg = net.cfg
+    teacher = None
+    if args.distill_guidance:
+        if not args.init:
+            raise SystemExit("error: --distill-guidance needs --init (the teacher whose guided velocity is learned)")
+        teacher = copy.deepcopy(net).eval().requires_grad_(False)
     layout = Layout(size=args.object_size, centre_step=args.centre_step)
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.0)
@@ -245,7 +271,12 @@ def main(argv: list[str] | None = None) -> int:
             t = torch.rand(x0.shape[0], generator=noise_gen)
         tb = t.view(-1, 1, 1, 1)
         x_t = (1 - tb) * x0 + tb * eps
-        loss = velocity_mse(net(x_t, t, tokens), eps - x0, foreground_weights(x0, args.fg_weight))
+        if teacher is not None:
+            target = guided_target(teacher, x_t, t, tokens, tokenize([""] * len(prompts), cfg.max_tokens),
+                                   [p != "" for p in prompts], args.distill_guidance)
+        else:
+            target = eps - x0
+        loss = velocity_mse(net(x_t, t, tokens), target, foreground_weights(x0, args.fg_weight))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
