@@ -543,6 +543,10 @@ def import_runs(manifest: Path, task: str, target: float | None = None) -> dict:
     benchmark, each with its own seed: ``{"runs": {method: {seed: run_dir}}, "protocol": text}``.
     ``method@label`` reports another setting of ``method`` as its own row (e.g. ``epg@paper``).
 
+    ``"carry": {"results": OLD_JSON, "methods": {old_name: new_name}}`` also reports the curves
+    of those methods from an earlier result file (e.g. runs whose folders are gone), renamed as
+    given, after the manifest's own runs.
+
     A run without ``summary.json`` is reported as unfinished (its last evaluation counts as
     final).  Every run of a method must share the learning rate, and its config's algorithm
     must be the method's; the target is the mean base value of the first method's runs + the
@@ -586,6 +590,9 @@ def import_runs(manifest: Path, task: str, target: float | None = None) -> dict:
             curves[method].append(curve)
             runs[method][seed_text] = {"run_dir": str(run), "ended": curve.ended}
     first = next(iter(curves.values()))
+    carried = carry_curves(wanted.get("carry"), task, set(curves))
+    for method, (cs, lr, imported) in carried.items():
+        curves[method], lrs[method], runs[method] = cs, lr, imported
     seeds = sorted({c.seed for cs in curves.values() for c in cs})
     samples = max(c.samples[-1] for cs in curves.values() for c in cs)
     return {
@@ -598,6 +605,29 @@ def import_runs(manifest: Path, task: str, target: float | None = None) -> dict:
         "protocol": wanted.get("protocol", ""), "imported": runs,
         "curves": {m: [vars(c) for c in cs] for m, cs in curves.items()},
     }
+
+
+def carry_curves(carry: dict | None, task: str, taken: set[str]) -> dict[str, tuple[list[Curve], float, dict]]:
+    """``{new_name: (curves, lr, imported)}`` from an earlier result file, for ``import_runs``'s
+    ``carry`` entry (``{"results": path, "methods": {old_name: new_name}}``)."""
+    if not carry:
+        return {}
+    try:
+        old = json.loads(Path(carry["results"]).read_text())
+    except (KeyError, OSError, json.JSONDecodeError) as err:
+        raise SystemExit(f"convergence: cannot read the carried results {carry.get('results')}: {err}") from None
+    if old.get("task") != task:
+        raise SystemExit(f"convergence: {carry['results']} is a {old.get('task')} result, not {task}")
+    out = {}
+    for old_name, new_name in carry.get("methods", {}).items():
+        if old_name not in old["curves"]:
+            raise SystemExit(f"convergence: {carry['results']} has no '{old_name}' (it has {list(old['curves'])})")
+        if new_name in taken or new_name in out:
+            raise SystemExit(f"convergence: '{new_name}' is both imported and carried; rename one")
+        imported = {seed: {**info, "carried_from": carry["results"]}
+                    for seed, info in old.get("imported", {}).get(old_name, {}).items()}
+        out[new_name] = ([Curve(**c) for c in old["curves"][old_name]], old["lrs"][old_name], imported)
+    return out
 
 
 def write_report(data: dict, stem: Path, note: str = "") -> str:

@@ -8,6 +8,8 @@ import shutil
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -86,6 +88,19 @@ def test_convergence_sample_budget(tmp_path, toy_cache):
     assert table_rows[0] == table_rows[1] and len(table_rows[0]) == 2
     assert "made by the benchmark above" in imported.with_suffix(".md").read_text()
     assert "| advantageflow | 0 | max_samples | 256 |" in imported.with_suffix(".md").read_text()  # per-run table
+    # a method's curves carried over from that result file (its run folders may be gone), renamed
+    carried = tmp_path / "carried"
+    manifest.write_text(json.dumps({"runs": {"flow_grpo": runs["flow_grpo"]}, "carry": {
+        "results": str(imported.with_suffix(".json")), "methods": {"advantageflow": "advantageflow@earlier"}}}))
+    assert convergence.main(["--task", "toy2d", "--import-runs", str(manifest), "--out", str(carried)]) == 0
+    again = json.loads(carried.with_suffix(".json").read_text())
+    assert again["curves"]["advantageflow@earlier"] == got["curves"]["advantageflow"]
+    assert again["lrs"]["advantageflow@earlier"] == got["lrs"]["advantageflow"]
+    assert "| advantageflow@earlier | 0 | max_samples | 256 |" in carried.with_suffix(".md").read_text()
+    manifest.write_text(json.dumps({"runs": {"flow_grpo": runs["flow_grpo"]}, "carry": {
+        "results": str(imported.with_suffix(".json")), "methods": {"advantageflow": "flow_grpo"}}}))
+    with pytest.raises(SystemExit, match="both imported and carried"):
+        convergence.main(["--task", "toy2d", "--import-runs", str(manifest), "--out", str(carried)])
     unfinished = tmp_path / "unfinished"
     shutil.copytree(runs["advantageflow"]["0"], unfinished)
     (unfinished / "summary.json").unlink()
