@@ -111,3 +111,39 @@ def test_the_final_evaluation_records_the_sampler_it_used(tmp_path):
         "seed": 0,
     }
     assert 0.0 <= meta["eval"]["strict"] <= 1.0 and "diversity" not in meta["eval"]
+
+
+def test_guided_target_is_cfg_for_prompted_rows_and_unconditional_for_empty_ones():
+    from advantageflow.tasks.shapes.pretrain import guided_target
+
+    class Linear(torch.nn.Module):
+        """v = x * (1 + t) + sum(tokens): conditional and unconditional velocities differ."""
+
+        def forward(self, x, t, tokens):
+            return x * (1 + t.view(-1, 1, 1, 1)) + tokens.sum(dim=1).view(-1, 1, 1, 1).to(x.dtype)
+
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(3, 3, 4, 4, generator=g), torch.rand(3, generator=g)
+    tokens = torch.tensor([[2, 3], [0, 0], [1, 0]])
+    empty = torch.zeros_like(tokens)
+    teacher = Linear()
+    v_c, v_u = teacher(x, t, tokens), teacher(x, t, empty)
+    got = guided_target(teacher, x, t, tokens, empty, [True, False, True], 3.0)
+    assert torch.allclose(got[0], v_u[0] + 3.0 * (v_c[0] - v_u[0])) and torch.allclose(got[2], v_u[2] + 3 * 1.0)
+    assert torch.equal(got[1], v_u[1])  # an empty prompt keeps the unconditional velocity
+    assert torch.allclose(guided_target(teacher, x, t, tokens, empty, [True] * 3, 1.0), v_c)  # scale 1 = v_c
+
+
+def test_guidance_distillation_starts_from_its_teacher_and_needs_one(tmp_path):
+    base = tmp_path / "base"
+    # a teacher whose zero-initialised output layer has moved (EMA off), so its velocity is not 0
+    assert main(["--steps", "5", "--lr", "1e-2", "--ema", "0", "--out", str(base), *TINY]) == 0
+    with pytest.raises(SystemExit, match="needs --init"):
+        main(["--steps", "2", "--distill-guidance", "3", "--out", str(tmp_path / "x"), *TINY])
+    out = tmp_path / "distilled"
+    assert main(["--steps", "2", "--init", str(base), "--distill-guidance", "3", "--lr", "1e-3",
+                 "--out", str(out), *TINY]) == 0
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["pretrain"]["distill_guidance"] == 3.0 and meta["sampling"]["guidance_scale"] == 1.0
+    before, after = load_file(str(base / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
