@@ -166,3 +166,21 @@ def test_throughput_toy_counts_network_rows(tmp_path, toy_cache):
     assert float(rows["advantageflow"][7]) == 1.0 and float(rows["advantageflow"][8]) == 1.0
     # Flow-GRPO trains on int(0.99 * 6) = 5 of its 6 SDE steps, each with a reference pass (beta > 0).
     assert float(rows["flow_grpo"][7]) == 5.0 and float(rows["flow_grpo"][8]) == 5.0
+
+
+def test_run_diagnostics_reports_each_runs_fall_and_window_means(tmp_path):
+    from benchmarks import run_diagnostics
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"epoch": e, "stats/x0_mse": float(e)} for e in range(1, 7)]
+    rows[1]["eval/strict"], rows[3]["eval/strict"], rows[5]["eval/strict"] = 0.2, 0.5, 0.3
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    stem = tmp_path / "diag"
+    assert run_diagnostics.main([f"A={run}", "--out", str(stem), "--stats", "stats/x0_mse", "--smooth", "3"]) == 0
+    text = stem.with_suffix(".md").read_text()
+    assert "- **A**: 2: 0.200, 4: 0.500, 6: 0.300 (best 0.500, last 0.300, fall 0.200)" in text
+    assert "- A: 1: 2, 4: 5" in text  # means of epochs 1-3 and 4-6
+    assert stem.with_suffix(".png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="LABEL=RUN_DIR"):
+        run_diagnostics.main([str(run), "--out", str(stem)])
