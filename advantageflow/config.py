@@ -407,7 +407,8 @@ def advantage_clip(cfg: Config) -> float:
 # `advantageflow train` with no arguments equals configs/shapes_advantageflow.yaml (tested).
 MAIN_JOB_ALGORITHM = {
     "algo": "advantageflow",
-    "advantageflow": {"draws_per_sample": 6, "stratified_times": True, "lambda_ref": 0.0},
+    "advantageflow": {"draws_per_sample": 6, "stratified_times": True, "lambda_ref": 0.0,
+                      "target_radius": 0.1, "adaptive_weight": False},
 }
 
 
