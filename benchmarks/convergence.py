@@ -15,8 +15,8 @@ Hyper-parameters are the authors' recommendations as scaled to the CPU in
 main job, ``configs/shapes_advantageflow.yaml``: its model, task, reward, sampler, batch and
 evaluation, with the algorithm's own section (and its advantage / steps-per-epoch convention)
 taken from ``configs/toy2d_<algo>.yaml``; AdvantageFlow, whose shipped ShapesEval config is the
-main job, runs the main job unchanged (the paper's loss with six stratified draws per sample in one
-step; the 2-D task's trust region of 0.1 held the earlier main job to +0.015 strict in 30 epochs).  DRaFT needs a
+main job, runs the main job unchanged (six stratified draws per sample in one step, with the 2-D
+task's trust region of 0.1: without it those settings fall after epoch 60).  DRaFT needs a
 differentiable reward, so it runs on the 2-D task only (with its smooth reward; it is compared on the same task metric).
 
     python benchmarks/convergence.py --task toy2d --quick
