@@ -228,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.init:
             raise SystemExit("error: --distill-guidance needs --init (the teacher whose guided velocity is learned)")
         teacher = copy.deepcopy(net).eval().requires_grad_(False)
+        empty_tokens = tokenize([""] * args.batch_size, cfg.max_tokens)  # the same every step
     layout = Layout(size=args.object_size, centre_step=args.centre_step)
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.0)
@@ -272,8 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         tb = t.view(-1, 1, 1, 1)
         x_t = (1 - tb) * x0 + tb * eps
         if teacher is not None:
-            target = guided_target(teacher, x_t, t, tokens, tokenize([""] * len(prompts), cfg.max_tokens),
-                                   [p != "" for p in prompts], args.distill_guidance)
+            target = guided_target(teacher, x_t, t, tokens, empty_tokens, [p != "" for p in prompts],
+                                   args.distill_guidance)
         else:
             target = eps - x0
         loss = velocity_mse(net(x_t, t, tokens), target, foreground_weights(x0, args.fg_weight))
