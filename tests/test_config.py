@@ -78,6 +78,14 @@ def test_main_job_config_is_the_default():
     assert load_config(str(REPO / "configs" / "shapes_advantageflow.yaml")).to_dict() == load_config(None).to_dict()
 
 
+def test_the_long_config_is_the_main_job_with_the_reference_anchor():
+    """configs/shapes_advantageflow_long.yaml differs from the main job only where its header says."""
+    long = load_config(str(REPO / "configs" / "shapes_advantageflow_long.yaml"))
+    again = load_config(None, ["advantageflow.lambda_ref=0.001", "train.epochs=300", "eval.every=30"])
+    assert long.to_dict() == again.to_dict()
+    assert load_config(None).algorithm.lambda_ref == 0.0  # else the long config adds nothing
+
+
 def _cfg(name: str):
     return load_config(str(REPO / "configs" / name))
 
