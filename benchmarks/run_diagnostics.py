@@ -83,9 +83,12 @@ def plot(series: list[RunSeries], metric: str, stats: list[str], smooth: int, pa
         ax.set_title(key if key == metric else f"{key} ({smooth}-epoch mean)", fontsize=9)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    # Below the panels: with many runs a legend inside a panel covers the curves.
+    handles, labels = axes[0][0].get_legend_handles_labels()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    legend = fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0),
+                        ncol=min(3, max(1, len(labels))), fontsize=7, frameon=False)
+    fig.savefig(path, dpi=110, bbox_extra_artists=[legend], bbox_inches="tight")
     plt.close(fig)
 
 
