@@ -400,17 +400,15 @@ def advantage_clip(cfg: Config) -> float:
     return own
 
 
-# The main job where it differs from the defaults (the paper's algorithm section): six training
-# draws per rollout sample, their times stratified, in one optimizer step per epoch, no reference
-# anchor (its weight, 1e-3, is small beside the scaled advantages, about 0.2, and its forward pass
-# cost a fifth of the compute), the trust region, and lr 2e-4 (with the trust region, 2e-4 gains
-# more in 36 epochs than 1e-4 on three seeds; README).  ``load_config(None)`` starts from it, so
+# The main job's algorithm section where it differs from the class defaults (the paper's): six
+# training draws per rollout sample, their times stratified, in one optimizer step per epoch, and
+# no reference anchor (its weight, 1e-3, is small beside the scaled advantages, about 0.2, and its
+# forward pass cost a fifth of the compute).  ``load_config(None)`` starts from it, so
 # `advantageflow train` with no arguments equals configs/shapes_advantageflow.yaml (tested).
 MAIN_JOB_ALGORITHM = {
     "algo": "advantageflow",
     "advantageflow": {"draws_per_sample": 6, "stratified_times": True, "lambda_ref": 0.0,
                       "target_radius": 0.1, "adaptive_weight": False},
-    "train": {"lr": 2e-4},
 }
 
 

@@ -14,11 +14,9 @@ Hyper-parameters are the authors' recommendations as scaled to the CPU in
 ``configs/toy2d_<algo>.yaml``.  For ShapesEval the per-method configs are derived from the
 main job, ``configs/shapes_advantageflow.yaml``: its model, task, reward, sampler, batch and
 evaluation, with the algorithm's own section (and its advantage / steps-per-epoch convention)
-taken from ``configs/toy2d_<algo>.yaml``, and one lr for every method (``SHAPES_LR``, 1e-4, before
-the sweep's factors); AdvantageFlow, whose shipped ShapesEval config is the main job, runs the main
-job at that lr (six stratified draws per sample in one step, with the 2-D task's trust region of
-0.1: without it those settings fall after epoch 60; the main job's own lr, 2e-4, was screened
-outside the sweep, so the benchmark does not take it).  DRaFT needs a
+taken from ``configs/toy2d_<algo>.yaml``; AdvantageFlow, whose shipped ShapesEval config is the
+main job, runs the main job unchanged (six stratified draws per sample in one step, with the 2-D
+task's trust region of 0.1: without it those settings fall after epoch 60).  DRaFT needs a
 differentiable reward, so it runs on the 2-D task only (with its smooth reward; it is compared on the same task metric).
 
     python benchmarks/convergence.py --task toy2d --quick
@@ -59,7 +57,6 @@ from benchmarks.common import (  # noqa: E402
 )
 
 ALGOS = ("advantageflow", "awm", "diffusion_nft", "epg", "ram", "flow_grpo", "flow_grpo_fast", "draft")
-SHAPES_LR = 1e-4  # every method's ShapesEval lr before the sweep's factors
 BASELINE = "flow_grpo"
 # Methods that are another preset of an algorithm: name -> (algorithm, config whose algorithm
 # section is the preset).  Flow-GRPO-Fast: the authors' Fast preset (CPS, noise 0.8, an SDE
@@ -112,12 +109,9 @@ def algo_config_dict(task: str, method: str) -> dict:
     if not main_path.exists():
         raise SystemExit(f"convergence: {main_path.relative_to(ROOT)} (the ShapesEval main job) does not exist yet")
     data = load_yaml(main_path)
-    # One lr for every method (the sweep's centre): the main job's own lr was screened on
-    # ShapesEval outside the declared sweep, so the benchmark does not inherit it.
-    data.setdefault("train", {})["lr"] = SHAPES_LR
     main_algo = data.get("algo", "advantageflow")
     if algo == main_algo and preset is None:
-        return data  # the algorithm's own shipped ShapesEval config: the main job, at the shared lr
+        return data  # the algorithm's own shipped ShapesEval config: the main job itself
     data.pop(main_algo, None)
     data["algo"] = algo
     data[algo] = own.get(algo, {})

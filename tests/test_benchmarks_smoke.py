@@ -184,13 +184,3 @@ def test_run_diagnostics_reports_each_runs_fall_and_window_means(tmp_path):
     assert stem.with_suffix(".png").stat().st_size > 0
     with pytest.raises(SystemExit, match="LABEL=RUN_DIR"):
         run_diagnostics.main([str(run), "--out", str(stem)])
-
-
-def test_shapes_methods_share_one_lr_whatever_the_main_job_has():
-    """The benchmark's ShapesEval configs start from the main job's file but not from its lr,
-    which was screened outside the declared sweep: every method starts at SHAPES_LR."""
-    from advantageflow.config import load_config
-
-    assert load_config(str(REPO / "configs" / "shapes_advantageflow.yaml")).train.lr != convergence.SHAPES_LR
-    for method in ("advantageflow", "awm", "diffusion_nft", "epg", "ram", "flow_grpo", "flow_grpo_fast"):
-        assert convergence.algo_config_dict("shapes", method)["train"]["lr"] == convergence.SHAPES_LR, method

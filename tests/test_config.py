@@ -81,8 +81,7 @@ def test_main_job_config_is_the_default():
 def test_the_long_config_is_the_main_job_with_the_reference_anchor():
     """configs/shapes_advantageflow_long.yaml differs from the main job only where its header says."""
     long = load_config(str(REPO / "configs" / "shapes_advantageflow_long.yaml"))
-    overrides = ["advantageflow.lambda_ref=0.001", "train.lr=0.0001", "train.epochs=300", "eval.every=30"]
-    again = load_config(None, overrides)
+    again = load_config(None, ["advantageflow.lambda_ref=0.001", "train.epochs=300", "eval.every=30"])
     assert long.to_dict() == again.to_dict()
     assert load_config(None).algorithm.lambda_ref == 0.0  # else the long config adds nothing
 
