@@ -40,20 +40,23 @@ class ChatServer(BaseHTTPRequestHandler):
 
     def do_POST(self):  # noqa: N802 - http.server's naming
         cls = type(self)
+        if self.path != "/v1/chat/completions":
+            return self._send(404, {"error": {"message": f"no route {self.path}"}})
+        req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        # A request counts as in flight from its arrival until its reply starts: counting it until
+        # the reply is written would race a client that already has the reply and sends the next.
         with cls.lock:
             cls.inflight += 1
             cls.peak = max(cls.peak, cls.inflight)
         try:
-            self._answer()
+            reply = self._answer(req)
         finally:
             with cls.lock:
                 cls.inflight -= 1
+        self._send(*reply)
 
-    def _answer(self) -> None:
+    def _answer(self, req: dict) -> tuple[int, dict]:
         cls = type(self)
-        if self.path != "/v1/chat/completions":
-            return self._send(404, {"error": {"message": f"no route {self.path}"}})
-        req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         (message,) = req["messages"]
         image_part, text_part = message["content"]
         url = image_part["image_url"]["url"]
@@ -67,21 +70,18 @@ class ChatServer(BaseHTTPRequestHandler):
         if caption.startswith("slow"):
             time.sleep(1.5)
         if caption.startswith("flaky") and attempt == 1:
-            return self._send(503, {"error": {"message": "overloaded"}})
+            return 503, {"error": {"message": "overloaded"}}
         if caption.startswith("garbage"):
             text = "I cannot rate this image."
         elif caption.startswith("huge"):
             text = "Score: 99"
         else:
             text = f"The colours are fine.\nScore: {judge_value(png, caption)}"
-        self._send(
-            200,
-            {
-                "id": "x",
-                "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}}],
-            },
-        )
+        return 200, {
+            "id": "x",
+            "object": "chat.completion",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}}],
+        }
 
     def _send(self, status: int, obj: dict) -> None:
         body = json.dumps(obj).encode()
