@@ -545,7 +545,8 @@ def import_runs(manifest: Path, task: str, target: float | None = None) -> dict:
 
     ``"carry": {"results": OLD_JSON, "methods": {old_name: new_name}}`` also reports the curves
     of those methods from an earlier result file (e.g. runs whose folders are gone), renamed as
-    given, after the manifest's own runs.
+    given, after the manifest's own runs; a carried method joins the manifest's runs of the same
+    name when their seeds differ (same lr).
 
     A run without ``summary.json`` is reported as unfinished (its last evaluation counts as
     final).  Every run of a method must share the learning rate, and its config's algorithm
@@ -590,9 +591,13 @@ def import_runs(manifest: Path, task: str, target: float | None = None) -> dict:
             curves[method].append(curve)
             runs[method][seed_text] = {"run_dir": str(run), "ended": curve.ended}
     first = next(iter(curves.values()))
-    carried = carry_curves(wanted.get("carry"), task, set(curves))
+    carried = carry_curves(wanted.get("carry"), task, {m: {c.seed for c in cs} for m, cs in curves.items()})
     for method, (cs, lr, imported) in carried.items():
-        curves[method], lrs[method], runs[method] = cs, lr, imported
+        if lrs.setdefault(method, lr) != lr:
+            raise SystemExit(f"convergence: {method}'s imported and carried runs use different learning rates "
+                             f"({lrs[method]}, {lr})")
+        curves[method] = sorted(curves.get(method, []) + cs, key=lambda c: c.seed)
+        runs[method] = dict(sorted({**runs.get(method, {}), **imported}.items(), key=lambda kv: int(kv[0])))
     seeds = sorted({c.seed for cs in curves.values() for c in cs})
     samples = max(c.samples[-1] for cs in curves.values() for c in cs)
     return {
@@ -607,9 +612,12 @@ def import_runs(manifest: Path, task: str, target: float | None = None) -> dict:
     }
 
 
-def carry_curves(carry: dict | None, task: str, taken: set[str]) -> dict[str, tuple[list[Curve], float, dict]]:
+def carry_curves(carry: dict | None, task: str,
+                 taken: dict[str, set[int]]) -> dict[str, tuple[list[Curve], float, dict]]:
     """``{new_name: (curves, lr, imported)}`` from an earlier result file, for ``import_runs``'s
-    ``carry`` entry (``{"results": path, "methods": {old_name: new_name}}``)."""
+    ``carry`` entry (``{"results": path, "methods": {old_name: new_name}}``).  ``taken`` holds the
+    seeds each method already has from run folders: a carried method may join them (e.g. new
+    seeds of a method whose first seed's folder is gone), but not on a seed it already has."""
     if not carry:
         return {}
     try:
@@ -622,11 +630,13 @@ def carry_curves(carry: dict | None, task: str, taken: set[str]) -> dict[str, tu
     for old_name, new_name in carry.get("methods", {}).items():
         if old_name not in old["curves"]:
             raise SystemExit(f"convergence: {carry['results']} has no '{old_name}' (it has {list(old['curves'])})")
-        if new_name in taken or new_name in out:
-            raise SystemExit(f"convergence: '{new_name}' is both imported and carried; rename one")
+        curves = [Curve(**c) for c in old["curves"][old_name]]
+        both = sorted(taken.get(new_name, set()) & {c.seed for c in curves})
+        if both or new_name in out:
+            raise SystemExit(f"convergence: '{new_name}' (seeds {both}) is both imported and carried; rename one")
         imported = {seed: {**info, "carried_from": carry["results"]}
                     for seed, info in old.get("imported", {}).get(old_name, {}).items()}
-        out[new_name] = ([Curve(**c) for c in old["curves"][old_name]], old["lrs"][old_name], imported)
+        out[new_name] = (curves, old["lrs"][old_name], imported)
     return out
 
 

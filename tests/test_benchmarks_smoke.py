@@ -99,8 +99,18 @@ def test_convergence_sample_budget(tmp_path, toy_cache):
     assert "| advantageflow@earlier | 0 | max_samples | 256 |" in carried.with_suffix(".md").read_text()
     manifest.write_text(json.dumps({"runs": {"flow_grpo": runs["flow_grpo"]}, "carry": {
         "results": str(imported.with_suffix(".json")), "methods": {"advantageflow": "flow_grpo"}}}))
-    with pytest.raises(SystemExit, match="both imported and carried"):
+    with pytest.raises(SystemExit, match=r"seeds \[0\]\) is both imported and carried"):
         convergence.main(["--task", "toy2d", "--import-runs", str(manifest), "--out", str(carried)])
+    # ... but a carried method joins new seeds of the same method (its first seed's folder gone)
+    manifest.write_text(json.dumps({"runs": {"flow_grpo": {"1": runs["flow_grpo"]["0"]}}, "carry": {
+        "results": str(imported.with_suffix(".json")), "methods": {"flow_grpo": "flow_grpo"}}}))
+    assert convergence.main(["--task", "toy2d", "--import-runs", str(manifest), "--out", str(carried)]) == 0
+    joined = json.loads(carried.with_suffix(".json").read_text())
+    assert [c["seed"] for c in joined["curves"]["flow_grpo"]] == [0, 1]
+    assert joined["curves"]["flow_grpo"][0]["values"] == joined["curves"]["flow_grpo"][1]["values"]
+    assert list(joined["imported"]["flow_grpo"]) == ["0", "1"]
+    assert "carried_from" in joined["imported"]["flow_grpo"]["0"]
+    assert "| flow_grpo | 0,1 |" in carried.with_suffix(".md").read_text()
     unfinished = tmp_path / "unfinished"
     shutil.copytree(runs["advantageflow"]["0"], unfinished)
     (unfinished / "summary.json").unlink()
