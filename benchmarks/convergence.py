@@ -548,8 +548,9 @@ def import_runs(manifest: Path, task: str, target: float | None = None) -> dict:
     given, after the manifest's own runs; a carried method joins the manifest's runs of the same
     name when their seeds differ (same lr).
 
-    A run without ``summary.json`` is reported as unfinished (its last evaluation counts as
-    final).  Every run of a method must share the learning rate, and its config's algorithm
+    A run without ``summary.json``, or whose metrics go past its summary's epoch (resumed to more
+    epochs and not yet ended), is reported as unfinished (its last evaluation counts as final).
+    Every run of a method must share the learning rate, and its config's algorithm
     must be the method's; the target is the mean base value of the first method's runs + the
     task's delta unless ``target`` is given.
     """
@@ -582,8 +583,10 @@ def import_runs(manifest: Path, task: str, target: float | None = None) -> dict:
             curve = read_curve(run, spec.metric)
             curve.seed = int(seed_text)
             summary = run / "summary.json"
-            if summary.exists():
-                info = json.loads(summary.read_text())
+            info = json.loads(summary.read_text()) if summary.exists() else {}
+            # A run resumed to more epochs keeps its earlier summary until it ends: the metrics past
+            # the summary's epoch say it is still going.
+            if info and info.get("epochs", curve.epochs) >= curve.epochs:
                 curve.ended = info.get("stopped_by", "epochs")
                 wall += info.get("wall_s", 0.0)
             else:

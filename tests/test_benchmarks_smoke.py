@@ -118,6 +118,14 @@ def test_convergence_sample_budget(tmp_path, toy_cache):
                                              "advantageflow@cut": {"1": str(unfinished)}}}))
     assert convergence.main(["--task", "toy2d", "--import-runs", str(manifest), "--out", str(imported)]) == 0
     assert "- advantageflow@cut seed 1: unfinished (epoch 2)" in imported.with_suffix(".md").read_text()
+    # a run resumed to more epochs keeps its earlier summary until it ends: still unfinished
+    resumed = tmp_path / "resumed"
+    shutil.copytree(runs["advantageflow"]["0"], resumed)
+    summary = json.loads((resumed / "summary.json").read_text())
+    (resumed / "summary.json").write_text(json.dumps({**summary, "epochs": 1}))
+    manifest.write_text(json.dumps({"runs": {"flow_grpo": runs["flow_grpo"], "advantageflow": {"0": str(resumed)}}}))
+    assert convergence.main(["--task", "toy2d", "--import-runs", str(manifest), "--out", str(imported)]) == 0
+    assert "- advantageflow seed 0: unfinished (epoch 2)" in imported.with_suffix(".md").read_text()
     # a run of another algorithm, or an unknown method, is refused with the reason
     for bad, reason in (({"awm": runs["flow_grpo"]}, "ran algo 'flow_grpo'"), ({"grpo": runs["flow_grpo"]}, "unknown")):
         manifest.write_text(json.dumps({"runs": bad}))
