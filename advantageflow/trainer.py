@@ -206,6 +206,9 @@ def _train(
         state = _restore(path, env, policy, strategy, optimizer, algo, cfg, eval_ema)
         logger.truncate_after(state.epoch)
         if env.is_main:
+            # The summary of the run's earlier end no longer describes it; the end of this one rewrites it.
+            for name in ("summary.json", "summary.txt"):
+                (run_dir / name).unlink(missing_ok=True)
             print(f"[advantageflow] resumed from {path} (epoch {state.epoch}, step {state.step})")
             for note in config_notes:
                 print(f"[advantageflow] resume: config change accepted: {note}")

@@ -200,6 +200,30 @@ def test_disk_full_mid_run_is_one_line(tmp_path, toy_overrides, capsys, monkeypa
     assert latest_checkpoint(tmp_path / "r" / "checkpoints").name == "ckpt-000001"
 
 
+def test_a_resumed_run_that_fails_leaves_no_stale_summary(toy_run, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from advantageflow import runlog
+
+    run, over = _copy(toy_run, tmp_path)
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 3
+    real = runlog.MetricsLogger.log
+    calls = {"n": 0}
+
+    def filling(self, step, metrics):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+        return real(self, step, metrics)
+
+    monkeypatch.setattr(runlog.MetricsLogger, "log", filling)
+    assert main(["train", TOY, *over, "train.epochs=6", "--run-dir", str(run), "--resume"]) == 1
+    assert "No space left on device" in one_line(capsys)
+    # the finished 3-epoch summary would say the run ended; it is resumed and did not end
+    assert not (run / "summary.json").exists() and not (run / "summary.txt").exists()
+    assert latest_checkpoint(run / "checkpoints").name == "ckpt-000004"
+
+
 def test_nan_rewards_do_not_break_the_end_of_run_summary(tmp_path, toy_overrides, capsys):
     run = tmp_path / "r"
     argv = ["train", TOY, *toy_overrides, *QUICK, "train.epochs=2", "eval.every=2", "eval.samples_per_prompt=64",
