@@ -179,7 +179,7 @@ def test_unwritable_checkpoints_or_metrics_fail_before_any_work(tmp_path, toy_ov
         assert time.monotonic() - start < 5 and not (run / "config.yaml").exists()
 
 
-def test_disk_full_mid_run_is_one_line(tmp_path, toy_overrides, capsys, monkeypatch):
+def _fill_the_disk_at_the_second_metrics_row(monkeypatch) -> None:
     import errno
 
     from advantageflow import runlog
@@ -194,6 +194,10 @@ def test_disk_full_mid_run_is_one_line(tmp_path, toy_overrides, capsys, monkeypa
         return real(self, step, metrics)
 
     monkeypatch.setattr(runlog.MetricsLogger, "log", filling)
+
+
+def test_disk_full_mid_run_is_one_line(tmp_path, toy_overrides, capsys, monkeypatch):
+    _fill_the_disk_at_the_second_metrics_row(monkeypatch)
     argv = ["train", TOY, *toy_overrides, *QUICK, "train.epochs=3", "--run-dir", str(tmp_path / "r")]
     assert main(argv) == 1
     assert "No space left on device" in one_line(capsys)
@@ -201,22 +205,9 @@ def test_disk_full_mid_run_is_one_line(tmp_path, toy_overrides, capsys, monkeypa
 
 
 def test_a_resumed_run_that_fails_leaves_no_stale_summary(toy_run, tmp_path, capsys, monkeypatch):
-    import errno
-
-    from advantageflow import runlog
-
     run, over = _copy(toy_run, tmp_path)
     assert json.loads((run / "summary.json").read_text())["epochs"] == 3
-    real = runlog.MetricsLogger.log
-    calls = {"n": 0}
-
-    def filling(self, step, metrics):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
-        return real(self, step, metrics)
-
-    monkeypatch.setattr(runlog.MetricsLogger, "log", filling)
+    _fill_the_disk_at_the_second_metrics_row(monkeypatch)
     assert main(["train", TOY, *over, "train.epochs=6", "--run-dir", str(run), "--resume"]) == 1
     assert "No space left on device" in one_line(capsys)
     # the finished 3-epoch summary would say the run ended; it is resumed and did not end
