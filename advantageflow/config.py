@@ -140,6 +140,11 @@ class RewardConfig:
 class TrainConfig:
     """The outer loop: rollouts per epoch, optimizer steps, and the optimizer.
 
+    Learning-rate schedule (per optimizer step, :func:`advantageflow.optim.scheduled_lr`): a
+    linear warm-up over ``lr_warmup_steps`` steps, then ``lr`` held (``constant``) or a cosine
+    from ``lr`` down to ``lr_final`` at the run's last step (``cosine``; the last step is
+    ``epochs * inner_epochs * steps_per_epoch``, so raising ``epochs`` stretches it).
+
     Budgets (0 = none) end the run at the end of the epoch that reaches them, as if it had
     reached ``epochs`` (final evaluation, checkpoint, summary with ``stopped_by``):
     ``max_samples`` counts rollout samples, ``max_wall_s`` training seconds (rollouts, rewards
@@ -162,6 +167,9 @@ class TrainConfig:
     max_bad_steps: int = 5
     max_wall_s: float = 0.0
     max_samples: int = 0
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_warmup_steps: int = 0
+    lr_final: float = 0.0
 
     @property
     def samples_per_epoch(self) -> int:
@@ -180,6 +188,12 @@ class TrainConfig:
             )
         if self.lr <= 0:
             raise ConfigError("train.lr must be > 0")
+        if self.lr_warmup_steps < 0:
+            raise ConfigError("train.lr_warmup_steps must be >= 0")
+        if self.lr_schedule == "cosine" and not 0.0 <= self.lr_final <= self.lr:
+            raise ConfigError(f"train.lr_final must be in [0, train.lr = {self.lr}], got {self.lr_final}")
+        if self.lr_schedule == "constant" and self.lr_final != 0.0:
+            raise ConfigError("train.lr_final is the end of the cosine: set train.lr_schedule=cosine or leave it at 0")
         for key in ("max_wall_s", "max_samples"):
             if not getattr(self, key) >= 0:  # also refuses NaN
                 raise ConfigError(f"train.{key} must be >= 0 (0 = no budget)")

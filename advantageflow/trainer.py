@@ -45,7 +45,7 @@ from advantageflow.evaluation import EvalResult, WeightsEMA, evaluate_policy
 from advantageflow.faults import fault_point
 from advantageflow.imagelog import log_epoch_images, start_wandb
 from advantageflow.numerics import numerics_header, numerics_record, thread_invariant_kernels
-from advantageflow.optim import build_optimizer
+from advantageflow.optim import build_optimizer, scheduled_lr
 from advantageflow.parallel import finite_gradients, make_strategy
 from advantageflow.rewards.async_scoring import AsyncRewardScorer
 from advantageflow.rewards.base import check_reward_gradient
@@ -462,12 +462,16 @@ def _optimizer_step(run: RunParts, batch: EpochBatch, state: LoopState, k: int, 
         _stop_if_too_bad(state, tc.max_bad_steps, "a non-finite loss or gradient")
         return out
     grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf")))
+    lr = scheduled_lr(tc, state.step)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
     optimizer.step()
     fault_point("train")
     algo.after_step(policy, state.step)
     state.step += 1
     state.consecutive_bad = 0
     out["stats/grad_norm"] = float(grad_norm)
+    out["stats/lr"] = lr
     return out
 
 

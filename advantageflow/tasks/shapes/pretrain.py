@@ -34,6 +34,7 @@ import torch
 
 from advantageflow.models.dit import DiTConfig, ShapesDiT, save_asset
 from advantageflow.models.unet import ShapesUNet, UNetConfig
+from advantageflow.optim import lr_factor
 from advantageflow.tasks.shapes.grammar import specs_for_tag, to_prompt
 from advantageflow.tasks.shapes.scene import BACKGROUND, TAGS, Layout, render_specs
 
@@ -89,15 +90,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-samples", type=int, default=9, help="samples per evaluation slot at the end (0: skip)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
-
-
-def lr_factor(step: int, warmup: int, total: int, final_ratio: float) -> float:
-    """Multiplier of the peak learning rate at optimizer step ``step`` (0-based): linear
-    warm-up over ``warmup`` steps, then a cosine from 1 down to ``final_ratio`` at ``total``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(total - warmup, 1))
-    return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def foreground_weights(x0: torch.Tensor, fg_weight: float) -> torch.Tensor | None:
