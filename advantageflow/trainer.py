@@ -356,7 +356,8 @@ def _restore(path: Path, env: DistEnv, policy, strategy, optimizer, algo, cfg: C
         first = (str(err).strip().splitlines() or [""])[0][:200]
         raise CheckpointError(f"checkpoint '{path}' does not fit this config's model or algorithm "
                               f"({type(err).__name__}: {first})") from None
-    # The optimizer's hyper-parameters are the config's (equal unless a change was allowed).
+    # The optimizer's hyper-parameters are the config's (equal unless a change was allowed; the lr is
+    # then set before every step by train.lr_schedule).
     for group in optimizer.param_groups:
         group.update(lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                      betas=tuple(cfg.train.adam_betas), eps=cfg.train.adam_eps)
