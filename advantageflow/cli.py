@@ -148,7 +148,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = (_resume_config(args.items, args.run_dir, args.trust_config) if args.resume else None) or _load(args.items)
     run_dir = args.run_dir or f"runs/{cfg.algo}-{cfg.task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     train(cfg, run_dir, resume=args.resume, allow_config_change=args.allow_config_change)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _exit_before_interpreter_teardown(0)
     return 0
+
+
+def _exit_before_interpreter_teardown(code: int) -> None:
+    """End a finished ``torchrun`` worker without Python's interpreter teardown.
+
+    Training is over, its files are written and closed and the process group is destroyed,
+    but torch can keep the gloo group alive past ``destroy_process_group`` (FSDP2's device
+    mesh stays referenced from DTensor's caches).  A gloo thread that then releases a tensor
+    during the teardown needs the GIL and aborts the process (SIGABRT, "terminate called
+    without an active exception"), so torchrun reports a failed run that succeeded.
+    """
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

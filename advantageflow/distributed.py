@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +51,7 @@ class DistEnv:
         dev = _resolve_device(device, local_rank)
         owns = not dist.is_initialized()
         if owns:
+            _import_before_group_exists()
             backend = "nccl" if dev.type == "cuda" else "gloo"
             if dev.type == "cuda":
                 torch.cuda.set_device(dev)
@@ -115,10 +117,28 @@ class DistEnv:
         return bool(t.item() > 0)
 
     def shutdown(self) -> None:
-        """Destroy the process group if :meth:`from_environment` initialised it."""
+        """Destroy the process group if :meth:`from_environment` initialised it.
+
+        Destroying it must free it (joining gloo's worker threads) while the interpreter is
+        alive: a gloo thread still alive at interpreter exit can release a tensor that needs
+        the GIL and abort the process (SIGABRT, "terminate called without an active
+        exception") after a run that finished.  See :func:`_import_before_group_exists`.
+        """
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+            gc.collect()  # the wrappers (DDP, FSDP) that held the group, in reference cycles
         self.owns_group = False
+
+
+def _import_before_group_exists() -> None:
+    """Import the torch modules whose function defaults capture ``group.WORLD``.
+
+    ``torch.distributed.nn.functional`` (imported by DDP) evaluates ``group.WORLD`` in its
+    function defaults when first imported; imported after the process group exists, it
+    pins that group for the life of the process, so ``destroy_process_group`` cannot free it
+    and gloo's threads outlive the interpreter.  Imported before, the defaults hold ``None``.
+    """
+    import torch.distributed.nn.functional  # noqa: F401
 
 
 @functools.cache

@@ -144,6 +144,7 @@ def test_checkpoints_cross_world_sizes(tmp_path, toy_overrides, warm_cache, stra
 
 # Run under torchrun: train() initialises the process group itself, so it destroys it at the end.
 OWN_GROUP = """
+import os
 import sys
 import torch.distributed as dist
 from advantageflow.config import load_config
@@ -151,18 +152,26 @@ from advantageflow.trainer import train
 
 train(load_config(sys.argv[1], sys.argv[3:]), sys.argv[2])
 print("group after train:", dist.is_initialized())
+# Destroyed means freed: gloo's threads must not outlive the interpreter (they can abort it).
+threads = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+print("gloo threads after train:", sum("gloo" in name for name in threads))
 """
 
 
-def test_train_destroys_the_process_group_it_initialised(tmp_path, toy_overrides, warm_cache):
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads through Linux's /proc")
+@pytest.mark.parametrize("strategy", ["ddp", "allreduce"])
+def test_train_destroys_the_process_group_it_initialised(tmp_path, toy_overrides, warm_cache, strategy):
+    """Destroyed and freed: a gloo group that outlives the interpreter can abort a finished run
+    (torch keeps FSDP2's alive through DTensor's caches; the CLI exits before teardown then)."""
     script = tmp_path / "own_group.py"
     script.write_text(OWN_GROUP)
     cmd = [TORCHRUN, "--standalone", "--nproc-per-node", "2", str(script), TOY, str(tmp_path / "run"),
-           *_args(toy_overrides, "train.epochs=1")]
+           *_args(toy_overrides, "train.epochs=1", f"dist.strategy={strategy}")]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("group after train: False") == 2, out.stdout
+    assert out.stdout.count("gloo threads after train: 0") == 2, out.stdout
 
 
 def test_an_env_leaves_a_process_group_it_did_not_create(monkeypatch):
