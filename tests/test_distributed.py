@@ -66,6 +66,8 @@ def test_two_processes_match_one(tmp_path, toy_overrides, warm_cache, strategy):
     train(load_config(TOY, args), tmp_path / "one")
     out = _torchrun(args, tmp_path / "two")
     assert out.returncode == 0, out.stderr[-3000:]
+    # The finished workers skip the interpreter's teardown (cli.py): their output still arrives.
+    assert out.stdout.count("[advantageflow] advantageflow on toy2d:") == 1, out.stdout[-2000:]
     _assert_same(_rows(tmp_path / "one"), _rows(tmp_path / "two"))
     # Cost counters are summed over the processes: the same work, the same count.
     counters = ("perf/network_rows_fwd", "perf/network_rows_bwd", "perf/flops")
