@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import functools
-import gc
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -126,7 +125,6 @@ class DistEnv:
         """
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
-            gc.collect()  # the wrappers (DDP, FSDP) that held the group, in reference cycles
         self.owns_group = False
 
 
