@@ -28,7 +28,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def machine_line() -> str:
-    """One line naming the machine: CPU model, cores, torch version, load average."""
+    """One line naming the machine: CPU model, cores, GPUs (where CUDA sees any), torch version,
+    load average."""
     import torch
 
     cpu = platform.processor() or "cpu"
@@ -40,6 +41,8 @@ def machine_line() -> str:
     except OSError:
         pass
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    if torch.cuda.is_available():
+        cpu += f", {torch.cuda.device_count()} x {torch.cuda.get_device_name()}"
     return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} torch "
             f"thread(s), load average {load} at {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
 

@@ -360,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
                          "<out>.json/.md/.png like a benchmark run")
     ap.add_argument("--from-json", default=None,
                     help="re-render the table and plot of a saved run (with --target: at another target)")
+    ap.add_argument("--note", default="", help="with --from-json: a sentence added under the command line "
+                                                "(e.g. where the saved run ran)")
     args = ap.parse_args(argv)
     if args.import_runs:
         stem = Path(args.out) if args.out else RESULTS / f"imported_{args.task}"
@@ -371,9 +373,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_json:
         data = json.loads(Path(args.from_json).read_text())
         note = ""
+        command = command_line().replace(f" --note {args.note}", " --note NOTE") if args.note else command_line()
         if args.target is not None:
             data["target"] = args.target
-            note = f" Re-rendered at target {args.target} with `{command_line()}`."
+            note = f" Re-rendered at target {args.target} with `{command}`."
+        if args.note:
+            note = (note or f" Re-rendered with `{command}`.") + f" {args.note.strip()}"
         print(write_report(data, Path(args.out) if args.out else Path(args.from_json).with_suffix(""), note))
         return 0
 
@@ -683,7 +688,7 @@ machine or its load) is read at evaluation resolution, means ± std over the see
 speed-ups are per-seed ratios Flow-GRPO / method (mean [min–max]); '≥' marks a lower bound
 where Flow-GRPO missed the target (its whole run counted as its cost).
 """
-    if data.get("imported"):
+    if data["curves"]:
         table += "\n\nPer run (target as above; cost at the first evaluation at or above it):\n\n" + per_run_table(
             results, target)
     text = f"""# Convergence on {data['task']}{' (quick)' if data['quick'] else ''}

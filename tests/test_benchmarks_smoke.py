@@ -69,6 +69,12 @@ def test_convergence_sample_budget(tmp_path, toy_cache):
         # 128 samples per epoch: the budget ends both runs after epoch 2, evaluated there
         assert curve["ended"] == "budget" and curve["epochs"] == 2 and curve["samples"] == [0, 256]
     assert "256 samples of training" in stem.with_suffix(".md").read_text()
+    assert "| advantageflow | 0 | budget | 256 |" in stem.with_suffix(".md").read_text()  # per-run table
+    # a saved run re-rendered with a note on where it ran
+    assert convergence.main(["--from-json", str(stem.with_suffix(".json")), "--out", str(tmp_path / "again"),
+                             "--note", "Ran on machine X."]) == 0
+    assert "Re-rendered with `" in (tmp_path / "again.md").read_text()
+    assert "Ran on machine X." in (tmp_path / "again.md").read_text()
 
     # The same runs imported as runs made outside the benchmark (`--import-runs`) give the same
     # curves and the same table rows; a run without summary.json is reported as unfinished.
