@@ -208,3 +208,15 @@ def test_run_diagnostics_reports_each_runs_fall_and_window_means(tmp_path):
     assert stem.with_suffix(".png").stat().st_size > 0
     with pytest.raises(SystemExit, match="LABEL=RUN_DIR"):
         run_diagnostics.main([str(run), "--out", str(stem)])
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="nvidia-smi here: the script would start")
+def test_convergence_gpu_script_refuses_a_machine_without_a_gpu(tmp_path):
+    """`benchmarks/convergence_gpu.sh` stops before starting anything where no NVIDIA GPU answers."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(["bash", str(root / "benchmarks" / "convergence_gpu.sh")], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "OUT": str(tmp_path)}, timeout=60)
+    assert done.returncode == 1 and "no NVIDIA GPU" in done.stdout
+    assert not list(tmp_path.iterdir())  # no result files written
