@@ -55,8 +55,15 @@ def git_commit() -> str:
         return "unknown"
 
 
-def command_line() -> str:
-    return "python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
+def command_line(hide: tuple[str, ...] = ()) -> str:
+    """How this script was called; the values of the options in ``hide`` are printed as their names."""
+    args = list(sys.argv[1:])
+    for i, arg in enumerate(args):
+        if arg in hide and i + 1 < len(args):
+            args[i + 1] = arg.lstrip("-").upper()
+        elif arg.split("=", 1)[0] in hide:
+            args[i] = f"{arg.split('=', 1)[0]}={arg.split('=', 1)[0].lstrip('-').upper()}"
+    return "python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *args])
 
 
 def train_with_budget(cfg: Any, run_dir: Path, budget_s: float, budget_samples: int = 0) -> str:

@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_json:
         data = json.loads(Path(args.from_json).read_text())
         note = ""
-        command = command_line().replace(f" --note {args.note}", " --note NOTE") if args.note else command_line()
+        command = command_line(hide=("--note",))  # the note itself follows the command
         if args.target is not None:
             data["target"] = args.target
             note = f" Re-rendered at target {args.target} with `{command}`."

@@ -57,7 +57,7 @@ def test_convergence_toy_budget_and_table(tmp_path, toy_cache):
         assert f"speed-up vs Flow-GRPO ({measure})" in table
 
 
-def test_convergence_sample_budget(tmp_path, toy_cache):
+def test_convergence_sample_budget(tmp_path, toy_cache, monkeypatch):
     stem, work = tmp_path / "conv", tmp_path / "runs"
     rc = convergence.main(toy_args(toy_cache, "--budget-samples", "256", "--algos", "flow_grpo,advantageflow",
                                    "--out", str(stem), "--work-dir", str(work), "--keep-runs"))
@@ -75,6 +75,10 @@ def test_convergence_sample_budget(tmp_path, toy_cache):
                              "--note", "Ran on machine X."]) == 0
     assert "Re-rendered with `" in (tmp_path / "again.md").read_text()
     assert "Ran on machine X." in (tmp_path / "again.md").read_text()
+    from benchmarks.common import command_line
+
+    monkeypatch.setattr(sys, "argv", ["benchmarks/convergence.py", "--note", "a b", "--x", "--note=c d"])
+    assert command_line(hide=("--note",)).endswith("--note NOTE --x --note=NOTE")
 
     # The same runs imported as runs made outside the benchmark (`--import-runs`) give the same
     # curves and the same table rows; a run without summary.json is reported as unfinished.
