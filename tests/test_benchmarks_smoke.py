@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -224,3 +225,32 @@ def test_convergence_gpu_script_refuses_a_machine_without_a_gpu(tmp_path):
                           env={"PATH": "/usr/bin:/bin", "OUT": str(tmp_path)}, timeout=60)
     assert done.returncode == 1 and "no NVIDIA GPU" in done.stdout
     assert not list(tmp_path.iterdir())  # no result files written
+
+
+def test_pretrain_scaling_pool_recipe_and_report(tmp_path):
+    """`benchmarks/pretrain_scaling.py`: the pool is the pretraining corpus (uint8 renders,
+    prompts that tokenize back), deterministic per seed; a recipe trains from it and its final
+    evaluation is the main job's (96 slots x 9) plus CFG 3; the report tabulates it."""
+    from advantageflow.models.dit import VOCAB
+    from benchmarks import pretrain_scaling as ps
+
+    pixels, tokens = ps.render_pool(6, seed=3, workers=1)
+    again, _ = ps.render_pool(6, seed=3, workers=1)
+    assert pixels.shape == (6, 3, 32, 32) and pixels.dtype == torch.uint8 and tokens.shape == (6, 12)
+    assert torch.equal(pixels, again) and not torch.equal(pixels, ps.render_pool(6, seed=4, workers=1)[0])
+    assert all(VOCAB[int(tokens[i, 0])] in ("a", "an", "one", "two", "three", "four") for i in range(6))
+    tiny = "--width 32 --depth 1 --heads 2 --batch-size 4 --warmup 2 --conv-channels 4"
+    assert ps.training_flops_per_image(ps.recipe_args(tiny)) > 0
+    assert ps.training_flops_per_image(ps.recipe_args("--arch unet --conv-channels 24 --depth 3")) > \
+        ps.training_flops_per_image(ps.recipe_args(""))
+    pool = tmp_path / "pool.pt"
+    torch.save((pixels, tokens), pool)
+    jsonl = tmp_path / "evals.jsonl"
+    ps.train_recipe("tiny", tiny, str(pool), "cpu", 0.5, 0, str(jsonl), str(tmp_path / "assets"))
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert rows[-1]["final"] and rows[-1]["steps"] >= 20 and rows[-1]["images"] == 4 * rows[-1]["steps"]
+    assert 0 <= rows[-1]["strict"] <= 1 and "strict_cfg3" in rows[-1] and "strict_se" in rows[-1]
+    assert (tmp_path / "assets" / "tiny" / "model.safetensors").exists()
+    out = tmp_path / "report"
+    ps.write_report(rows, out, 6, {"tiny": 1e9}, {"tiny": tiny})
+    assert "| tiny |" in out.with_suffix(".md").read_text()

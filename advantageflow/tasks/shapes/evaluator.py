@@ -452,12 +452,14 @@ def evaluate_checkpoint(
     seed: int = 0,
     steps: int | None = None,
     guidance_scale: float | None = None,
+    device: str = "cpu",
 ) -> dict:
     """:func:`evaluate_shapes_eval` of the ShapesDiT asset at ``path`` ('' = shipped) with its
-    recorded sampler (``steps`` / ``guidance_scale`` override it), recorded in the result."""
+    recorded sampler (``steps`` / ``guidance_scale`` override it), recorded in the result;
+    the network samples on ``device`` (the detector runs on the CPU)."""
     from advantageflow.models.dit import ShapesDiTPolicy
 
-    policy = ShapesDiTPolicy.from_config(ShapesDiTPolicy.Config(path=path))
+    policy = ShapesDiTPolicy.from_config(ShapesDiTPolicy.Config(path=path), device=device)
     sampler = asset_sampler(policy, steps, guidance_scale)
     result = evaluate_shapes_eval(policy, samples_per_prompt=samples_per_prompt, sampler=sampler, seed=seed)
     used = {

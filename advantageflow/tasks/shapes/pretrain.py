@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--centre-step", type=float, default=0.0,
                    help="put pretraining objects' centres on multiples of this many pixels (0 = anywhere)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu",
+                   help="where the network trains and the final evaluation samples (e.g. cuda); renders and "
+                        "random draws stay on the CPU, so the data stream is the same on every device")
     p.add_argument("--init", default="", help="start from the weights of this asset folder (its architecture wins)")
     p.add_argument("--time-sampling", choices=("uniform", "logit_normal"), default="uniform",
                    help="training times: U(0, 1), or SD3's logit-normal (Esser et al. 2024, Sec. 3.1; m 0, s 1)")
@@ -100,7 +103,7 @@ def foreground_weights(x0: torch.Tensor, fg_weight: float) -> torch.Tensor | Non
     that decide a shape (a ring's hole, a diamond's corners)."""
     if fg_weight == 0:
         return None
-    bg = torch.tensor(BACKGROUND, dtype=x0.dtype).view(1, 3, 1, 1) * 2 - 1
+    bg = torch.tensor(BACKGROUND, dtype=x0.dtype, device=x0.device).view(1, 3, 1, 1) * 2 - 1
     fg = ((x0 - bg).abs().amax(dim=1, keepdim=True) > 0.1).to(x0.dtype)
     fg = torch.nn.functional.max_pool2d(fg, 3, stride=1, padding=1)
     return 1 + fg_weight * fg
@@ -128,12 +131,12 @@ def guided_target(
     v_c = teacher(x_t, t, tokens)
     v_u = teacher(x_t, t, empty_tokens)
     guided = v_u + scale * (v_c - v_u)
-    keep = torch.tensor(conditional, dtype=torch.bool).view(-1, 1, 1, 1)
+    keep = torch.tensor(conditional, dtype=torch.bool, device=x_t.device).view(-1, 1, 1, 1)
     return torch.where(keep, guided, v_u)
 
 
-# arguments that do not change the weights: a resumed run may differ in these
-_RESUME_FREE = ("minutes", "no_progress", "eval_samples", "save_every", "resume_every")
+# arguments that do not change the weights (beyond float rounding): a resumed run may differ in these
+_RESUME_FREE = ("minutes", "no_progress", "eval_samples", "save_every", "resume_every", "device")
 
 
 def sample_batch(
@@ -215,12 +218,14 @@ def main(argv: list[str] | None = None) -> int:
         net, _ = load_asset(args.init)
         net.train()
         cfg = net.cfg
+    device = torch.device(args.device)
+    net = net.to(device)
     teacher = None
     if args.distill_guidance:
         if not args.init:
             raise SystemExit("error: --distill-guidance needs --init (the teacher whose guided velocity is learned)")
         teacher = copy.deepcopy(net).eval().requires_grad_(False)
-        empty_tokens = tokenize([""] * args.batch_size, cfg.max_tokens)  # the same every step
+        empty_tokens = tokenize([""] * args.batch_size, cfg.max_tokens).to(device)  # the same every step
     layout = Layout(size=args.object_size, centre_step=args.centre_step)
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.0)
@@ -256,12 +261,13 @@ def main(argv: list[str] | None = None) -> int:
     while step < args.steps:
         step += 1
         x0, prompts = sample_batch(rng, args.batch_size, args.cfg_dropout, layout)
-        tokens = tokenize(prompts, cfg.max_tokens)
+        tokens = tokenize(prompts, cfg.max_tokens).to(device)
         eps = torch.randn(x0.shape, generator=noise_gen)
         if args.time_sampling == "logit_normal":
             t = torch.sigmoid(torch.randn(x0.shape[0], generator=noise_gen))
         else:
             t = torch.rand(x0.shape[0], generator=noise_gen)
+        x0, eps, t = x0.to(device), eps.to(device), t.to(device)
         tb = t.view(-1, 1, 1, 1)
         x_t = (1 - tb) * x0 + tb * eps
         if teacher is not None:
@@ -324,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.eval_samples > 0:
         from advantageflow.tasks.shapes.evaluator import evaluate_checkpoint
 
-        result = evaluate_checkpoint(str(out), samples_per_prompt=args.eval_samples, seed=args.seed)
+        result = evaluate_checkpoint(str(out), samples_per_prompt=args.eval_samples, seed=args.seed,
+                                     device=args.device)
         meta["eval"] = result
         save_asset(ema, meta, out)
         print(json.dumps(result, indent=2), flush=True)
