@@ -269,7 +269,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from advantageflow.numerics import thread_invariant_kernels
     from advantageflow.tasks.shapes.pretrain import main as pretrain_main
 
-    with thread_invariant_kernels():  # the shipped weights must not depend on the thread count
+    with thread_invariant_kernels():  # pretrained weights must not depend on the thread count
         return int(pretrain_main(args.rest) or 0)
 
 

@@ -112,9 +112,10 @@ def evaluate(ema: torch.nn.Module, device: str, guidance: float = 1.0) -> dict:
 
 
 def train_recipe(name: str, text: str, pool_path: str, device: str, budget_s: float, seed: int,
-                 out_jsonl: str, assets: str) -> None:
+                 out_jsonl: str, assets: str, max_images: int = 0) -> None:
     """Train one recipe from the pool for ``budget_s`` seconds of training (evaluations
-    excluded), evaluating whenever the image count passes ``SHIPPED_IMAGES * 2**k / 2``."""
+    excluded) or, with ``max_images``, until the first 20-step block that reaches that many
+    images, evaluating whenever the image count passes ``SHIPPED_IMAGES * 2**k / 2``."""
     from advantageflow.models.dit import save_asset, tokenize
     from advantageflow.tasks.shapes.pretrain import _new_network
 
@@ -141,14 +142,16 @@ def train_recipe(name: str, text: str, pool_path: str, device: str, budget_s: fl
                **{k: v for k, v in evaluate(ema, device).items() if not k.startswith(("partial/", "count/"))}}
         if final:
             row["strict_cfg3"] = evaluate(ema, device, guidance=3.0)["strict"]
-            save_asset(ema, {**EVAL_META, "pretrain": {"scaling_recipe": text, "steps_done": step,
-                                                       "images": images}}, Path(assets) / name)
+            save_asset(ema, {**EVAL_META, "pretrain": {"scaling_recipe": text, "steps_done": step, "images": images,
+                                                       "final_loss": row["loss"], "train_s": row["train_s"],
+                                                       "device": device, "torch": torch.__version__}},
+                       Path(assets) / name)
         row["eval_s"] = round(time.time() - t0, 1)
         with open(out_jsonl, "a") as f:
             f.write(json.dumps(row) + "\n")
         print(f"[{name}] {images / 1e6:.2f}M images, {train_s:.0f}s: strict {row['strict']:.3f}", flush=True)
 
-    while train_s < budget_s:
+    while train_s < budget_s and not (max_images and images >= max_images):
         t0 = time.time()
         for _ in range(20):
             step += 1
@@ -244,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--render-workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     p.add_argument("--recipes", default=",".join(DEFAULT_RECIPES), help="names from the defaults, comma-separated")
     p.add_argument("--recipe", action="append", default=[], help="NAME=ARGS, an extra recipe")
+    p.add_argument("--max-images", type=int, default=0,
+                   help="also stop each recipe once it has seen this many images (0: the time budget alone)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results/pretrain_scaling")
     p.add_argument("--work-dir", default="/tmp/pretrain_scaling")
@@ -268,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     jsonl.unlink(missing_ok=True)
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=train_recipe, args=(name, text, pool_path, a.device, a.budget_s, a.seed,
-                                                     str(jsonl), str(out) + "_assets"))
+                                                     str(jsonl), str(out) + "_assets", a.max_images))
              for name, text in recipes.items()]
     for proc in procs:
         proc.start()

@@ -246,11 +246,12 @@ def test_pretrain_scaling_pool_recipe_and_report(tmp_path):
     pool = tmp_path / "pool.pt"
     torch.save((pixels, tokens), pool)
     jsonl = tmp_path / "evals.jsonl"
-    ps.train_recipe("tiny", tiny, str(pool), "cpu", 0.5, 0, str(jsonl), str(tmp_path / "assets"))
+    ps.train_recipe("tiny", tiny, str(pool), "cpu", 1e9, 0, str(jsonl), str(tmp_path / "assets"), max_images=50)
     rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
-    assert rows[-1]["final"] and rows[-1]["steps"] >= 20 and rows[-1]["images"] == 4 * rows[-1]["steps"]
+    assert rows[-1]["final"] and rows[-1]["steps"] == 20 and rows[-1]["images"] == 80  # one block of 20 steps
     assert 0 <= rows[-1]["strict"] <= 1 and "strict_cfg3" in rows[-1] and "strict_se" in rows[-1]
-    assert (tmp_path / "assets" / "tiny" / "model.safetensors").exists()
+    meta = json.loads((tmp_path / "assets" / "tiny" / "config.json").read_text())
+    assert meta["pretrain"]["steps_done"] == 20 and meta["pretrain"]["final_loss"] == rows[-1]["loss"]
     out = tmp_path / "report"
     ps.write_report(rows, out, 6, {"tiny": 1e9}, {"tiny": tiny})
     assert "| tiny |" in out.with_suffix(".md").read_text()

@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     p.add_argument("--out", default="pretrained/shapes_dit", help="asset folder to write")
-    p.add_argument("--steps", type=int, default=9000, help="optimizer steps (the shipped model: 9000)")
+    p.add_argument("--steps", type=int, default=9000,
+                   help="optimizer steps (the v2.0 base: 9000; the shipped one: benchmarks/pretrain_scaling.py)")
     p.add_argument("--minutes", type=float, default=0.0, help="wall-clock cap (0 = none); stops early and saves")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
