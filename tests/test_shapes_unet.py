@@ -101,4 +101,13 @@ def test_unet_gradients_do_not_depend_on_thread_count():
     finally:
         torch.set_num_threads(previous)
     differ = [n for n in grads[0] if not torch.equal(grads[0][n], grads[1][n])]
+    from advantageflow.numerics import numerics_record
+
+    if differ and numerics_record()["mkl_branch"] == "AUTO":
+        # Measured 2026-12-04 on an AMD EPYC (AVX2; MKL resolves no code path: branch AUTO): under
+        # AUTO,STRICT (and AVX2,STRICT) the forward pass of the U-Net's first FiLM linear already
+        # depends on the thread count; under COMPATIBLE,STRICT the forward is equal but the
+        # full-resolution convolutions' weight gradients are not.  The DiT main job is
+        # thread-invariant there (tests/test_reproducibility.py).  README, Reproducibility.
+        pytest.xfail(f"MKL strict CNR on a CPU without an MKL code path (branch AUTO): {len(differ)} gradients differ")
     assert not differ, f"gradients that depend on the thread count: {differ}"
