@@ -118,7 +118,7 @@ def train_recipe(name: str, text: str, pool_path: str, device: str, budget_s: fl
     excluded) or, with ``max_images``, until the first 20-step block that reaches that many
     images, evaluating whenever the image count passes ``SHIPPED_IMAGES * 2**k / 2``."""
     from advantageflow.models.dit import save_asset, tokenize
-    from advantageflow.tasks.shapes.pretrain import _new_network
+    from advantageflow.tasks.shapes.pretrain import _new_network, velocity_mse
 
     torch.set_num_threads(1)
     args = recipe_args(text)
@@ -167,7 +167,7 @@ def train_recipe(name: str, text: str, pool_path: str, device: str, budget_s: fl
             else:
                 t = torch.rand(b, generator=gen, device=device)
             tb = t.view(-1, 1, 1, 1)
-            loss = (net((1 - tb) * x0 + tb * eps, t, tok) - (eps - x0)).square().mean()
+            loss = velocity_mse(net((1 - tb) * x0 + tb * eps, t, tok), eps - x0, None)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
