@@ -414,15 +414,18 @@ def advantage_clip(cfg: Config) -> float:
     return own
 
 
-# The main job's algorithm section where it differs from the class defaults (the paper's): six
-# training draws per rollout sample, their times stratified, in one optimizer step per epoch, and
-# no reference anchor (its weight, 1e-3, is small beside the scaled advantages, about 0.2, and its
-# forward pass cost a fifth of the compute).  ``load_config(None)`` starts from it, so
-# `advantageflow train` with no arguments equals configs/shapes_advantageflow.yaml (tested).
-MAIN_JOB_ALGORITHM = {
+# The main job where it differs from the class defaults (the paper's and the trainer's): six
+# training draws per rollout sample, their times stratified, in one optimizer step per epoch, a
+# trust region of 0.2 on each sample's target (ours), and 8 prompts x 16 samples at lr 2e-4; the
+# paper's reference anchor (1e-3) stays, which keeps the run climbing past the 36 epochs
+# (README, "The main job, measured"; benchmarks/results/main_job_sweep_h200.md).
+# ``load_config(None)`` starts from it, so `advantageflow train` with no arguments equals
+# configs/shapes_advantageflow.yaml (tested).
+MAIN_JOB = {
     "algo": "advantageflow",
-    "advantageflow": {"draws_per_sample": 6, "stratified_times": True, "lambda_ref": 0.0,
-                      "target_radius": 0.1, "adaptive_weight": False},
+    "advantageflow": {"draws_per_sample": 6, "stratified_times": True, "target_radius": 0.2,
+                      "adaptive_weight": False},
+    "train": {"prompts_per_epoch": 8, "group_size": 16, "lr": 2e-4},
 }
 
 
@@ -438,7 +441,7 @@ def load_config(path: str | None, overrides: list[str] | None = None, trusted: b
     if data is not None:
         data = dict(data)
     else:
-        data = load_yaml(path) if path else copy.deepcopy(MAIN_JOB_ALGORITHM)
+        data = load_yaml(path) if path else copy.deepcopy(MAIN_JOB)
     if not trusted:
         refuse_code_names(data, path or "the checkpoint's recorded config", overrides or [])
     for text in overrides or []:

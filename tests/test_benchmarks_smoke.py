@@ -255,3 +255,34 @@ def test_pretrain_scaling_pool_recipe_and_report(tmp_path):
     out = tmp_path / "report"
     ps.write_report(rows, out, 6, {"tiny": 1e9}, {"tiny": tiny})
     assert "| tiny |" in out.with_suffix(".md").read_text()
+
+
+def test_main_job_sweep_report_reads_real_runs(tmp_path):
+    """`benchmarks/main_job_sweep_report.py` tabulates a real (tiny) ShapesEval run: the gain at
+    each evaluation is that run's `eval/strict` minus its base; the GPU script refuses without
+    a variants file or a GPU, writing nothing."""
+    import subprocess
+
+    from benchmarks import main_job_sweep_report as report
+
+    run = tmp_path / "runs" / "tiny_s0"
+    args = ["train", "seed=0", "train.epochs=2", "train.prompts_per_epoch=2", "train.group_size=4",
+            "eval.every=1", "eval.num_prompts=6", "eval.samples_per_prompt=1", "log.progress=false",
+            "log.tensorboard=false", "--run-dir", str(run)]
+    subprocess.run([sys.executable, "-m", "advantageflow", *args], check=True, capture_output=True, cwd=REPO)
+    runs = report.read_runs(tmp_path / "runs")
+    evals = runs["tiny_s0"]
+    assert [e["epoch"] for e in evals] == [0, 1, 2] and "eval/strict/counting" in evals[0]
+    row = report.table(runs).splitlines()[2]
+    gain = evals[2]["eval/strict"] - evals[0]["eval/strict"]
+    assert row.startswith("| tiny | 0 | 1: ") and f"2: {gain:+.3f}" in row and row.endswith(f"| {gain:+.3f} |")
+    (tmp_path / "out").mkdir()
+    env = {"PATH": "/usr/bin:/bin", "OUT": str(tmp_path / "out")}
+    script = str(REPO / "benchmarks" / "main_job_sweep_gpu.sh")
+    done = subprocess.run(["bash", script], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 2 and "VARIANTS=FILE" in done.stdout
+    (tmp_path / "v.txt").write_text("a train.lr=1e-4\n")
+    env["VARIANTS"] = str(tmp_path / "v.txt")
+    done = subprocess.run(["bash", script], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 1 and "no NVIDIA GPU" in done.stdout
+    assert not list((tmp_path / "out").iterdir())

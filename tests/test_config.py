@@ -78,12 +78,13 @@ def test_main_job_config_is_the_default():
     assert load_config(str(REPO / "configs" / "shapes_advantageflow.yaml")).to_dict() == load_config(None).to_dict()
 
 
-def test_the_long_config_is_the_main_job_with_the_reference_anchor():
+def test_the_long_config_is_the_main_job_before_2026_12_04_run_long():
     """configs/shapes_advantageflow_long.yaml differs from the main job only where its header says."""
     long = load_config(str(REPO / "configs" / "shapes_advantageflow_long.yaml"))
-    again = load_config(None, ["advantageflow.lambda_ref=0.001", "train.epochs=300", "eval.every=30"])
+    earlier = ["advantageflow.target_radius=0.1", "train.prompts_per_epoch=16", "train.group_size=8", "train.lr=1e-4"]
+    again = load_config(None, [*earlier, "train.epochs=300", "eval.every=30"])
     assert long.to_dict() == again.to_dict()
-    assert load_config(None).algorithm.lambda_ref == 0.0  # else the long config adds nothing
+    assert long.algorithm.lambda_ref == load_config(None).algorithm.lambda_ref == 0.001
 
 
 def _cfg(name: str):
