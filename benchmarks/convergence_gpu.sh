@@ -21,22 +21,12 @@ export TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=${TORCH_ALLOW_TF32_CUBLAS_OVERRIDE:-1}
 PY=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || { echo "no NVIDIA GPU"; exit 1; }
 $PY -c "import torch,sys;print('python', sys.version.split()[0], 'torch', torch.__version__)"
-MPS=off
-if [ "${TRY_MPS:-1}" = 1 ] && command -v nvidia-cuda-mps-control >/dev/null; then
-  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps_pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps_log
-  mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
-  if nvidia-cuda-mps-control -d && timeout 40 $PY -c "import torch; x=torch.ones(8,device='cuda'); print('mps probe', float(x.sum()))"; then
-    MPS=on
-  else  # MPS did not start: fall back to plain time-sliced sharing
-    echo quit | nvidia-cuda-mps-control 2>/dev/null; sleep 2
-    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
-  fi
-fi
-echo "MPS: $MPS"
+source benchmarks/gpu_mps.sh
+mps_start
 t0=$(date +%s)
 timeout ${LIMIT_S:-3600} $PY benchmarks/convergence.py --task shapes --budget-s ${BUDGET_S:-185} --budget-samples 38400 \
   --workers 21 --set device=cuda --out $OUT/convergence_shapes_h200 --work-dir /tmp/conv 2>&1 | grep -v "^\[advantageflow\]"
 rc=$?
 echo "benchmark wall $(( $(date +%s) - t0 )) s, MPS $MPS"
-[ "$MPS" = on ] && echo quit | nvidia-cuda-mps-control
+mps_stop
 exit $rc

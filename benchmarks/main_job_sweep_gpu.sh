@@ -19,17 +19,8 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 TORCH_ALLOW_TF32_CUB
 PY=${PYTHON:-python3}
 [ -f "${VARIANTS:-}" ] || { echo "VARIANTS=FILE: one 'name overrides...' per line"; exit 2; }
 nvidia-smi --query-gpu=name --format=csv,noheader || { echo "no NVIDIA GPU"; exit 1; }
-MPS=off
-if command -v nvidia-cuda-mps-control >/dev/null; then
-  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps_pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps_log
-  mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
-  if nvidia-cuda-mps-control -d && timeout 40 $PY -c "import torch; torch.ones(8, device='cuda').sum().item()"; then
-    MPS=on
-  else
-    echo quit | nvidia-cuda-mps-control 2>/dev/null; sleep 2; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
-  fi
-fi
-echo "MPS: $MPS"
+source benchmarks/gpu_mps.sh
+mps_start
 t0=$(date +%s)
 while read -r name overrides; do
   [ -z "$name" ] || [ "${name:0:1}" = "#" ] && continue
@@ -41,5 +32,5 @@ while read -r name overrides; do
 done < "$VARIANTS"
 wait
 echo "sweep wall $(( $(date +%s) - t0 )) s, MPS $MPS"
-[ "$MPS" = on ] && echo quit | nvidia-cuda-mps-control
+mps_stop
 $PY benchmarks/main_job_sweep_report.py --runs $WORK --out $OUT/main_job_sweep.json
