@@ -13,6 +13,7 @@ from torch import Tensor
 from advantageflow.config import Config
 from advantageflow.distributed import DistEnv, full_tensor, placed_like
 from advantageflow.models.base import ema_update_
+from advantageflow.numerics import thread_invariant_kernels
 from advantageflow.rollouts import SamplingSpec, decode_and_score, generate
 from advantageflow.seeding import eval_noise_key
 from advantageflow.tasks.base import Prompt
@@ -89,6 +90,7 @@ def eval_stripe(total: int, world: int, rank: int) -> list[int]:
     return [min(rank * share + j, total - 1) for j in range(share)]
 
 
+@thread_invariant_kernels()  # the kernels the trainer samples with: `eval`/`sample` repeat a run's numbers
 def generate_eval_samples(
     policy: Any, prompts: list[Prompt], indices: list[int], seed: int, spec: SamplingSpec, group_size: int = 1
 ) -> Rollout:
@@ -103,6 +105,7 @@ def generate_eval_samples(
 
 
 @torch.no_grad()
+@thread_invariant_kernels()  # as in training (oneDNN off), so `advantageflow eval` repeats a run's numbers
 def evaluate_policy(policy: Any, task: Any, reward: Any, cfg: Config, env: DistEnv | None = None) -> EvalResult:
     """Sample the evaluation prompts with the evaluation sampler and score them.
 

@@ -159,3 +159,28 @@ def test_sample_gives_the_evaluation_image_of_the_same_prompt_seed_and_index(tmp
 def test_sample_refuses_a_negative_index(capsys):
     assert main(["sample", TOY, "--index", "-1", "--num", "1"]) == 2
     assert "--index >= 0" in capsys.readouterr().err
+
+
+def test_eval_repeats_the_runs_own_evaluations_before_and_after(tmp_path, capsys):
+    """`advantageflow eval` gives the numbers a run printed, to the last bit: with the run's config
+    those of the base ("before"), with `--checkpoint RUN` those of the end ("after").  Both sample
+    with the training kernels (oneDNN off: its convolutions differ from ATen's in the last bits,
+    which the continuous `eval/diversity` shows even where no image's verdict flips)."""
+    shapes = str(REPO / "configs" / "shapes_advantageflow.yaml")
+    run = tmp_path / "run"
+    overrides = ["train.epochs=1", "train.prompts_per_epoch=2", "train.group_size=2", "train.micro_batch_size=4",
+                 "sampler.steps=2", "sampler.eval_steps=3", "eval.num_prompts=6", "eval.samples_per_prompt=2",
+                 "eval.every=1", "checkpoint.every=1", "log.progress=false", "log.tensorboard=false",
+                 "log.flops=false"]
+    assert main(["train", shapes, *overrides, "--run-dir", str(run)]) == 0
+
+    def cli_eval(*args: str) -> dict:
+        capsys.readouterr()
+        assert main(["eval", *args, "--json"]) == 0
+        return json.loads(capsys.readouterr().out)["metrics"]
+
+    before = json.loads((run / "eval_before.json").read_text())["metrics"]
+    after = json.loads((run / "eval_after.json").read_text())["metrics"]
+    assert before["eval/diversity"] != after["eval/diversity"]  # one step moved the weights
+    assert cli_eval(shapes, *overrides) == before
+    assert cli_eval("--checkpoint", str(run), "log.progress=false") == after
