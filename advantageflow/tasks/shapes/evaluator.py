@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from advantageflow.numerics import thread_invariant_kernels
 from advantageflow.tasks.shapes.scene import BACKGROUND, COLORS, SHAPES, TAGS, SceneSpec, relation_offset
 
 FG_THRESHOLD = 0.3
@@ -401,6 +402,7 @@ def asset_sampler(policy, steps: int | None = None, guidance_scale: float | None
 
 
 @torch.no_grad()
+@thread_invariant_kernels()  # the trainer's kernels: the same images as its evaluation
 def sample_shapes_eval(
     policy, specs: list[SceneSpec], samples_per_prompt: int = 1, sampler=None, seed: int = 0
 ) -> Tensor:
