@@ -166,6 +166,12 @@ def test_eval_repeats_the_runs_own_evaluations_before_and_after(tmp_path, capsys
     those of the base ("before"), with `--checkpoint RUN` those of the end ("after").  Both sample
     with the training kernels (oneDNN off: its convolutions differ from ATen's in the last bits,
     which the continuous `eval/diversity` shows even where no image's verdict flips)."""
+    import torch
+
+    from advantageflow.build import build_components
+    from advantageflow.config import load_config
+    from advantageflow.evaluation import evaluate_policy
+
     shapes = str(REPO / "configs" / "shapes_advantageflow.yaml")
     run = tmp_path / "run"
     overrides = ["train.epochs=1", "train.prompts_per_epoch=2", "train.group_size=2", "train.micro_batch_size=4",
@@ -174,13 +180,16 @@ def test_eval_repeats_the_runs_own_evaluations_before_and_after(tmp_path, capsys
                  "log.flops=false"]
     assert main(["train", shapes, *overrides, "--run-dir", str(run)]) == 0
 
-    def cli_eval(*args: str) -> dict:
-        capsys.readouterr()
-        assert main(["eval", *args, "--json"]) == 0
-        return json.loads(capsys.readouterr().out)["metrics"]
-
     before = json.loads((run / "eval_before.json").read_text())["metrics"]
     after = json.loads((run / "eval_after.json").read_text())["metrics"]
     assert before["eval/diversity"] != after["eval/diversity"]  # one step moved the weights
-    assert cli_eval(shapes, *overrides) == before
-    assert cli_eval("--checkpoint", str(run), "log.progress=false") == after
+    # the base through the evaluation `advantageflow eval` calls (its reward-hacking guards, 12 s
+    # here, are left to the one CLI call below), in this process where oneDNN is on
+    assert torch.backends.mkldnn.enabled
+    cfg = load_config(shapes, overrides)
+    parts = build_components(cfg, "cpu")
+    parts.policy.set_mode(training=False)
+    assert evaluate_policy(parts.policy, parts.task, parts.reward, cfg).metrics == before
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run), "--json", "log.progress=false"]) == 0
+    assert json.loads(capsys.readouterr().out)["metrics"] == after
