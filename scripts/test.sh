@@ -4,4 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check advantageflow tests benchmarks
-exec .venv/bin/python -m pytest "$@"
+# Two workers (pytest-xdist): the tests run on one torch thread each (tests/conftest.py), so one
+# process left a core idle; tests that need both cores share one worker (marker two_cores).
+exec .venv/bin/python -m pytest -n "${AF_TEST_WORKERS:-2}" --dist loadgroup "$@"

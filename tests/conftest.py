@@ -13,6 +13,19 @@ torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``two_cores`` (2 processes, or 2 threads) form one xdist group and come
+    first: under ``pytest -n 2 --dist loadgroup`` (scripts/test.sh) one worker runs them one
+    after another from the start while the other fills both cores' gaps with one-thread tests,
+    so two of them never share the 2 cores (each would take twice as long)."""
+    heavy = [item for item in items if item.get_closest_marker("two_cores")]
+    for item in heavy:
+        item.add_marker(pytest.mark.xdist_group("two_cores"))
+    light = [item for item in items if not item.get_closest_marker("two_cores")]
+    items[:] = heavy + light
+
+
 @pytest.fixture(scope="session")
 def toy_cache(tmp_path_factory) -> str:
     """A per-session cache folder for the pretrained toy base model."""

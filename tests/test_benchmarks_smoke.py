@@ -148,6 +148,7 @@ def test_convergence_sample_budget(tmp_path, toy_cache, monkeypatch):
             raise AssertionError(f"{bad} was imported")
 
 
+@pytest.mark.two_cores
 def test_convergence_workers_and_resume(tmp_path, toy_cache):
     """Two worker processes give the same curves as one (sample budget: deterministic runs), and
     ``--resume`` reuses every finished run from the ledger instead of training again."""

@@ -20,6 +20,8 @@ from advantageflow.trainer import train
 from tests.conftest import REPO
 from tests.dist_cases import ALGOS, run_cases
 
+pytestmark = pytest.mark.two_cores  # 2 processes: one xdist worker runs these (tests/conftest.py)
+
 TOY = str(REPO / "configs" / "toy2d_advantageflow.yaml")
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 

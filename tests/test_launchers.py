@@ -19,6 +19,8 @@ from advantageflow.trainer import train
 from tests.conftest import REPO
 from tests.test_distributed import TOY, _assert_same, _rows, warm_cache  # noqa: F401  (fixture)
 
+pytestmark = pytest.mark.two_cores  # 2 processes: one xdist worker runs these (tests/conftest.py)
+
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 

@@ -53,6 +53,7 @@ def _comparable(path: Path) -> list[dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.two_cores
 def test_main_job_metrics_do_not_depend_on_thread_count(tmp_path):
     runs = {n: tmp_path / f"threads-{n}" for n in (1, 2)}
     procs = {n: _run_main_job(d, n, hash_seed=n) for n, d in runs.items()}
@@ -109,6 +110,7 @@ def _gradients(cfg, policy, algo, batch, threads: int) -> dict[str, torch.Tensor
     return {name: p.grad.clone() for name, p in named if p.grad is not None}
 
 
+@pytest.mark.two_cores
 def test_main_job_model_gradients_do_not_depend_on_thread_count():
     """One loss and backward pass of the main job's model and algorithm under 1 and 2 threads:
     every gradient equal bit for bit (in-process, so it names the culprit)."""

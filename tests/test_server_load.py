@@ -48,6 +48,7 @@ def client_images(i: int) -> torch.Tensor:
 
 
 @pytest.mark.slow
+@pytest.mark.two_cores
 def test_200_concurrent_clients_no_resets_and_sequential_scores():
     server = serve("jpeg_incompressibility", deadline_s=120.0, workers=2)
     try:
