@@ -177,6 +177,26 @@ def test_convergence_workers_and_resume(tmp_path, toy_cache):
         raise AssertionError("a ledger made with other settings was reused")
 
 
+def test_cpu_bounds_sets_the_main_jobs_counted_flops_against_the_machines_peak(tmp_path):
+    """`benchmarks/cpu_bounds.py`: the network's FLOPs per row are the FLOP counter's (forward +
+    backward about 3x forward), a real one-epoch run of the main job (made small) reports the
+    trainer's own `perf/flops`, and the report's lower bound is FLOPs / sgemm peak."""
+    from benchmarks import cpu_bounds
+
+    peak = cpu_bounds.sgemm_peak()
+    net = cpu_bounds.network_rates(fwd_batch=2, train_batch=2)
+    fwd, both = net["forward"]["flops_per_row"], net["forward+backward"]["flops_per_row"]
+    assert 1e8 < fwd < 2e8 and 2.5 * fwd < both < 3.5 * fwd  # the shipped DiT: 140 MFLOP forward
+    epoch = cpu_bounds.main_job_epoch(("train.prompts_per_epoch=2", "train.group_size=4", "sampler.steps=2"))
+    assert epoch["flops"] > 0 and epoch["epoch_s"] >= epoch["rollout_s"] > 0
+    res = {"date": "today", "threads": 1, "machine": {"cpu": "cpu", "torch": "t", "mkl_cbwr": None, "mkl_branch": None},
+           "sgemm_flop_per_s": peak, "network": net, "main_job_epoch": epoch, "main_job_epochs": 36}
+    text = cpu_bounds.write_report(res, tmp_path / "bounds")
+    bound = 36 * epoch["flops"] / peak / 60
+    assert f"at the sgemm peak (lower bound)** | **{bound:.1f} min**" in text
+    assert json.loads((tmp_path / "bounds.json").read_text())["main_job_epoch"] == epoch
+
+
 def test_throughput_toy_counts_network_rows(tmp_path, toy_cache):
     stem = tmp_path / "thr"
     rc = throughput.main([
