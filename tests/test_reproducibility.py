@@ -110,7 +110,8 @@ def _gradients(cfg, policy, algo, batch, threads: int) -> dict[str, torch.Tensor
     return {name: p.grad.clone() for name, p in named if p.grad is not None}
 
 
-@pytest.mark.two_cores
+# Not marked two_cores: it holds 2 threads for a few seconds only, and the other xdist worker has
+# the time (the two_cores group is the suite's longest path; scripts/test.sh).
 def test_main_job_model_gradients_do_not_depend_on_thread_count():
     """One loss and backward pass of the main job's model and algorithm under 1 and 2 threads:
     every gradient equal bit for bit (in-process, so it names the culprit)."""
