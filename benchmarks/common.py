@@ -168,6 +168,17 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def best_time(fn, repeats: int) -> float:
+    """Fastest of ``repeats`` calls after one warm-up (the least disturbed on a shared machine)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
 def set_threads(n: int) -> None:
     import torch
 

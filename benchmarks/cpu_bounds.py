@@ -5,7 +5,7 @@ evaluation within 30 s on a 2-core machine.  Both are counted in FLOPs by the tr
 (``perf/flops``, ``perf/eval_flops``: :mod:`advantageflow.compute`), so this script sets them
 against what the machine can do, in one run:
 
-- **sgemm peak**: the best rate of a large float32 matrix product (1024 x 1024 x 1024) through
+- **sgemm peak**: the rate of the fastest of 20 large float32 matrix products (1024 x 1024 x 1024) through
   torch with MKL in the trainer's strict reproducible mode (importing :mod:`advantageflow` sets
   it), at ``--threads``.  No network layer of the shipped DiT runs faster than this, so
   ``FLOPs / peak`` is a lower bound on any time the machine can reach with these settings,
@@ -41,25 +41,14 @@ sys.path.insert(0, str(REPO))
 import advantageflow  # noqa: E402,F401  (sets MKL's strict reproducible mode before MKL's first call)
 from advantageflow.config import load_config  # noqa: E402
 from advantageflow.numerics import numerics_record, thread_invariant_kernels  # noqa: E402
+from benchmarks.common import best_time, git_commit, machine_line  # noqa: E402
 
 GEMM_N = 1024
 
 
-def best_rate(work, flops: float, repeats: int, trials: int = 3) -> float:
-    """The best of ``trials`` rates (FLOP/s) of ``repeats`` calls of ``work`` after one warm-up."""
-    work()
-    best = 0.0
-    for _ in range(trials):
-        start = time.perf_counter()
-        for _ in range(repeats):
-            work()
-        best = max(best, flops * repeats / (time.perf_counter() - start))
-    return best
-
-
 def sgemm_peak() -> float:
     a, b = torch.randn(GEMM_N, GEMM_N), torch.randn(GEMM_N, GEMM_N)
-    return best_rate(lambda: a @ b, 2.0 * GEMM_N**3, repeats=20)
+    return 2.0 * GEMM_N**3 / best_time(lambda: a @ b, repeats=20)
 
 
 def network_rates(fwd_batch: int, train_batch: int) -> dict:
@@ -86,7 +75,7 @@ def network_rates(fwd_batch: int, train_batch: int) -> dict:
             work()
         flops = float(counter.get_total_flops())
         with thread_invariant_kernels():
-            rate = best_rate(work, flops, repeats=3 if grad else 2)
+            rate = flops / best_time(work, repeats=3)
         out[name] = {"batch": batch, "flops_per_row": flops / batch, "flop_per_s": rate,
                      "ms_per_row": 1e3 * flops / batch / rate}
     return out
@@ -139,7 +128,8 @@ def write_report(res: dict, out: Path) -> str:
         "",
         "`python benchmarks/cpu_bounds.py" + (" --eval" if "evaluation" in res else "") + "` "
         f"({res['date']}, torch {res['machine']['torch']}, MKL {res['machine']['mkl_cbwr']} on branch "
-        f"{res['machine']['mkl_branch']}). Rates are the best of three timings; FLOPs are "
+        f"{res['machine']['mkl_branch']}; commit {res.get('commit', '?')}; {res.get('machine_line', '')}). "
+        "Rates are the fastest of the timed calls after a warm-up; FLOPs are "
         "`torch.utils.flop_counter`'s (matrix products, convolutions, attention), as the trainer counts them.",
         "",
         "| quantity | value |",
@@ -182,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     record = numerics_record()
     res = {
         "date": time.strftime("%Y-%m-%d"),
+        "commit": git_commit(),
+        "machine_line": machine_line(),
         "threads": args.threads,
         "machine": {"cpu": record["cpu"], "torch": torch.__version__,
                     "mkl_cbwr": record.get("mkl_cbwr"), "mkl_branch": record.get("mkl_branch")},

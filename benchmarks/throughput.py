@@ -50,6 +50,7 @@ import torch  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     RESULTS,
     ROOT,
+    best_time,
     command_line,
     git_commit,
     machine_line,
@@ -155,17 +156,6 @@ def raw_rates(setup: Setup, fwd_batch: int, bwd_batch: int, repeats: int) -> tup
         net.zero_grad(set_to_none=True)
 
     return fwd_batch / best_time(fwd, repeats), bwd_batch / best_time(fwd_bwd, repeats)
-
-
-def best_time(fn, repeats: int) -> float:
-    """Fastest of ``repeats`` calls after one warm-up (the least disturbed on a shared machine)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def rollout_batch(setup: Setup, algo: Any, batch: int, group: int, steps: int, seed: int = 0):
