@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from advantageflow.configbase import ConfigError
 from advantageflow.models.base import FrozenCopyPolicy, guided
+from advantageflow.models.conv import InvariantConv2d
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "shapes_dit"
 
@@ -138,10 +139,10 @@ class ConvResBlock(nn.Module):
         super().__init__()
         groups = math.gcd(8, channels)
         self.norm1 = nn.GroupNorm(groups, channels)
-        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv1 = InvariantConv2d(channels, channels, 3, padding=1)
         self.film = nn.Linear(cond_width, 2 * channels)
         self.norm2 = nn.GroupNorm(groups, channels)
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = InvariantConv2d(channels, channels, 3, padding=1)
         for layer in (self.film, self.conv2):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -176,22 +177,22 @@ class ShapesDiT(nn.Module):
         self.grid = cfg.image_size // p
         k = cfg.conv_channels
         if k:
-            self.stem_in = nn.Conv2d(cfg.channels, k, 3, padding=1)
+            self.stem_in = InvariantConv2d(cfg.channels, k, 3, padding=1)
             self.head_blocks = nn.ModuleList(ConvResBlock(k, w) for _ in range(cfg.conv_blocks))
             self.head_norm = nn.GroupNorm(math.gcd(8, k), k)
-            self.head_out = nn.Conv2d(k, cfg.channels, 3, padding=1)
+            self.head_out = InvariantConv2d(k, cfg.channels, 3, padding=1)
             nn.init.zeros_(self.head_out.weight)
             nn.init.zeros_(self.head_out.bias)
         m = cfg.mid_channels
         if m:
             if not k or p % 2:
                 raise ValueError("mid_channels needs conv_channels > 0 and an even patch")
-            self.down = nn.Conv2d(k, m, 3, stride=2, padding=1)
+            self.down = InvariantConv2d(k, m, 3, stride=2, padding=1)
             self.mid_in = ConvResBlock(m, w)
             self.mid_out = ConvResBlock(m, w)
-            self.up = nn.Conv2d(m, k, 3, padding=1)
+            self.up = InvariantConv2d(m, k, 3, padding=1)
         self.token_patch = p // 2 if m else p  # patch side on the map the transformer reads
-        self.patch_embed = nn.Conv2d(m or k or cfg.channels, w, self.token_patch, stride=self.token_patch)
+        self.patch_embed = InvariantConv2d(m or k or cfg.channels, w, self.token_patch, stride=self.token_patch)
         # fixed 2-D sin-cos positions (DiT, Sec. 3.2) plus a learned correction (zero at start)
         self.register_buffer("pos_fixed", sincos_2d(self.grid, w)[None], persistent=False)
         self.pos = nn.Parameter(torch.zeros(1, self.grid * self.grid, w))

@@ -1,0 +1,138 @@
+"""Convolutions for the shipped ShapesDiT that are fast on the CPU *and* thread-invariant.
+
+Why: training runs with oneDNN off (:func:`advantageflow.numerics.thread_invariant_kernels`),
+because oneDNN's convolution *weight* gradient sums over batch and pixels in an order that
+depends on the torch thread count.  ATen's fallback then computes the 3x3 convolutions with
+NNPACK (forward) and a per-image unfold + GEMM (backward), and the 4x4 patch embedding with a
+slow im2col: measured on the 2-core Intel Xeon (``benchmarks/throughput.py``, issue 13), those
+convolutions hold ~2/7 of the FLOPs' time budget but a third of a training step and 38% of a
+sampling step.
+
+What runs instead, on CPU float32 only (anything else -- CUDA, bf16, strides -- keeps
+``nn.Conv2d``'s own path):
+
+* ``kernel == stride``, no padding (the patch embedding): a patchify reshape and one matrix
+  product, ``(B*g*g, C*p*p) @ (C*p*p, D)``; forward and both gradients are MKL GEMMs.
+* stride 1, "same" zero padding (every 3x3 convolution): the forward and the input gradient
+  through oneDNN, whose kernels give each output element to one thread with a fixed reduction
+  order (checked bit for bit at 1 and 2 threads in ``tests/test_conv.py``), and the weight
+  gradient as ``k*k`` GEMMs, one per kernel offset ``(i, j)``:
+  ``dW[:, :, i, j] = G (O, K) @ X_shifted (K, C)`` with ``K`` running over batch and pixels.
+  Both operands are laid out as the zero-padded images, ``Wp = W + k - 1`` wide, flattened
+  end to end, so the offset is a plain shift of ``i * Wp + j`` along ``K`` and no im2col copy
+  (``k*k`` times the input) is made; ``G`` is zero on the padding, so products that would cross
+  into a neighbouring image or row vanish.  MKL's strict CNR mode makes each GEMM independent of
+  the thread count.  The bias gradient is a sum to ``O`` values, which ATen splits over the
+  outputs, not over the summed elements, so it is thread-invariant too.
+
+The modules subclass :class:`torch.nn.Conv2d` and keep its parameters, so state dicts, the
+shipped weights and LoRA targets are unchanged.  The results differ from ATen's in the last
+float bits (different summation order), not in value.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def _onednn_on() -> bool:
+    """Turn oneDNN on for one call; returns the previous setting."""
+    previous = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = True
+    return previous
+
+
+def _offset_weight_grad(x: Tensor, grad: Tensor, k: int, pad: int) -> Tensor:
+    """``dL/dW`` ``(O, C, k, k)`` of a stride-1 "same" convolution as ``k*k`` GEMMs.
+
+    ``x`` ``(B, C, H, W)`` the input, ``grad`` ``(B, O, H, W)`` the output gradient.
+    """
+    b, c, h, w = x.shape
+    o = grad.shape[1]
+    wp = w + 2 * pad
+    frame_rows = h + 2 * pad + 1  # one spare row: the largest offset runs k-1 past the last row
+    frame = frame_rows * wp
+    # (C, B * frame): the zero-padded images end to end, plus room for the largest shift
+    xs = F.pad(x, (pad, pad, pad, pad + 1)).transpose(0, 1).reshape(c, b * frame)
+    xs = F.pad(xs, (0, (k - 1) * wp + k - 1))
+    # (O, B * frame): the gradient at the top-left of each frame, zero elsewhere
+    gs = F.pad(grad, (0, wp - w, 0, frame_rows - h)).transpose(0, 1).reshape(o, b * frame)
+    n = b * frame
+    rows = [torch.mm(gs, xs[:, i * wp + j : i * wp + j + n].t()) for i in range(k) for j in range(k)]
+    return torch.stack(rows, dim=-1).view(o, c, k, k)
+
+
+class _SameConvFunction(torch.autograd.Function):
+    """Stride-1, zero-padded "same" convolution: oneDNN forward / input gradient, GEMM weight
+    gradient (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, pad: int) -> Tensor:  # noqa: D102
+        previous = _onednn_on()
+        try:
+            out = F.conv2d(x, weight, bias, padding=pad)
+        finally:
+            torch.backends.mkldnn.enabled = previous
+        ctx.save_for_backward(x, weight)
+        ctx.pad = pad
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: D102
+        x, weight = ctx.saved_tensors
+        pad, k = ctx.pad, weight.shape[-1]
+        grad = grad.contiguous()
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            previous = _onednn_on()
+            try:
+                grad_x = torch.ops.aten.convolution_backward(
+                    grad, x, weight, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1, [True, False, False]
+                )[0]
+            finally:
+                torch.backends.mkldnn.enabled = previous
+        if ctx.needs_input_grad[1]:
+            grad_w = _offset_weight_grad(x, grad, k, pad)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad.sum(dim=(0, 2, 3))
+        return grad_x, grad_w, grad_b, None
+
+
+class InvariantConv2d(nn.Conv2d):
+    """``nn.Conv2d`` with the fast thread-invariant CPU paths of this module where they apply."""
+
+    def _fast_path(self, x: Tensor) -> str:
+        if x.device.type != "cpu" or x.dtype != torch.float32 or self.groups != 1 or self.padding_mode != "zeros":
+            return ""
+        if self.dilation != (1, 1) or isinstance(self.padding, str):
+            return ""
+        kh, kw = self.kernel_size
+        if self.stride == (kh, kw) and self.padding == (0, 0):
+            if x.shape[-2] % kh == 0 and x.shape[-1] % kw == 0:
+                return "patchify"
+            return ""
+        if self.stride == (1, 1) and kh == kw and kh % 2 == 1 and self.padding == (kh // 2, kh // 2):
+            return "same"
+        return ""
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, C, H, W) -> (B, O, H', W')``, as ``nn.Conv2d``."""
+        path = self._fast_path(x)
+        if path == "same":
+            return _SameConvFunction.apply(x, self.weight, self.bias, self.padding[0])
+        if path == "patchify":
+            return self._patchify(x)
+        return super().forward(x)
+
+    def _patchify(self, x: Tensor) -> Tensor:
+        """Non-overlapping ``p x p`` patches: one GEMM ``(B*gh*gw, C*ph*pw) @ (C*ph*pw, O)``."""
+        b, c, h, w = x.shape
+        ph, pw = self.kernel_size
+        gh, gw = h // ph, w // pw
+        patches = x.view(b, c, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5).reshape(b * gh * gw, c * ph * pw)
+        weight = self.weight.view(self.out_channels, -1)
+        out = patches @ weight.t() if self.bias is None else torch.addmm(self.bias, patches, weight.t())
+        return out.view(b, gh, gw, self.out_channels).permute(0, 3, 1, 2)
