@@ -18,8 +18,11 @@ What this module does:
   at its first call, so :mod:`advantageflow` sets the variable when it is imported
   (``advantageflow/__init__.py``); a value the user set is kept.  ``AUTO`` keeps MKL's own
   choice of code path for the CPU, so the results still depend on that path (``mkl_branch``).
-* oneDNN off while training (:func:`thread_invariant_kernels`): convolutions then run as
-  ATen's unfold + MKL ``sgemm``, whose gradients are thread-invariant under strict CNR.
+* oneDNN off while training (:func:`thread_invariant_kernels`): a plain ``nn.Conv2d`` then
+  runs as ATen's NNPACK / unfold + MKL ``sgemm``, whose gradients are thread-invariant under
+  strict CNR.  The shipped DiT's convolutions (:class:`advantageflow.models.conv.InvariantConv2d`)
+  turn oneDNN back on for their forward pass and input gradient only, which are
+  thread-invariant, and compute the weight gradient as MKL GEMMs: the same guarantee, faster.
 
 What it cannot change: ATen's own parallel reductions give each thread a slice and add the
 slices' partial sums, so a few kernels still depend on the thread count: a sum or mean of a

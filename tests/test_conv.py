@@ -1,0 +1,106 @@
+"""InvariantConv2d (advantageflow/models/conv.py): the same values and gradients as nn.Conv2d up
+to float rounding, the same bits at 1 and 2 torch threads, ATen's path where the fast ones do
+not apply, and oneDNN left as the caller set it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from advantageflow.models.conv import InvariantConv2d, _offset_weight_grad
+from advantageflow.numerics import blas_mode, thread_invariant_kernels
+
+# (in, out, kernel, stride, padding, batch, side): the shipped DiT's stem / residual / head /
+# patch embedding, a 5x5, a single image, an odd side, and two shapes that keep ATen's path
+SHAPES = [
+    (3, 16, 3, 1, 1, 7, 32), (16, 16, 3, 1, 1, 64, 32), (16, 3, 3, 1, 1, 1, 32),
+    (16, 128, 4, 4, 0, 9, 32), (8, 8, 5, 1, 2, 3, 12), (4, 6, 3, 1, 1, 2, 9),
+    (16, 32, 3, 2, 1, 4, 16), (4, 4, 3, 1, 0, 2, 10),
+]
+
+
+def _forward_backward(module: nn.Conv2d, cin: int, batch: int, side: int, threads: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, cin, side, side, generator=gen, requires_grad=True)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with thread_invariant_kernels():
+            module.zero_grad()
+            y = module(x)
+            y.backward(torch.randn(y.shape, generator=gen))
+    finally:
+        torch.set_num_threads(previous)
+    return [y.detach(), x.grad, module.weight.grad.clone(), module.bias.grad.clone()]
+
+
+def _pair(cin, cout, k, stride, pad) -> tuple[InvariantConv2d, nn.Conv2d]:
+    torch.manual_seed(1)
+    fast = InvariantConv2d(cin, cout, k, stride=stride, padding=pad)
+    ref = nn.Conv2d(cin, cout, k, stride=stride, padding=pad)
+    ref.load_state_dict(fast.state_dict())
+    return fast, ref
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_values_and_gradients_match_nn_conv2d(shape):
+    cin, cout, k, stride, pad, batch, side = shape
+    fast, ref = _pair(cin, cout, k, stride, pad)
+    got = _forward_backward(fast, cin, batch, side, 1)
+    want = _forward_backward(ref, cin, batch, side, 1)
+    for name, a, b in zip(("output", "input grad", "weight grad", "bias grad"), got, want):
+        assert a.shape == b.shape, name
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item(), msg=name)
+
+
+@pytest.mark.parametrize("shape", SHAPES[:6], ids=lambda s: "x".join(map(str, s)))
+def test_bits_do_not_depend_on_the_thread_count(shape):
+    if blas_mode()["strict"] is False:
+        pytest.fail("MKL is not in strict mode: something used MKL before advantageflow was imported")
+    cin, cout, k, stride, pad, batch, side = shape
+    fast, _ = _pair(cin, cout, k, stride, pad)
+    one = _forward_backward(fast, cin, batch, side, 1)
+    two = _forward_backward(fast, cin, batch, side, 2)
+    for name, a, b in zip(("output", "input grad", "weight grad", "bias grad"), one, two):
+        assert torch.equal(a, b), f"{name} depends on the thread count"
+
+
+def test_fast_paths_are_taken_only_where_they_apply():
+    x = torch.zeros(2, 4, 8, 8)
+    assert InvariantConv2d(4, 4, 3, padding=1)._fast_path(x) == "same"
+    assert InvariantConv2d(4, 8, 4, stride=4)._fast_path(x) == "patchify"
+    assert InvariantConv2d(4, 8, 3, stride=2, padding=1)._fast_path(x) == ""  # strided
+    assert InvariantConv2d(4, 8, 3, padding=0)._fast_path(x) == ""  # not "same"
+    assert InvariantConv2d(4, 8, 3, padding=1)._fast_path(x.double()) == ""  # float32 only
+    assert InvariantConv2d(4, 8, 3, padding=1, groups=2)._fast_path(x) == ""
+    assert InvariantConv2d(4, 8, 3, stride=3)._fast_path(x) == ""  # 8 is not a multiple of 3
+
+
+def test_the_offset_gemms_are_the_convolution_weight_gradient_in_float64():
+    """The k*k-GEMM weight gradient against autograd of F.conv2d, exactly enough in float64."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 5, 7, 6, generator=gen, dtype=torch.float64)
+    w = torch.randn(4, 5, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(3, 4, 7, 6, generator=gen, dtype=torch.float64)
+    torch.nn.functional.conv2d(x, w, padding=1).backward(grad)
+    torch.testing.assert_close(_offset_weight_grad(x, grad, 3, 1), w.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_onednn_setting_is_left_as_the_caller_set_it():
+    conv = InvariantConv2d(3, 4, 3, padding=1)
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    for setting in (False, True):
+        previous = torch.backends.mkldnn.enabled
+        torch.backends.mkldnn.enabled = setting
+        try:
+            conv(x).sum().backward()
+            assert torch.backends.mkldnn.enabled is setting
+        finally:
+            torch.backends.mkldnn.enabled = previous
+
+
+def test_state_dict_is_nn_conv2d_s():
+    fast = InvariantConv2d(3, 4, 3, padding=1)
+    assert isinstance(fast, nn.Conv2d)
+    assert set(fast.state_dict()) == set(nn.Conv2d(3, 4, 3, padding=1).state_dict())
