@@ -7,6 +7,7 @@ import io
 import json
 import struct
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -120,6 +121,22 @@ def _wandb_history(run_root) -> dict[int, dict]:
     return history
 
 
+def _wandb_history_with(run_root, steps: set[int], timeout_s: float) -> dict[int, dict]:
+    """:func:`_wandb_history` once it holds ``steps`` (or the deadline passed); a log still being
+    written may end in a cut record, read again."""
+    from google.protobuf.message import DecodeError
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            history = _wandb_history(run_root)
+        except DecodeError:
+            history = {}
+        if steps <= set(history) or time.monotonic() > deadline:
+            return history
+        time.sleep(0.5)
+
+
 def test_wandb_offline_run_holds_the_scalars_and_images(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -131,7 +148,12 @@ def test_wandb_offline_run_holds_the_scalars_and_images(tmp_path, monkeypatch):
     train(cfg, tmp_path / "run")
     run = tmp_path / "run"
     rows = {r["step"]: r for r in read_metrics(run / "metrics.jsonl")}
-    history = _wandb_history(run)
+    # wandb's service process writes the .wandb log.  Once, in the full suite under xdist, step 1
+    # was missing when it was read (not reproduced in 15 runs alone or under load; cause not
+    # established): if it is a late write, this waits up to 30 s for it before calling it missing.
+    history = _wandb_history_with(run, set(rows), timeout_s=30.0)
+    missing = sorted(set(rows) - set(history))
+    assert not missing, f"steps in metrics.jsonl but not in the W&B log: {missing}"
     for step, row in rows.items():
         assert history[step]["reward/mean"] == pytest.approx(row["reward/mean"])
         assert history[step]["loss/total"] == pytest.approx(row["loss/total"])
