@@ -3,10 +3,11 @@
 Why: training runs with oneDNN off (:func:`advantageflow.numerics.thread_invariant_kernels`),
 because oneDNN's convolution *weight* gradient sums over batch and pixels in an order that
 depends on the torch thread count.  ATen's fallback then computes the 3x3 convolutions with
-NNPACK (forward) and a per-image unfold + GEMM (backward), and the 4x4 patch embedding with a
-slow im2col: measured on the 2-core Intel Xeon (``benchmarks/throughput.py``, issue 13), those
-convolutions hold ~2/7 of the FLOPs' time budget but a third of a training step and 38% of a
-sampling step.
+NNPACK (forward) and its slow convolution backward, and the 4x4 patch embedding with a slow
+im2col: on the 2-core Intel Xeon (torch's profiler, issue 13) those convolutions are about 15
+of the 140 MFLOP of a forward row but took a third of a training step and 38% of a sampling
+step.  With this module one main-job epoch there went from 8.6 s to 5.5-5.9 s
+(``benchmarks/cpu_bounds.py``).
 
 What runs instead, on CPU float32 only (anything else -- CUDA, bf16, strides -- keeps
 ``nn.Conv2d``'s own path):
