@@ -14,8 +14,8 @@ against what the machine can do, in one run:
   forward rows at the evaluation's batch (no grad) and forward + backward rows at the main
   job's micro-batch, with FLOPs from ``torch.utils.flop_counter``.
 - **the main job, measured**: ``train.epochs=1`` of the shipped config (no evaluation), its
-  ``perf/flops``, rollout and update seconds; then 36 epochs at the measured rate and at the
-  peak.
+  ``perf/flops``, rollout and update seconds; then the shipped config's epochs at the measured
+  rate and at the peak.
 - **one held-out evaluation, measured** (``--eval``, about 100 s on the 2-core AMD EPYC):
   what ``advantageflow eval --task shapes`` runs, timed, with its FLOPs.
 

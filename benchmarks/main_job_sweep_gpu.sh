@@ -2,7 +2,8 @@
 # The main job's settings swept on one GPU: each variant (a name and `advantageflow train`
 # overrides, one per line of VARIANTS) on SEEDS, every run at once (CUDA MPS where it starts),
 # the held-out ShapesEval evaluation every 6 epochs unless a variant sets eval.every; then a
-# table of the mean gain per evaluation.
+# table of the mean gain per evaluation. Runs last the main job's epochs (45 since 2026-12-04 night,
+# 36 in the recorded sweep) unless a variant sets train.epochs.
 #
 #   VARIANTS=my_variants.txt SEEDS="0 1 2" bash benchmarks/main_job_sweep_gpu.sh
 #   # my_variants.txt:  lr2e-4_g16   train.lr=2e-4 train.group_size=16 train.prompts_per_epoch=8
