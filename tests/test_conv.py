@@ -1,6 +1,8 @@
 """InvariantConv2d (advantageflow/models/conv.py): the same values and gradients as nn.Conv2d up
 to float rounding, the same bits at 1 and 2 torch threads, ATen's path where the fast ones do
-not apply, and oneDNN left as the caller set it."""
+not apply, and oneDNN left as the caller set it.  Both weight-gradient paths are tested: the
+offset GEMMs (where MKL resolved a code path) and ATen's (where it did not, e.g. the AMD EPYC),
+by forcing ``gemms_are_thread_invariant``."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from advantageflow.models import conv
 from advantageflow.models.conv import InvariantConv2d, _offset_weight_grad
 from advantageflow.numerics import blas_mode, thread_invariant_kernels
 
@@ -43,8 +46,14 @@ def _pair(cin, cout, k, stride, pad) -> tuple[InvariantConv2d, nn.Conv2d]:
     return fast, ref
 
 
+@pytest.fixture(params=[True, False], ids=["gemm-weight-grad", "aten-weight-grad"])
+def gemm_paths(request, monkeypatch):
+    monkeypatch.setattr(conv, "gemms_are_thread_invariant", lambda: request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_values_and_gradients_match_nn_conv2d(shape):
+def test_values_and_gradients_match_nn_conv2d(shape, gemm_paths):
     cin, cout, k, stride, pad, batch, side = shape
     fast, ref = _pair(cin, cout, k, stride, pad)
     got = _forward_backward(fast, cin, batch, side, 1)
@@ -55,7 +64,7 @@ def test_values_and_gradients_match_nn_conv2d(shape):
 
 
 @pytest.mark.parametrize("shape", SHAPES[:6], ids=lambda s: "x".join(map(str, s)))
-def test_bits_do_not_depend_on_the_thread_count(shape):
+def test_bits_do_not_depend_on_the_thread_count(shape, gemm_paths):
     if blas_mode()["strict"] is False:
         pytest.fail("MKL is not in strict mode: something used MKL before advantageflow was imported")
     cin, cout, k, stride, pad, batch, side = shape
@@ -66,7 +75,8 @@ def test_bits_do_not_depend_on_the_thread_count(shape):
         assert torch.equal(a, b), f"{name} depends on the thread count"
 
 
-def test_fast_paths_are_taken_only_where_they_apply():
+def test_fast_paths_are_taken_only_where_they_apply(monkeypatch):
+    monkeypatch.setattr(conv, "gemms_are_thread_invariant", lambda: True)
     x = torch.zeros(2, 4, 8, 8)
     assert InvariantConv2d(4, 4, 3, padding=1)._fast_path(x) == "same"
     assert InvariantConv2d(4, 8, 4, stride=4)._fast_path(x) == "patchify"
@@ -75,6 +85,24 @@ def test_fast_paths_are_taken_only_where_they_apply():
     assert InvariantConv2d(4, 8, 3, padding=1)._fast_path(x.double()) == ""  # float32 only
     assert InvariantConv2d(4, 8, 3, padding=1, groups=2)._fast_path(x) == ""
     assert InvariantConv2d(4, 8, 3, stride=3)._fast_path(x) == ""  # 8 is not a multiple of 3
+    monkeypatch.setattr(conv, "gemms_are_thread_invariant", lambda: False)
+    assert InvariantConv2d(4, 8, 4, stride=4)._fast_path(x) == ""  # patchify is all GEMM
+    assert InvariantConv2d(4, 4, 3, padding=1)._fast_path(x) == "same"  # oneDNN, ATen's weight gradient
+
+
+@pytest.mark.parametrize(("strict", "branch", "want"), [
+    (True, "AVX512_E1", True), (True, "AVX2", True), (True, "AUTO", False), (False, "AVX512_E1", False),
+    (None, None, False),
+])
+def test_gemm_paths_only_where_mkl_resolved_a_code_path(monkeypatch, strict, branch, want):
+    mode = {"blas": "MKL", "mkl_cbwr": "", "strict": strict, "mkl_branch": branch}
+    monkeypatch.setattr(conv, "blas_mode", lambda: mode)
+    conv.gemms_are_thread_invariant.cache_clear()
+    try:
+        assert conv.gemms_are_thread_invariant() is want
+    finally:
+        monkeypatch.undo()
+        conv.gemms_are_thread_invariant.cache_clear()
 
 
 def test_the_offset_gemms_are_the_convolution_weight_gradient_in_float64():

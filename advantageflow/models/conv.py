@@ -26,6 +26,14 @@ What runs instead, on CPU float32 only (anything else -- CUDA, bf16, strides -- 
   the thread count.  The bias gradient is a sum to ``O`` values, which ATen splits over the
   outputs, not over the summed elements, so it is thread-invariant too.
 
+Where MKL runs in strict CNR mode on a code path it resolved for the CPU (``mkl_branch`` such as
+``AVX512_E1``; :func:`advantageflow.numerics.blas_mode`), the GEMM paths above are used.  Where it
+resolved none (branch ``AUTO``: the 2-core AMD EPYC) strict CNR was measured not to cover every
+shape (README, "Reproducibility"), and thin GEMMs with a long ``K`` -- the offset GEMMs' shape --
+are the kind it missed; there the weight gradient stays ATen's (``convolution_backward`` with
+oneDNN off, measured thread-invariant for the shipped DiT on that machine) and the patch
+embedding stays ``nn.Conv2d``'s, while the oneDNN forward and input gradient are kept.
+
 The modules subclass :class:`torch.nn.Conv2d` and keep its parameters, so state dicts, the
 shipped weights and LoRA targets are unchanged.  The results differ from ATen's in the last
 float bits (different summation order), not in value.
@@ -33,9 +41,23 @@ float bits (different summation order), not in value.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from advantageflow.numerics import blas_mode
+
+# MKL branches that say "MKL picked no code path for this CPU" (strict CNR then does not cover every GEMM)
+_UNRESOLVED_BRANCHES = (None, "OFF", "BRANCH_OFF", "AUTO", "unknown")
+
+
+@functools.lru_cache(maxsize=1)
+def gemms_are_thread_invariant() -> bool:
+    """True where MKL's strict CNR runs on a code path it resolved for this CPU (module docstring)."""
+    mode = blas_mode()
+    return bool(mode["strict"]) and mode["mkl_branch"] not in _UNRESOLVED_BRANCHES
 
 
 def _onednn_on() -> bool:
@@ -96,7 +118,17 @@ class _SameConvFunction(torch.autograd.Function):
             finally:
                 torch.backends.mkldnn.enabled = previous
         if ctx.needs_input_grad[1]:
-            grad_w = _offset_weight_grad(x, grad, k, pad)
+            if gemms_are_thread_invariant():
+                grad_w = _offset_weight_grad(x, grad, k, pad)
+            else:  # ATen's own weight gradient, oneDNN off (module docstring)
+                previous = torch.backends.mkldnn.enabled
+                torch.backends.mkldnn.enabled = False
+                try:
+                    grad_w = torch.ops.aten.convolution_backward(
+                        grad, x, weight, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1, [False, True, False]
+                    )[1]
+                finally:
+                    torch.backends.mkldnn.enabled = previous
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum(dim=(0, 2, 3))
         return grad_x, grad_w, grad_b, None
@@ -112,7 +144,7 @@ class InvariantConv2d(nn.Conv2d):
             return ""
         kh, kw = self.kernel_size
         if self.stride == (kh, kw) and self.padding == (0, 0):
-            if x.shape[-2] % kh == 0 and x.shape[-1] % kw == 0:
+            if x.shape[-2] % kh == 0 and x.shape[-1] % kw == 0 and gemms_are_thread_invariant():
                 return "patchify"
             return ""
         if self.stride == (1, 1) and kh == kw and kh % 2 == 1 and self.padding == (kh // 2, kh // 2):
