@@ -107,8 +107,15 @@ def thread_invariant_kernels() -> Iterator[None]:
             f"Set MKL_CBWR={STRICT_CBWR} before starting Python to avoid it.",
             RuntimeWarning, stacklevel=3,
         )
+    with onednn(False):
+        yield
+
+
+@contextlib.contextmanager
+def onednn(enabled: bool) -> Iterator[None]:
+    """oneDNN on or off within; the previous setting comes back on exit."""
     previous = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
+    torch.backends.mkldnn.enabled = enabled
     try:
         yield
     finally:

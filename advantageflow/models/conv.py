@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from advantageflow.numerics import blas_mode
+from advantageflow.numerics import blas_mode, onednn
 
 # MKL branches that say "MKL picked no code path for this CPU" (strict CNR then does not cover every GEMM)
 _UNRESOLVED_BRANCHES = (None, "OFF", "BRANCH_OFF", "AUTO", "unknown")
@@ -60,11 +60,13 @@ def gemms_are_thread_invariant() -> bool:
     return bool(mode["strict"]) and mode["mkl_branch"] not in _UNRESOLVED_BRANCHES
 
 
-def _onednn_on() -> bool:
-    """Turn oneDNN on for one call; returns the previous setting."""
-    previous = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = True
-    return previous
+def _same_conv_backward(grad: Tensor, x: Tensor, weight: Tensor, pad: int, which: int, use_onednn: bool) -> Tensor:
+    """One of ATen's stride-1 convolution gradients (``which``: 0 input, 1 weight) with oneDNN on or off."""
+    mask = [which == 0, which == 1, False]
+    with onednn(use_onednn):
+        return torch.ops.aten.convolution_backward(
+            grad, x, weight, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1, mask
+        )[which]
 
 
 def _offset_weight_grad(x: Tensor, grad: Tensor, k: int, pad: int) -> Tensor:
@@ -93,11 +95,8 @@ class _SameConvFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, pad: int) -> Tensor:  # noqa: D102
-        previous = _onednn_on()
-        try:
+        with onednn(True):
             out = F.conv2d(x, weight, bias, padding=pad)
-        finally:
-            torch.backends.mkldnn.enabled = previous
         ctx.save_for_backward(x, weight)
         ctx.pad = pad
         ctx.has_bias = bias is not None
@@ -110,25 +109,12 @@ class _SameConvFunction(torch.autograd.Function):
         grad = grad.contiguous()
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            previous = _onednn_on()
-            try:
-                grad_x = torch.ops.aten.convolution_backward(
-                    grad, x, weight, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1, [True, False, False]
-                )[0]
-            finally:
-                torch.backends.mkldnn.enabled = previous
+            grad_x = _same_conv_backward(grad, x, weight, pad, which=0, use_onednn=True)
         if ctx.needs_input_grad[1]:
             if gemms_are_thread_invariant():
                 grad_w = _offset_weight_grad(x, grad, k, pad)
             else:  # ATen's own weight gradient, oneDNN off (module docstring)
-                previous = torch.backends.mkldnn.enabled
-                torch.backends.mkldnn.enabled = False
-                try:
-                    grad_w = torch.ops.aten.convolution_backward(
-                        grad, x, weight, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1, [False, True, False]
-                    )[1]
-                finally:
-                    torch.backends.mkldnn.enabled = previous
+                grad_w = _same_conv_backward(grad, x, weight, pad, which=1, use_onednn=False)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum(dim=(0, 2, 3))
         return grad_x, grad_w, grad_b, None
