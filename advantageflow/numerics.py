@@ -22,7 +22,8 @@ What this module does:
   runs as ATen's NNPACK / unfold + MKL ``sgemm``, whose gradients are thread-invariant under
   strict CNR.  The shipped DiT's convolutions (:class:`advantageflow.models.conv.InvariantConv2d`)
   turn oneDNN back on for their forward pass and input gradient only, which are
-  thread-invariant, and compute the weight gradient as MKL GEMMs: the same guarantee, faster.
+  thread-invariant, and compute the weight gradient as MKL GEMMs (ATen's kernel where MKL
+  resolved no code path for the CPU): the same guarantee, faster.
 
 What it cannot change: ATen's own parallel reductions give each thread a slice and add the
 slices' partial sums, so a few kernels still depend on the thread count: a sum or mean of a

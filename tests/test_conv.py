@@ -132,3 +132,12 @@ def test_state_dict_is_nn_conv2d_s():
     fast = InvariantConv2d(3, 4, 3, padding=1)
     assert isinstance(fast, nn.Conv2d)
     assert set(fast.state_dict()) == set(nn.Conv2d(3, 4, 3, padding=1).state_dict())
+
+
+def test_a_channels_last_input_gives_nn_conv2d_s_values(monkeypatch):
+    """Non-contiguous inputs (channels-last) on both fast paths."""
+    monkeypatch.setattr(conv, "gemms_are_thread_invariant", lambda: True)
+    x = torch.randn(2, 4, 8, 8).to(memory_format=torch.channels_last)
+    for args in ((4, 8, 4, 4, 0), (4, 6, 3, 1, 1)):
+        fast, ref = _pair(*args)
+        torch.testing.assert_close(fast(x), ref(x), rtol=1e-5, atol=1e-5)

@@ -151,7 +151,7 @@ class InvariantConv2d(nn.Conv2d):
         b, c, h, w = x.shape
         ph, pw = self.kernel_size
         gh, gw = h // ph, w // pw
-        patches = x.view(b, c, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5).reshape(b * gh * gw, c * ph * pw)
+        patches = x.reshape(b, c, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5).reshape(b * gh * gw, c * ph * pw)
         weight = self.weight.view(self.out_channels, -1)
         out = patches @ weight.t() if self.bias is None else torch.addmm(self.bias, patches, weight.t())
         return out.view(b, gh, gw, self.out_channels).permute(0, 3, 1, 2)
