@@ -121,6 +121,18 @@ def test_missing_asset_has_a_clear_error(tmp_path):
         ShapesDiTPolicy.from_config(ShapesDiTPolicy.Config(path=str(tmp_path)))
 
 
+def test_a_shipped_base_is_named_and_a_folder_of_that_name_wins(tmp_path, monkeypatch):
+    from advantageflow.models.dit import SHIPPED_ASSETS, asset_folder
+
+    monkeypatch.chdir(tmp_path)
+    assert asset_folder("") == ASSET_DIR == SHIPPED_ASSETS["shapes_dit"]
+    assert asset_folder("shapes_unet") == SHIPPED_ASSETS["shapes_unet"]
+    (tmp_path / "shapes_unet").mkdir()
+    assert asset_folder("shapes_unet").resolve() == (tmp_path / "shapes_unet").resolve()  # the user's own folder
+    with pytest.raises(FileNotFoundError, match="shipped base: shapes_dit, shapes_unet"):
+        ShapesDiTPolicy.from_config(ShapesDiTPolicy.Config(path="shapes_unet"))  # empty folder
+
+
 # --------------------------------------------------------------------------- shipped model
 
 

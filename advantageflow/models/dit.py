@@ -28,7 +28,10 @@ from advantageflow.configbase import ConfigError
 from advantageflow.models.base import FrozenCopyPolicy, guided
 from advantageflow.models.conv import InvariantConv2d
 
-ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "shapes_dit"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+ASSET_DIR = ASSETS / "shapes_dit"  # the main job's base ('' names it)
+# Every base shipped in the package, by the name ``model.path`` may give instead of a folder.
+SHIPPED_ASSETS: dict[str, Path] = {"shapes_dit": ASSET_DIR, "shapes_unet": ASSETS / "shapes_unet"}
 
 VOCAB: tuple[str, ...] = (
     "<pad>", "<null>", "<unk>", "a", "an", "and", "of", "left", "right", "above", "below",
@@ -262,15 +265,27 @@ def build_network(model: dict) -> nn.Module:
     return ShapesDiT(DiTConfig(**{k: v for k, v in model.items() if k != "arch"}))
 
 
+def asset_folder(path: str | Path = "") -> Path:
+    """The folder ``path`` names: '' the main job's base, a folder that exists, else a name in
+    :data:`SHIPPED_ASSETS` (so ``model.path=shapes_unet`` needs no install path)."""
+    if not path:
+        return ASSET_DIR
+    folder = Path(path).expanduser()
+    if not folder.exists() and str(path) in SHIPPED_ASSETS:
+        return SHIPPED_ASSETS[str(path)]
+    return folder
+
+
 def asset_files(path: str | Path = "") -> tuple[Path, Path]:
-    """``(config.json, model.safetensors)`` of an asset folder ('' = the shipped one);
+    """``(config.json, model.safetensors)`` of an asset (:func:`asset_folder`);
     ``FileNotFoundError`` naming the folder if either is missing."""
-    folder = Path(path).expanduser() if path else ASSET_DIR
+    folder = asset_folder(path)
     cfg_file, weights = folder / "config.json", folder / "model.safetensors"
     if not cfg_file.exists() or not weights.exists():
         raise FileNotFoundError(
             f"no ShapesDiT checkpoint in '{folder}' (needs config.json and model.safetensors; "
-            f"make one with 'advantageflow pretrain shapes --out {folder}')"
+            f"make one with 'advantageflow pretrain shapes --out {folder}', or name a shipped base: "
+            f"{', '.join(SHIPPED_ASSETS)})"
         )
     return cfg_file, weights
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from advantageflow.models.conv import InvariantConv2d
 from advantageflow.models.dit import VOCAB, Block, ConvResBlock, sincos_2d, timestep_embedding
 
 
@@ -89,7 +90,7 @@ class ShapesUNet(nn.Module):
         self.tok_pos = nn.Parameter(torch.randn(1, cfg.max_tokens, w) * 0.02)
         self.t_mlp = nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, w))
         self.text_pool = nn.Linear(w, w)
-        self.conv_in = nn.Conv2d(cfg.channels, c1, 3, padding=1)
+        self.conv_in = InvariantConv2d(cfg.channels, c1, 3, padding=1)
         self.enc1 = ConvResBlock(c1, w)
         self.down1 = nn.Conv2d(c1, c2, 3, stride=2, padding=1)
         self.enc2 = ConvResBlock(c2, w)
@@ -100,13 +101,13 @@ class ShapesUNet(nn.Module):
         self.blocks = nn.ModuleList(Block(w, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         # no affine: its weight gradients are an ATen reduction that depends on the thread count
         self.mid_norm = nn.LayerNorm(w, elementwise_affine=False, eps=1e-6)
-        self.up2 = nn.Conv2d(w, c2, 3, padding=1)
+        self.up2 = InvariantConv2d(w, c2, 3, padding=1)
         self.dec2 = ConvResBlock(c2, w)
         self.dec2_text = TextCrossAttention(c2, w, cfg.text_heads)
-        self.up1 = nn.Conv2d(c2, c1, 3, padding=1)
+        self.up1 = InvariantConv2d(c2, c1, 3, padding=1)
         self.dec1 = ConvResBlock(c1, w)
         self.out_norm = nn.GroupNorm(math.gcd(8, c1), c1)
-        self.conv_out = nn.Conv2d(c1, cfg.channels, 3, padding=1)
+        self.conv_out = InvariantConv2d(c1, cfg.channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
