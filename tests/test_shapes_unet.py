@@ -111,3 +111,54 @@ def test_unet_gradients_do_not_depend_on_thread_count():
         # thread-invariant there (tests/test_reproducibility.py).  README, Reproducibility.
         pytest.xfail(f"MKL strict CNR on a CPU without an MKL code path (branch AUTO): {len(differ)} gradients differ")
     assert not differ, f"gradients that depend on the thread count: {differ}"
+
+
+# --------------------------------------------------------------------------- the shipped CPU-made base
+
+
+def test_shipped_unet_records_how_it_was_made_and_scores_in_the_briefs_range():
+    """``model.path=shapes_unet``: made on the 2-core CPU in under an hour; its config.json
+    records the command, the steps, the final loss and the base's held-out scores."""
+    from advantageflow.models.dit import SHIPPED_ASSETS, asset_files
+
+    cfg_file, weights = asset_files("shapes_unet")
+    meta = json.loads(cfg_file.read_text())
+    made = meta["pretrain"]
+    assert made["command"].startswith("advantageflow pretrain shapes --arch unet")
+    assert made["steps_done"] == made["steps"] and made["device"] == "cpu" and not made["resumed"]
+    assert made["wall_s"] <= 3600 and 0 < made["final_loss"] < 0.1
+    scores = meta["eval"]
+    assert scores["sampler"]["samples_per_prompt"] * 96 == 864  # the main job's evaluation
+    assert 0.35 <= scores["strict"] <= 0.60 and scores["strict/images"] >= 0.25 and scores["strict_se"] <= 0.015
+    shipped_bytes = sum(f.stat().st_size for name in SHIPPED_ASSETS for f in SHIPPED_ASSETS[name].iterdir())
+    assert shipped_bytes < 20 * 2**20
+    net, _ = load_asset("shapes_unet")
+    assert isinstance(net, ShapesUNet) and net.cfg.base_channels == made["conv_channels"]
+
+
+def test_the_recorded_command_builds_the_shipped_unet(tmp_path):
+    """The asset's own command, cut to two tiny steps, makes a network of the shipped shape
+    (so the recorded command is the one that made these weights' architecture)."""
+    from advantageflow.models.dit import asset_files
+
+    meta = json.loads(asset_files("shapes_unet")[0].read_text())
+    words = meta["pretrain"]["command"].split()[3:]
+    for flag in ("--steps", "--batch-size", "--out", "--minutes", "--save-every"):
+        if flag in words:
+            i = words.index(flag)
+            del words[i : i + 2]
+    assert pretrain([*words, "--steps", "2", "--batch-size", "2", "--warmup", "1", "--eval-samples", "0",
+                     "--out", str(tmp_path)]) == 0
+    made, _ = load_asset(tmp_path)
+    shipped, _ = load_asset("shapes_unet")
+    assert made.cfg == shipped.cfg
+    assert {k: v.shape for k, v in made.state_dict().items()} == {k: v.shape for k, v in shipped.state_dict().items()}
+
+
+def test_shipped_unet_fits_renders_better_than_an_untrained_one():
+    from advantageflow.tasks.shapes.evaluator import flow_matching_loss
+
+    shipped = ShapesDiTPolicy.from_config(ShapesDiTPolicy.Config(path="shapes_unet"))
+    untrained = ShapesDiTPolicy(_perturbed(ShapesUNet(shipped.net.cfg)), shipped.meta)
+    trained = flow_matching_loss(shipped, num_images=32, times=2)
+    assert trained < 0.5 * flow_matching_loss(untrained, num_images=32, times=2)
