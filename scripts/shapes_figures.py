@@ -1,6 +1,6 @@
 """The sample figures of ``docs/shapes.md`` for a ShapesDiT asset ('' = the shipped one).
 
-    python scripts/shapes_figures.py [--asset DIR] [--out docs]
+    python scripts/shapes_figures.py [--asset DIR|NAME] [--out docs] [--suffix _unet]
 
 Writes ``shapes_base_samples.png`` (the first 4 evaluation slots of each tag, in tag order,
 one sample each with the evaluation's noise keys, seed 0, as ``advantageflow eval`` draws
@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--asset", default="", help="asset folder ('' = the shipped model)")
     p.add_argument("--out", default="docs")
+    p.add_argument("--suffix", default="", help="added to both file names (e.g. _unet for model.path=shapes_unet)")
     a = p.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -62,8 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     slots = eval_slots()
     chosen = [slots[t * EVAL_SLOTS_PER_TAG + i] for t in range(len(slots) // EVAL_SLOTS_PER_TAG) for i in range(4)]
     images = sample_shapes_eval(policy, chosen, 1, sampler, seed=0)
-    captioned_grid(list(images), [to_prompt(s) for s in chosen], 4, "samples of the shipped model").save(
-        out / "shapes_base_samples.png")
+    samples_png, words_png = out / f"shapes_base_samples{a.suffix}.png", out / f"shapes_word_binding{a.suffix}.png"
+    title = f"samples of {a.asset or 'the shipped model'}"
+    captioned_grid(list(images), [to_prompt(s) for s in chosen], 4, title).save(samples_png)
     shapes = list(SHAPES)
     specs = [parse_prompt(f"a red {shape}") for shape in shapes for _ in range(8)]
     # the same 8 noises in every row: sample j of each row uses the noise key of slot j
@@ -77,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     rollout = generate_from_noise(policy, [Prompt(to_prompt(s)) for s in specs], noise, list(range(len(specs))), spec)
     words = decode_samples(policy, rollout.x0, spec.chunk)
     captioned_grid(list(words), [to_prompt(s) for s in specs], 8,
-                   "same noise per column, one shape word per row").save(out / "shapes_word_binding.png")
-    print(f"wrote {out / 'shapes_base_samples.png'} and {out / 'shapes_word_binding.png'}")
+                   "same noise per column, one shape word per row").save(words_png)
+    print(f"wrote {samples_png} and {words_png}")
     return 0
 
 
