@@ -46,10 +46,12 @@ def test_learning_rate_warms_up_then_decays_by_a_cosine():
     assert lr_factor(110, 10, 110, 0.1) == pytest.approx(0.1)
 
 
-def test_a_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
+@pytest.mark.parametrize("network", [[], ["--arch", "unet", "--conv-channels", "8", "--time-sampling", "logit_normal"]],
+                         ids=["dit", "unet_as_shipped"])
+def test_a_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch, network):
     import advantageflow.tasks.shapes.pretrain as pretrain
 
-    args = ["--steps", "6", "--resume-every", "2", *TINY]
+    args = ["--steps", "6", "--resume-every", "2", *TINY, *network]
     assert main([*args, "--out", str(tmp_path / "whole")]) == 0
     calls = {"n": 0}
     real = pretrain.sample_batch
