@@ -269,7 +269,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from advantageflow.numerics import thread_invariant_kernels
     from advantageflow.tasks.shapes.pretrain import main as pretrain_main
 
-    with thread_invariant_kernels():  # pretrained weights must not depend on the thread count
+    # pretrained weights must not depend on the thread count (the DiT's do not; the U-Net's GroupNorm does: numerics)
+    with thread_invariant_kernels():
         return int(pretrain_main(args.rest) or 0)
 
 
