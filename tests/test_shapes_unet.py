@@ -79,17 +79,16 @@ def test_pretrain_with_the_unet(tmp_path):
         pretrain([*args, "--prediction", "x0", "--out", str(tmp_path / "x0")])
 
 
-def test_unet_gradients_do_not_depend_on_thread_count():
-    """Under the trainer's thread-invariant kernels every U-Net gradient is equal bit for bit
-    with 1 and 2 threads (an affine LayerNorm once broke this)."""
-    from advantageflow.numerics import thread_invariant_kernels
+def _gradients_that_depend_on_the_thread_count(cfg: UNetConfig, tokens_len: int) -> list[str]:
+    """Names of the parameters whose gradient (random weights, batch 4) differs between 1 and 2
+    threads under the trainer's thread-invariant kernels; xfails where MKL resolves no code path."""
+    from advantageflow.numerics import numerics_record, thread_invariant_kernels
 
     torch.manual_seed(0)
-    net = ShapesUNet(UNetConfig(base_channels=8, mid_channels=16, width=32, depth=1, heads=2))
+    net = ShapesUNet(cfg)
     for p in net.parameters():  # leave zero-initialised layers no chance to hide a difference
         torch.nn.init.normal_(p, std=0.05)
-    x, t = torch.randn(4, 3, 32, 32), torch.rand(4)
-    tokens = torch.randint(3, 20, (4, 6))
+    x, t, tokens = torch.randn(4, 3, 32, 32), torch.rand(4), torch.randint(3, 20, (4, tokens_len))
     grads, previous = [], torch.get_num_threads()
     try:
         with thread_invariant_kernels():
@@ -101,8 +100,6 @@ def test_unet_gradients_do_not_depend_on_thread_count():
     finally:
         torch.set_num_threads(previous)
     differ = [n for n in grads[0] if not torch.equal(grads[0][n], grads[1][n])]
-    from advantageflow.numerics import numerics_record
-
     if differ and numerics_record()["mkl_branch"] == "AUTO":
         # Measured 2026-12-04 on an AMD EPYC (AVX2; MKL resolves no code path: branch AUTO): under
         # AUTO,STRICT (and AVX2,STRICT) the forward pass of the U-Net's first FiLM linear already
@@ -110,6 +107,13 @@ def test_unet_gradients_do_not_depend_on_thread_count():
         # full-resolution convolutions' weight gradients are not.  The DiT main job is
         # thread-invariant there (tests/test_reproducibility.py).  README, Reproducibility.
         pytest.xfail(f"MKL strict CNR on a CPU without an MKL code path (branch AUTO): {len(differ)} gradients differ")
+    return differ
+
+
+def test_unet_gradients_do_not_depend_on_thread_count():
+    """Every gradient of a small U-Net is equal bit for bit with 1 and 2 threads (an affine
+    LayerNorm once broke this)."""
+    differ = _gradients_that_depend_on_the_thread_count(UNetConfig(**TINY), tokens_len=6)
     assert not differ, f"gradients that depend on the thread count: {differ}"
 
 
@@ -120,28 +124,7 @@ def test_at_the_shipped_size_only_the_half_resolution_groupnorm_depends_on_the_t
     DiT's 2 per group at 32x32 and the full-resolution 3 per group do not), so only the
     gradients that flow back through ``enc2.norm*`` / ``enc2_text.norm`` may differ; the
     decoder, the transformer, ``down2`` and the cross-attention's own weights must not."""
-    from advantageflow.numerics import thread_invariant_kernels
-
-    torch.manual_seed(0)
-    net = ShapesUNet(UNetConfig(base_channels=24, mid_channels=48, depth=3))
-    for p in net.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    x, t, tokens = torch.randn(4, 3, 32, 32), torch.rand(4), torch.randint(3, 20, (4, 8))
-    grads, previous = [], torch.get_num_threads()
-    try:
-        with thread_invariant_kernels():
-            for threads in (1, 2):
-                torch.set_num_threads(threads)
-                net.zero_grad()
-                net(x, t, tokens).square().mean().backward()
-                grads.append({n: p.grad.clone() for n, p in net.named_parameters()})
-    finally:
-        torch.set_num_threads(previous)
-    differ = {n for n in grads[0] if not torch.equal(grads[0][n], grads[1][n])}
-    from advantageflow.numerics import numerics_record
-
-    if differ and numerics_record()["mkl_branch"] == "AUTO":  # as in the test above: strict CNR misses GEMMs there
-        pytest.xfail(f"MKL strict CNR on a CPU without an MKL code path (branch AUTO): {len(differ)} gradients differ")
+    differ = _gradients_that_depend_on_the_thread_count(UNetConfig(base_channels=24, mid_channels=48, depth=3), 8)
     upstream = ("tok", "t_mlp.", "text_pool.", "conv_in.", "enc1.", "down1.", "enc2.")
     assert all(n.startswith(upstream) for n in differ), sorted(differ)  # decoder, transformer, down2: equal
 
