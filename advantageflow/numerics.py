@@ -29,8 +29,8 @@ What it cannot change: ATen's own parallel reductions give each thread a slice a
 slices' partial sums, so a few kernels still depend on the thread count: a sum or mean of a
 whole tensor of more than 32,768 elements to one value, the weight / bias gradients of an
 affine ``LayerNorm``, and ``GroupNorm``'s input gradient at some sizes (6 channels per group at
-16x16: the optional U-Net's half resolution; measured with torch 2.13.0+cpu).  The shipped models avoid them where
-it matters (the tests check the main job bit for bit); a model that relies on them gives
+16x16; measured with torch 2.13.0+cpu).  The main job's DiT avoids them (the tests check it bit
+for bit); a model that relies on them -- the shipped U-Net's half-resolution GroupNorms -- gives
 runs that agree with each other only at the same thread count, which the run folder records.
 """
 
