@@ -114,6 +114,22 @@ def thread_invariant_kernels() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def intra_op_threads(count: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``count`` within; the previous count comes back on
+    exit.  For kernels whose result depends on how the thread count splits their work
+    (:class:`advantageflow.models.norm.FixedSplitGroupNorm`): a fixed count fixes the split."""
+    previous = torch.get_num_threads()
+    if previous == count:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
 def onednn(enabled: bool) -> Iterator[None]:
     """oneDNN on or off within; the previous setting comes back on exit."""
     previous = torch.backends.mkldnn.enabled

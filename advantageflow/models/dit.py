@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from advantageflow.configbase import ConfigError
 from advantageflow.models.base import FrozenCopyPolicy, guided
 from advantageflow.models.conv import InvariantConv2d
+from advantageflow.models.norm import FixedSplitGroupNorm
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 ASSET_DIR = ASSETS / "shapes_dit"  # the main job's base ('' names it)
@@ -141,10 +142,10 @@ class ConvResBlock(nn.Module):
     def __init__(self, channels: int, cond_width: int) -> None:
         super().__init__()
         groups = math.gcd(8, channels)
-        self.norm1 = nn.GroupNorm(groups, channels)
+        self.norm1 = FixedSplitGroupNorm(groups, channels)
         self.conv1 = InvariantConv2d(channels, channels, 3, padding=1)
         self.film = nn.Linear(cond_width, 2 * channels)
-        self.norm2 = nn.GroupNorm(groups, channels)
+        self.norm2 = FixedSplitGroupNorm(groups, channels)
         self.conv2 = InvariantConv2d(channels, channels, 3, padding=1)
         for layer in (self.film, self.conv2):
             nn.init.zeros_(layer.weight)
@@ -182,7 +183,7 @@ class ShapesDiT(nn.Module):
         if k:
             self.stem_in = InvariantConv2d(cfg.channels, k, 3, padding=1)
             self.head_blocks = nn.ModuleList(ConvResBlock(k, w) for _ in range(cfg.conv_blocks))
-            self.head_norm = nn.GroupNorm(math.gcd(8, k), k)
+            self.head_norm = FixedSplitGroupNorm(math.gcd(8, k), k)
             self.head_out = InvariantConv2d(k, cfg.channels, 3, padding=1)
             nn.init.zeros_(self.head_out.weight)
             nn.init.zeros_(self.head_out.bias)

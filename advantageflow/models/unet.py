@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from advantageflow.models.conv import InvariantConv2d
 from advantageflow.models.dit import VOCAB, Block, ConvResBlock, sincos_2d, timestep_embedding
+from advantageflow.models.norm import FixedSplitGroupNorm
 
 
 @dataclass
@@ -59,7 +60,7 @@ class TextCrossAttention(nn.Module):
         if channels % heads:
             raise ValueError("channels must be divisible by text_heads")
         self.heads = heads
-        self.norm = nn.GroupNorm(math.gcd(8, channels), channels)
+        self.norm = FixedSplitGroupNorm(math.gcd(8, channels), channels)
         self.q = nn.Linear(channels, channels)
         self.kv = nn.Linear(text_width, 2 * channels)
         self.proj = nn.Linear(channels, channels)
@@ -106,7 +107,7 @@ class ShapesUNet(nn.Module):
         self.dec2_text = TextCrossAttention(c2, w, cfg.text_heads)
         self.up1 = InvariantConv2d(c2, c1, 3, padding=1)
         self.dec1 = ConvResBlock(c1, w)
-        self.out_norm = nn.GroupNorm(math.gcd(8, c1), c1)
+        self.out_norm = FixedSplitGroupNorm(math.gcd(8, c1), c1)
         self.conv_out = InvariantConv2d(c1, cfg.channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
