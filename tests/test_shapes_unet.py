@@ -150,10 +150,14 @@ def test_shipped_unet_records_how_it_was_made_and_scores_in_the_briefs_range():
     assert isinstance(net, ShapesUNet) and net.cfg.base_channels == made["conv_channels"]
 
 
-def test_the_recorded_command_builds_the_shipped_unet(tmp_path):
-    """The asset's own command, cut to two tiny steps, makes a network of the shipped shape
-    (so the recorded command is the one that made these weights' architecture)."""
+def test_the_recorded_command_builds_the_shipped_unet_and_the_same_bits_at_1_and_2_threads(tmp_path):
+    """The asset's own command, cut to eight small steps, makes a network of the shipped shape
+    (so the recorded command is the one that made these weights' architecture), and the same
+    weights bit for bit with 1 and with 2 threads (the 2026-12-05 drift: tests/test_norm.py).
+    Eight steps because Adam's first steps move every weight by about +-lr whatever the
+    gradient's last bits; with ``nn.GroupNorm`` this test failed (every tensor differed)."""
     from advantageflow.models.dit import asset_files
+    from advantageflow.numerics import intra_op_threads, numerics_record, thread_invariant_kernels
 
     meta = json.loads(asset_files("shapes_unet")[0].read_text())
     words = meta["pretrain"]["command"].split()[3:]
@@ -161,12 +165,21 @@ def test_the_recorded_command_builds_the_shipped_unet(tmp_path):
         if flag in words:
             i = words.index(flag)
             del words[i : i + 2]
-    assert pretrain([*words, "--steps", "2", "--batch-size", "2", "--warmup", "1", "--eval-samples", "0",
-                     "--out", str(tmp_path)]) == 0
-    made, _ = load_asset(tmp_path)
+    made = {}
+    for threads in (1, 2):
+        out = tmp_path / f"threads{threads}"
+        with thread_invariant_kernels(), intra_op_threads(threads):  # as `advantageflow pretrain` runs it
+            assert pretrain([*words, "--steps", "8", "--batch-size", "8", "--warmup", "1", "--eval-samples", "0",
+                             "--out", str(out)]) == 0
+        made[threads], _ = load_asset(out)
     shipped, _ = load_asset("shapes_unet")
-    assert made.cfg == shipped.cfg
-    assert {k: v.shape for k, v in made.state_dict().items()} == {k: v.shape for k, v in shipped.state_dict().items()}
+    assert made[1].cfg == shipped.cfg
+    one, two = made[1].state_dict(), made[2].state_dict()
+    assert {k: v.shape for k, v in one.items()} == {k: v.shape for k, v in shipped.state_dict().items()}
+    differ = [k for k in one if not torch.equal(one[k], two[k])]
+    if differ and numerics_record()["mkl_branch"] == "AUTO":
+        pytest.xfail("MKL strict CNR on a CPU without an MKL code path (branch AUTO); see the helper above")
+    assert not differ, f"weights that depend on the thread count: {differ}"
 
 
 def test_shipped_unet_fits_renders_better_than_an_untrained_one():
