@@ -269,7 +269,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from advantageflow.numerics import thread_invariant_kernels
     from advantageflow.tasks.shapes.pretrain import main as pretrain_main
 
-    # pretrained weights must not depend on the thread count (the DiT's do not; the U-Net's GroupNorm does: numerics)
+    # pretrained weights must not depend on the thread count (oneDNN off; GroupNorm: models/fixed_split.py)
     with thread_invariant_kernels():
         return int(pretrain_main(args.rest) or 0)
 

@@ -29,9 +29,10 @@ What it cannot change: ATen's own parallel reductions give each thread a slice a
 slices' partial sums, so a few kernels still depend on the thread count: a sum or mean of a
 whole tensor of more than 32,768 elements to one value, the weight / bias gradients of an
 affine ``LayerNorm``, and ``GroupNorm``'s input gradient at some sizes (6 channels per group at
-16x16; measured with torch 2.13.0+cpu).  The main job's DiT avoids them (the tests check it bit
-for bit); a model that relies on them -- the shipped U-Net's half-resolution GroupNorms -- gives
-runs that agree with each other only at the same thread count, which the run folder records.
+16x16; measured with torch 2.13.0+cpu).  The shipped models avoid the first two (the DiT's and
+the U-Net's thread tests check it bit for bit) and run every GroupNorm as
+:class:`advantageflow.models.fixed_split.FixedSplitGroupNorm`, whose backward runs at a fixed thread
+count (:func:`intra_op_threads`), so its split no longer follows the process's.
 """
 
 from __future__ import annotations
@@ -113,11 +114,16 @@ def thread_invariant_kernels() -> Iterator[None]:
         yield
 
 
+# The thread count at which GroupNorm's kernels run, whatever the process's (models/fixed_split.py):
+# the shipped U-Net was made at 2.
+KERNEL_THREADS = 2
+
+
 @contextlib.contextmanager
 def intra_op_threads(count: int) -> Iterator[None]:
     """torch's intra-op thread count set to ``count`` within; the previous count comes back on
     exit.  For kernels whose result depends on how the thread count splits their work
-    (:class:`advantageflow.models.norm.FixedSplitGroupNorm`): a fixed count fixes the split."""
+    (:class:`advantageflow.models.fixed_split.FixedSplitGroupNorm`): a fixed count fixes the split."""
     previous = torch.get_num_threads()
     if previous == count:
         yield

@@ -3,6 +3,7 @@ asset round trip through the same loader and policy as ShapesDiT, and pretrainin
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -92,7 +93,7 @@ def _gradients_that_depend_on_the_thread_count(cfg: UNetConfig, tokens_len: int)
     grads, previous = [], torch.get_num_threads()
     try:
         with thread_invariant_kernels():
-            for threads in (1, 2):
+            for threads in (1, 2):  # not 3: elementwise kernels follow odd splits (fixed_split.py)
                 torch.set_num_threads(threads)
                 net.zero_grad()
                 net(x, t, tokens).square().mean().backward()
@@ -121,10 +122,35 @@ def test_at_the_shipped_size_every_gradient_is_thread_invariant():
     """At the shipped U-Net's size (24 / 48 channels) too.  Found 2026-12-05 when a 1-thread
     re-run of its pretraining drifted from the 2-thread one: ATen's GroupNorm input gradient
     with 6 channels per group at 16x16 depends on the thread count, so the gradients upstream of
-    the half-resolution GroupNorms differed; :class:`~advantageflow.models.norm.FixedSplitGroupNorm`
-    fixes the split (tests/test_norm.py)."""
+    the half-resolution GroupNorms differed; :class:`~advantageflow.models.fixed_split.FixedSplitGroupNorm`
+    fixes the split (tests/test_fixed_split.py)."""
     differ = _gradients_that_depend_on_the_thread_count(UNetConfig(base_channels=24, mid_channels=48, depth=3), 8)
     assert not differ, f"gradients that depend on the thread count: {sorted(differ)}"
+
+
+def test_the_fixed_split_groupnorm_keeps_the_bits_the_shipped_unet_was_made_with():
+    """At 2 threads (as the shipped U-Net was made) the network with FixedSplitGroupNorm gives
+    the output and gradients of the same network with plain ``nn.GroupNorm``, bit for bit, so
+    its pretraining still re-makes the shipped weights.  A first version made channels-last
+    inputs contiguous and broke this."""
+    from advantageflow.models.fixed_split import FixedSplitGroupNorm
+    from advantageflow.numerics import intra_op_threads, thread_invariant_kernels
+
+    fixed, _ = load_asset("shapes_unet")
+    plain = copy.deepcopy(fixed)
+    for module in plain.modules():
+        if isinstance(module, FixedSplitGroupNorm):
+            module.__class__ = torch.nn.GroupNorm
+    torch.manual_seed(0)
+    x, t, tokens = torch.randn(4, 3, 32, 32), torch.rand(4), torch.randint(3, 20, (4, 8))
+    results = []
+    with thread_invariant_kernels(), intra_op_threads(2):
+        for net in (fixed, plain):
+            out = net(x, t, tokens)
+            out.square().mean().backward()
+            results.append((out.detach(), [p.grad for p in net.parameters()]))
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
 
 
 # --------------------------------------------------------------------------- the shipped CPU-made base
@@ -153,7 +179,7 @@ def test_shipped_unet_records_how_it_was_made_and_scores_in_the_briefs_range():
 def test_the_recorded_command_builds_the_shipped_unet_and_the_same_bits_at_1_and_2_threads(tmp_path):
     """The asset's own command, cut to eight small steps, makes a network of the shipped shape
     (so the recorded command is the one that made these weights' architecture), and the same
-    weights bit for bit with 1 and with 2 threads (the 2026-12-05 drift: tests/test_norm.py).
+    weights bit for bit with 1 and with 2 threads (the 2026-12-05 drift: tests/test_fixed_split.py).
     Eight steps because Adam's first steps move every weight by about +-lr whatever the
     gradient's last bits; with ``nn.GroupNorm`` this test failed (every tensor differed)."""
     from advantageflow.models.dit import asset_files

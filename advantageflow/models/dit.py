@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from advantageflow.configbase import ConfigError
 from advantageflow.models.base import FrozenCopyPolicy, guided
 from advantageflow.models.conv import InvariantConv2d
-from advantageflow.models.norm import FixedSplitGroupNorm
+from advantageflow.models.fixed_split import FixedSplitGroupNorm
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 ASSET_DIR = ASSETS / "shapes_dit"  # the main job's base ('' names it)

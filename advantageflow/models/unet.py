@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from advantageflow.models.conv import InvariantConv2d
 from advantageflow.models.dit import VOCAB, Block, ConvResBlock, sincos_2d, timestep_embedding
-from advantageflow.models.norm import FixedSplitGroupNorm
+from advantageflow.models.fixed_split import FixedSplitGroupNorm
 
 
 @dataclass

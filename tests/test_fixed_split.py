@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from advantageflow.models.norm import BACKWARD_THREADS, FixedSplitGroupNorm
+from advantageflow.models.fixed_split import KERNEL_THREADS, FixedSplitGroupNorm
 from advantageflow.numerics import intra_op_threads
 
 # (batch, channels, side): the shipped U-Net's half resolution (6 channels per group, where
@@ -35,26 +35,40 @@ def _pair(channels: int) -> tuple[nn.GroupNorm, FixedSplitGroupNorm]:
     return reference, fixed
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("batch,channels,side", SIZES)
-def test_bits_are_groupnorms_at_two_threads_whatever_the_thread_count(batch, channels, side):
+def test_bits_are_groupnorms_at_two_threads_whatever_the_thread_count(batch, channels, side, layout):
+    """Channels-last inputs (the U-Net's upsampled maps and transposed token sequences) run
+    ATen's channels-last kernels, whose sums differ from the contiguous ones: a first version
+    made every input contiguous and changed the U-Net's training bits."""
     reference, fixed = _pair(channels)
     x, grad_y = torch.randn(batch, channels, side, side), torch.randn(batch, channels, side, side)
-    want = _forward_backward(reference, x, grad_y, BACKWARD_THREADS)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+        assert not x.is_contiguous()
+    want = _forward_backward(reference, x, grad_y, KERNEL_THREADS)
     for threads in (1, 2, 3):
         got = _forward_backward(fixed, x, grad_y, threads)
         for name, a, b in zip(("output", "input grad", "weight grad", "bias grad"), got, want):
-            assert torch.equal(a, b), f"{name} at {threads} threads differs from nn.GroupNorm at {BACKWARD_THREADS}"
+            assert torch.equal(a, b), f"{name} at {threads} threads differs from nn.GroupNorm at {KERNEL_THREADS}"
 
 
-def test_the_half_resolution_size_is_one_where_atens_input_gradient_depends_on_the_thread_count():
-    """The control that makes the test above mean something: at the U-Net's half resolution
-    plain ``nn.GroupNorm`` gives another input gradient at 1 thread than at 2 (torch 2.13.0+cpu)."""
+def test_the_sizes_are_ones_where_atens_groupnorm_depends_on_the_thread_count():
+    """The controls that make the tests here mean something (torch 2.13.0+cpu): plain
+    ``nn.GroupNorm`` gives another input gradient at 1 thread than at 2 at the U-Net's half
+    resolution, and another channels-last output at 3 threads than at 2 at its full one."""
     reference, _ = _pair(48)
     x, grad_y = torch.randn(64, 48, 16, 16), torch.randn(64, 48, 16, 16)
     one, two = (_forward_backward(reference, x, grad_y, t) for t in (1, 2))
-    if torch.equal(one[1], two[1]):
-        pytest.skip("this torch build's GroupNorm input gradient is thread-invariant here: nothing to fix")
-    assert torch.equal(one[0], two[0]) and torch.equal(one[2], two[2])  # only the input gradient differs
+    reference24, _ = _pair(24)
+    x24 = torch.randn(8, 24, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), intra_op_threads(2):
+        out2 = reference24(x24)
+    with torch.no_grad(), intra_op_threads(3):
+        out3 = reference24(x24)
+    if torch.equal(one[1], two[1]) and torch.equal(out2, out3):
+        pytest.skip("this torch build's GroupNorm is thread-invariant at these sizes: nothing to fix")
+    assert torch.equal(one[0], two[0]) and torch.equal(one[2], two[2])  # contiguous: only the input gradient
 
 
 def test_thread_count_comes_back_and_state_dicts_match_nn_groupnorm():
@@ -65,11 +79,21 @@ def test_thread_count_comes_back_and_state_dicts_match_nn_groupnorm():
     assert fixed.state_dict().keys() == reference.state_dict().keys()
 
 
-def test_no_grad_double_and_low_rank_inputs_take_groupnorms_own_path():
+def test_without_gradients_too_the_bits_do_not_depend_on_the_thread_count():
+    """Rollouts and evaluation run without gradients: the channels-last forward (which
+    differs at 3 threads in ATen) is fixed there too."""
+    reference, fixed = _pair(24)
+    x = torch.randn(8, 24, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), intra_op_threads(KERNEL_THREADS):
+        want = reference(x)
+    for threads in (1, 3):
+        with torch.no_grad(), intra_op_threads(threads):
+            assert torch.equal(fixed(x), want)
+
+
+def test_double_and_low_rank_inputs_take_groupnorms_own_path():
     reference, fixed = _pair(16)
     x = torch.randn(2, 16, 5, 5)
-    with torch.no_grad():
-        assert torch.equal(fixed(x), reference(x))
     xd = x.double().requires_grad_(True)
     assert torch.equal(fixed.double()(xd), reference.double()(xd))
     flat = torch.randn(4, 16)
