@@ -18,9 +18,9 @@ machine (a small part of a step).  CUDA tensors and other dtypes take ``nn.Group
 
 Only GroupNorm is pinned so: it is the one kernel found that differs between 1 and 2 threads.
 At odd counts (3, 6) more kernels follow the split -- the elementwise SiLU, sigmoid and
-tanh-GELU compute the first elements of a slice that starts off a vector boundary with scalar
-code that rounds differently, and oneDNN's convolutions -- so the numbers are the same at 1, 2
-and 4 threads, not at 3 (README, Reproducibility).
+tanh-GELU compute the last elements of a slice that does not end on a vector boundary with
+scalar code that rounds differently (checked), and oneDNN's convolution forward -- so runs
+repeat at 1, 2 and 4 threads, not reliably at 3 (README, Reproducibility).
 """
 
 from __future__ import annotations
