@@ -31,8 +31,8 @@ whole tensor of more than 32,768 elements to one value, the weight / bias gradie
 affine ``LayerNorm``, and ``GroupNorm``'s input gradient at some sizes (6 channels per group at
 16x16; measured with torch 2.13.0+cpu).  The shipped models avoid the first two (the DiT's and
 the U-Net's thread tests check it bit for bit) and run every GroupNorm as
-:class:`advantageflow.models.fixed_split.FixedSplitGroupNorm`, whose backward runs at a fixed thread
-count (:func:`intra_op_threads`), so its split no longer follows the process's.  At odd counts
+:class:`advantageflow.models.fixed_split.FixedSplitGroupNorm`, whose kernels run at a fixed thread
+count (:func:`intra_op_threads`), so their split no longer follows the process's.  At odd counts
 (3, 6) more kernels follow the split (elementwise SiLU / sigmoid / tanh-GELU, whose scalar tail
 code rounds differently from the vector code, and oneDNN's convolution forward), so runs repeat
 at 1, 2 and 4 threads, not reliably at 3 (measured 2026-12-05).

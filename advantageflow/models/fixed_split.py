@@ -83,4 +83,3 @@ class FixedSplitGroupNorm(nn.GroupNorm):
             with intra_op_threads(KERNEL_THREADS):
                 return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         return _GroupNormFixedSplit.apply(x, self.weight, self.bias, self.num_groups, self.eps)
-
