@@ -79,7 +79,5 @@ class FixedSplitGroupNorm(nn.GroupNorm):
     def forward(self, x: Tensor) -> Tensor:
         if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() < 3:
             return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-        if not torch.is_grad_enabled():  # rollouts, evaluation
-            with intra_op_threads(KERNEL_THREADS):
-                return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        # with or without gradients (rollouts, evaluation): the same kernels at the same split
         return _GroupNormFixedSplit.apply(x, self.weight, self.bias, self.num_groups, self.eps)
