@@ -338,6 +338,15 @@ def sample_diversity(images: Tensor, group_ids: Tensor | list[int]) -> float:
     return float(torch.stack(dists).mean())
 
 
+def prompt_groups(texts: list[str]) -> list[int]:
+    """Group ids for :func:`sample_diversity`: images of the same prompt text share one (first
+    seen, first numbered).  Both evaluation paths group this way -- ``advantageflow eval`` / the
+    trainer (:meth:`~.task.ShapesTask.evaluate`) and the end of pretraining
+    (:func:`evaluate_shapes_eval`) -- so two slots with the same prompt pool their samples."""
+    ids: dict[str, int] = {}
+    return [ids.setdefault(text, len(ids)) for text in texts]
+
+
 @torch.no_grad()
 def flow_matching_loss(
     policy,
@@ -436,15 +445,16 @@ def evaluate_shapes_eval(
     """ShapesEval of a policy (e.g. ``ShapesDiTPolicy``) on ``specs`` (default: the evaluation
     slots of the test split, :func:`~.grammar.eval_slots`, 16 per tag), sampled by
     :func:`sample_shapes_eval`.  Adds ``diversity`` (:func:`sample_diversity`) when
-    ``samples_per_prompt > 1``."""
-    from advantageflow.tasks.shapes.grammar import eval_slots
+    ``samples_per_prompt > 1``, with the samples of slots that share a prompt pooled
+    (:func:`prompt_groups`, as the trainer's evaluation)."""
+    from advantageflow.tasks.shapes.grammar import eval_slots, to_prompt
 
     specs = list(specs or eval_slots())
     imgs = sample_shapes_eval(policy, specs, samples_per_prompt, sampler, seed)
     rows = [k for k in range(len(specs)) for _ in range(samples_per_prompt)]
     result = summarize(score(imgs, [specs[k] for k in rows]))
     if samples_per_prompt > 1:
-        result["diversity"] = sample_diversity(imgs, rows)
+        result["diversity"] = sample_diversity(imgs, prompt_groups([to_prompt(specs[k]) for k in rows]))
     return result
 
 
@@ -485,6 +495,7 @@ __all__ = [
     "evaluate_checkpoint",
     "evaluate_shapes_eval",
     "flow_matching_loss",
+    "prompt_groups",
     "sample_diversity",
     "sample_shapes_eval",
     "score",

@@ -13,7 +13,7 @@ from typing import Any
 from torch import Tensor
 
 from advantageflow.tasks.base import Prompt, TaskBase
-from advantageflow.tasks.shapes.evaluator import flow_matching_loss, sample_diversity, score, summarize
+from advantageflow.tasks.shapes.evaluator import flow_matching_loss, prompt_groups, sample_diversity, score, summarize
 from advantageflow.tasks.shapes.grammar import eval_slots, splits, to_prompt
 from advantageflow.tasks.shapes.reward import spec_of
 from advantageflow.tasks.shapes.scene import TAGS, SceneSpec
@@ -67,9 +67,8 @@ class ShapesTask(TaskBase):
             raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
         specs = [spec_of(p.text, p.metadata) for p in prompts]
         result: dict[str, Any] = summarize(score(images, specs))
-        ids: dict[str, int] = {}
-        groups = [ids.setdefault(p.text, len(ids)) for p in prompts]
-        if len(ids) < len(prompts):
+        groups = prompt_groups([p.text for p in prompts])
+        if len(set(groups)) < len(prompts):
             result["diversity"] = sample_diversity(images, groups)
         return result
 
