@@ -142,3 +142,29 @@ def test_a_channels_last_input_gives_nn_conv2d_s_values(monkeypatch):
     for args in ((4, 8, 4, 4, 0), (4, 6, 3, 1, 1)):
         fast, ref = _pair(*args)
         torch.testing.assert_close(fast(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_atens_weight_gradient_is_capped_at_two_threads_never_raised(monkeypatch):
+    """Where MKL resolved no code path the fallback weight gradient runs at most 2 threads:
+    a 4-thread process lowers to 2 (the stem's gradient differed at 4 on the AVX512 AMD EPYC),
+    a 1-thread process stays at 1 (raising it made two 1-thread runs oversubscribe 2 cores)."""
+    from advantageflow.numerics import at_most_threads
+
+    seen = []
+    real = conv._same_conv_backward
+
+    def spy(*args, **kwargs):
+        if kwargs["which"] == 1:  # the weight gradient (the input's is oneDNN's, thread-invariant)
+            seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(conv, "gemms_are_thread_invariant", lambda: False)
+    monkeypatch.setattr(conv, "_same_conv_backward", spy)
+    fast, _ = _pair(3, 8, 3, 1, 1)
+    for threads in (1, 2, 4):
+        _forward_backward(fast, 3, 2, 8, threads)
+    assert seen == [1, 2, 2]
+    previous = torch.get_num_threads()
+    with at_most_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == previous

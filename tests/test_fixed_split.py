@@ -1,6 +1,5 @@
 """FixedSplitGroupNorm: ``nn.GroupNorm``'s bits at 2 threads, at any thread count; the same
-parameters; ``nn.GroupNorm``'s own path where nothing needs fixing.  FixedSplitLinear: the same
-where MKL resolved no code path for the CPU (forced here), ``nn.Linear`` itself elsewhere."""
+parameters; ``nn.GroupNorm``'s own path where nothing needs fixing."""
 
 from __future__ import annotations
 
@@ -8,8 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from advantageflow.models import conv
-from advantageflow.models.fixed_split import KERNEL_THREADS, FixedSplitGroupNorm, FixedSplitLinear
+from advantageflow.models.fixed_split import KERNEL_THREADS, FixedSplitGroupNorm
 from advantageflow.numerics import intra_op_threads
 
 # (batch, channels, side): the shipped U-Net's half resolution (6 channels per group, where
@@ -100,62 +98,3 @@ def test_double_and_low_rank_inputs_take_groupnorms_own_path():
     assert torch.equal(fixed.double()(xd), reference.double()(xd))
     flat = torch.randn(4, 16)
     assert torch.equal(fixed.float()(flat), reference.float()(flat))
-
-
-# --------------------------------------------------------------------------- FixedSplitLinear
-
-# input shapes: a FiLM / time-MLP input of 4 rows (the GEMMs strict CNR missed on the AVX512 AMD
-# EPYC, branch AUTO), a DiT token sequence, a small one
-LINEAR_INPUTS = [(4, 32), (7, 76, 128), (3, 5, 128)]
-
-
-def _linear_pass(layer: nn.Linear, x: torch.Tensor, threads: int) -> list[torch.Tensor]:
-    """Output, input, weight and bias gradients of ``layer`` with ``threads`` threads."""
-    with intra_op_threads(threads):
-        x = x.detach().requires_grad_(True)
-        layer.zero_grad()
-        y = layer(x)
-        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)))
-        return [y.detach(), x.grad, layer.weight.grad.clone(), layer.bias.grad.clone()]
-
-
-@pytest.fixture
-def unresolved_mkl_branch(monkeypatch):
-    """As on a CPU for which MKL resolved no code path (branch AUTO): the pinned path."""
-    monkeypatch.setattr(conv, "gemms_are_thread_invariant", lambda: False)
-
-
-@pytest.mark.parametrize("shape", LINEAR_INPUTS, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
-def test_pinned_linear_gives_nn_linears_bits_at_two_threads_at_any_count(shape, layout, unresolved_mkl_branch):
-    torch.manual_seed(0)
-    fixed = FixedSplitLinear(shape[-1], 96)
-    reference = nn.Linear(shape[-1], 96)
-    reference.load_state_dict(fixed.state_dict())
-    x = torch.randn(*shape)
-    if layout == "transposed" and x.dim() == 3:
-        x = x.transpose(0, 1).contiguous().transpose(0, 1)
-    want = _linear_pass(reference, x, KERNEL_THREADS)
-    for threads in (1, 2, 4):
-        got = _linear_pass(fixed, x, threads)
-        for name, a, b in zip(("output", "input grad", "weight grad", "bias grad"), got, want):
-            assert torch.equal(a, b), f"{name} at {threads} threads"
-
-
-def test_linear_is_nn_linear_where_mkl_covers_it(monkeypatch):
-    monkeypatch.setattr(conv, "gemms_are_thread_invariant", lambda: True)
-    layer = FixedSplitLinear(8, 4)
-    y = layer(torch.randn(3, 8, requires_grad=True))
-    assert type(y.grad_fn).__name__ == "AddmmBackward0"  # ATen's own autograd, no pinned Function
-    monkeypatch.setattr(conv, "gemms_are_thread_invariant", lambda: False)
-    assert "LinearFixedSplit" in type(layer(torch.randn(3, 8, requires_grad=True)).grad_fn).__name__
-    assert "LinearFixedSplit" not in type(layer.double()(torch.randn(3, 8, dtype=torch.float64,
-                                                                      requires_grad=True)).grad_fn).__name__
-
-
-def test_pinned_linear_restores_the_thread_count_and_keeps_nn_linears_state_dict(unresolved_mkl_branch):
-    layer = FixedSplitLinear(8, 4)
-    assert isinstance(layer, nn.Linear) and set(layer.state_dict()) == {"weight", "bias"}
-    with intra_op_threads(1):
-        layer(torch.randn(2, 8, requires_grad=True)).sum().backward()
-        assert torch.get_num_threads() == 1

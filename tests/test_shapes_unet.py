@@ -104,9 +104,9 @@ def _gradients_that_depend_on_the_thread_count(cfg: UNetConfig, tokens_len: int)
     if differ and numerics_record()["mkl_branch"] == "AUTO":
         # Measured 2026-12-04 on an AMD EPYC (AVX2; MKL resolves no code path: branch AUTO): under
         # AUTO,STRICT (and AVX2,STRICT) the forward pass of the U-Net's first FiLM linear already
-        # depended on the thread count.  Since FixedSplitLinear and the pinned ATen convolution
-        # weight gradient (2026-12-05) nothing differs on the AVX512 AMD EPYC (branch AUTO); this
-        # guard stays for AUTO machines not measured since.  README, Reproducibility.
+        # depends on the thread count; under COMPATIBLE,STRICT the forward is equal but the
+        # full-resolution convolutions' weight gradients are not.  The DiT main job is
+        # thread-invariant there (tests/test_reproducibility.py).  README, Reproducibility.
         pytest.xfail(f"MKL strict CNR on a CPU without an MKL code path (branch AUTO): {len(differ)} gradients differ")
     return differ
 

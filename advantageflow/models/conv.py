@@ -32,9 +32,10 @@ resolved none (branch ``AUTO``: the 2-core AMD EPYC) strict CNR was measured not
 shape (README, "Reproducibility"), and thin GEMMs with a long ``K`` -- the offset GEMMs' shape --
 are the kind it missed; there the weight gradient stays ATen's (``convolution_backward`` with
 oneDNN off, measured thread-invariant for the shipped DiT at 1 and 2 threads on the AMD EPYCs),
-run at a fixed 2 threads whatever the process's count (:func:`~advantageflow.numerics.intra_op_threads`:
-on the AVX512 AMD EPYC of 2026-12-05 the 3-channel input convolution's weight gradient differed
-at 4 threads), and the patch
+run at most 2 threads (:func:`~advantageflow.numerics.at_most_threads`: on the AVX512 AMD EPYC of
+2026-12-05 the 3-channel input convolution's weight gradient differed at 4 threads; a count fixed
+at 2, raised for a 1-thread process too, made two 1-thread runs sharing the machine 2-3x slower),
+and the patch
 embedding stays ``nn.Conv2d``'s, while the oneDNN forward and input gradient are kept.
 
 The modules subclass :class:`torch.nn.Conv2d` and keep its parameters, so state dicts, the
@@ -50,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from advantageflow.numerics import KERNEL_THREADS, blas_mode, intra_op_threads, onednn
+from advantageflow.numerics import KERNEL_THREADS, at_most_threads, blas_mode, onednn
 
 # MKL branches that say "MKL picked no code path for this CPU" (strict CNR then does not cover every GEMM)
 _UNRESOLVED_BRANCHES = (None, "OFF", "BRANCH_OFF", "AUTO", "unknown")
@@ -116,8 +117,8 @@ class _SameConvFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             if gemms_are_thread_invariant():
                 grad_w = _offset_weight_grad(x, grad, k, pad)
-            else:  # ATen's own weight gradient, oneDNN off, at a fixed split (module docstring)
-                with intra_op_threads(KERNEL_THREADS):
+            else:  # ATen's own weight gradient, oneDNN off, at most 2 threads (module docstring)
+                with at_most_threads(KERNEL_THREADS):
                     grad_w = _same_conv_backward(grad, x, weight, pad, which=1, use_onednn=False)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum(dim=(0, 2, 3))

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from advantageflow.configbase import ConfigError
 from advantageflow.models.base import FrozenCopyPolicy, guided
 from advantageflow.models.conv import InvariantConv2d
-from advantageflow.models.fixed_split import FixedSplitGroupNorm, FixedSplitLinear
+from advantageflow.models.fixed_split import FixedSplitGroupNorm
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 ASSET_DIR = ASSETS / "shapes_dit"  # the main job's base ('' names it)
@@ -115,14 +115,12 @@ class Block(nn.Module):
         super().__init__()
         self.heads = heads
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.qkv = FixedSplitLinear(width, 3 * width)
-        self.proj = FixedSplitLinear(width, width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential(
-            FixedSplitLinear(width, hidden), nn.GELU(approximate="tanh"), FixedSplitLinear(hidden, width)
-        )
-        self.ada = FixedSplitLinear(width, 6 * width)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+        self.ada = nn.Linear(width, 6 * width)
         nn.init.zeros_(self.ada.weight)
         nn.init.zeros_(self.ada.bias)
 
@@ -146,7 +144,7 @@ class ConvResBlock(nn.Module):
         groups = math.gcd(8, channels)
         self.norm1 = FixedSplitGroupNorm(groups, channels)
         self.conv1 = InvariantConv2d(channels, channels, 3, padding=1)
-        self.film = FixedSplitLinear(cond_width, 2 * channels)
+        self.film = nn.Linear(cond_width, 2 * channels)
         self.norm2 = FixedSplitGroupNorm(groups, channels)
         self.conv2 = InvariantConv2d(channels, channels, 3, padding=1)
         for layer in (self.film, self.conv2):
@@ -205,12 +203,12 @@ class ShapesDiT(nn.Module):
         self.tok = nn.Embedding(cfg.vocab_size, w)
         nn.init.normal_(self.tok.weight, std=0.02)
         self.tok_pos = nn.Parameter(torch.randn(1, cfg.max_tokens, w) * 0.02)
-        self.t_mlp = nn.Sequential(FixedSplitLinear(w, w), nn.SiLU(), FixedSplitLinear(w, w))
-        self.text_pool = FixedSplitLinear(w, w)
+        self.t_mlp = nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, w))
+        self.text_pool = nn.Linear(w, w)
         self.blocks = nn.ModuleList(Block(w, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.norm_out = nn.LayerNorm(w, elementwise_affine=False, eps=1e-6)
-        self.ada_out = FixedSplitLinear(w, 2 * w)
-        self.out = FixedSplitLinear(w, self.token_patch**2 * (m or k or cfg.channels))
+        self.ada_out = nn.Linear(w, 2 * w)
+        self.out = nn.Linear(w, self.token_patch**2 * (m or k or cfg.channels))
         for layer in (self.ada_out, self.out):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)

@@ -16,14 +16,10 @@ shipped U-Net was made at 2 threads, so its weights stay the ones this module re
 threads the bits are ``nn.GroupNorm``'s).  The cost: these kernels use 2 threads on a larger
 machine (a small part of a step).  CUDA tensors and other dtypes take ``nn.GroupNorm``'s path.
 
-GroupNorm is pinned everywhere: it is the one kernel found that differs between 1 and 2
-threads on every CPU.  Linear layers (:class:`FixedSplitLinear`) are pinned only where MKL resolved
-no code path for the CPU (branch ``AUTO``, :func:`~advantageflow.models.conv.gemms_are_thread_invariant`
-false): there its strict CNR mode does not cover small-row GEMMs -- on the AVX512 AMD EPYC of
-2026-12-05 a small U-Net's FiLM linear (4 rows) gave other bits at 2 threads than at 1, and its
-time MLP's at 4 -- while where MKL resolved a path (the Intel Xeon's ``AVX512_E1``) strict CNR
-makes every GEMM thread-invariant and ``nn.Linear`` runs untouched.
-
+Only GroupNorm is pinned so: it is the one kernel found that differs between 1 and 2 threads
+on every CPU.  (Where MKL resolved no code path, GEMMs of a few rows differ too; pinning every
+linear layer there was tried on 2026-12-05 and dropped: raising a 1-thread process to 2 threads
+that often made two 1-thread runs on a 2-core machine 2-5x slower.  README, Reproducibility.)
 At odd counts (3, 6) more kernels follow the split -- the elementwise SiLU, sigmoid and
 tanh-GELU compute the last elements of a slice that does not end on a vector boundary with
 scalar code that rounds differently (checked), and oneDNN's convolution forward -- so runs
@@ -36,10 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from advantageflow.models import conv  # gemms_are_thread_invariant: looked up per call (tests patch it)
 from advantageflow.numerics import KERNEL_THREADS, intra_op_threads
 
-__all__ = ["KERNEL_THREADS", "FixedSplitGroupNorm", "FixedSplitLinear"]
+__all__ = ["KERNEL_THREADS", "FixedSplitGroupNorm"]
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
@@ -89,42 +84,3 @@ class FixedSplitGroupNorm(nn.GroupNorm):
             return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         # with or without gradients (rollouts, evaluation): the same kernels at the same split
         return _GroupNormFixedSplit.apply(x, self.weight, self.bias, self.num_groups, self.eps)
-
-
-class _LinearFixedSplit(torch.autograd.Function):
-    """``y = x W^T + b`` and its gradients as the GEMMs ATen's ``linear`` / ``addmm`` autograd
-    runs (``dx = g W``, ``dW = g^T x``, ``db`` = the sum of ``g`` over rows), all at
-    :data:`KERNEL_THREADS` threads."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        with intra_op_threads(KERNEL_THREADS):
-            y = F.linear(x, weight, bias)
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight = ctx.saved_tensors
-        g = grad_y.reshape(-1, grad_y.shape[-1])
-        grad_x = grad_w = grad_b = None
-        with intra_op_threads(KERNEL_THREADS):
-            if ctx.needs_input_grad[0]:
-                grad_x = g.mm(weight).view(x.shape)
-            if ctx.needs_input_grad[1]:
-                grad_w = g.t().mm(x.reshape(-1, x.shape[-1]))
-            if ctx.has_bias and ctx.needs_input_grad[2]:
-                grad_b = g.sum(0)
-        return grad_x, grad_w, grad_b
-
-
-class FixedSplitLinear(nn.Linear):
-    """:class:`torch.nn.Linear` (same parameters, state dict and LoRA targeting) whose CPU float32
-    GEMMs run at a fixed thread count where MKL's strict CNR does not cover them (module
-    docstring); elsewhere exactly ``nn.Linear``.  ``(*, in) -> (*, out)``."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.device.type != "cpu" or x.dtype != torch.float32 or conv.gemms_are_thread_invariant():
-            return F.linear(x, self.weight, self.bias)
-        return _LinearFixedSplit.apply(x, self.weight, self.bias)

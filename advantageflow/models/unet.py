@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from advantageflow.models.conv import InvariantConv2d
 from advantageflow.models.dit import VOCAB, Block, ConvResBlock, sincos_2d, timestep_embedding
-from advantageflow.models.fixed_split import FixedSplitGroupNorm, FixedSplitLinear
+from advantageflow.models.fixed_split import FixedSplitGroupNorm
 
 
 @dataclass
@@ -61,9 +61,9 @@ class TextCrossAttention(nn.Module):
             raise ValueError("channels must be divisible by text_heads")
         self.heads = heads
         self.norm = FixedSplitGroupNorm(math.gcd(8, channels), channels)
-        self.q = FixedSplitLinear(channels, channels)
-        self.kv = FixedSplitLinear(text_width, 2 * channels)
-        self.proj = FixedSplitLinear(channels, channels)
+        self.q = nn.Linear(channels, channels)
+        self.kv = nn.Linear(text_width, 2 * channels)
+        self.proj = nn.Linear(channels, channels)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
@@ -89,8 +89,8 @@ class ShapesUNet(nn.Module):
         self.tok = nn.Embedding(cfg.vocab_size, w)
         nn.init.normal_(self.tok.weight, std=0.02)
         self.tok_pos = nn.Parameter(torch.randn(1, cfg.max_tokens, w) * 0.02)
-        self.t_mlp = nn.Sequential(FixedSplitLinear(w, w), nn.SiLU(), FixedSplitLinear(w, w))
-        self.text_pool = FixedSplitLinear(w, w)
+        self.t_mlp = nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, w))
+        self.text_pool = nn.Linear(w, w)
         self.conv_in = InvariantConv2d(cfg.channels, c1, 3, padding=1)
         self.enc1 = ConvResBlock(c1, w)
         self.down1 = nn.Conv2d(c1, c2, 3, stride=2, padding=1)
