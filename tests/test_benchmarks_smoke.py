@@ -307,3 +307,26 @@ def test_main_job_sweep_report_reads_real_runs(tmp_path):
     done = subprocess.run(["bash", script], capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 1 and "no NVIDIA GPU" in done.stdout
     assert not list((tmp_path / "out").iterdir())
+
+
+def test_count_errors_reads_the_surplus_of_drawn_objects():
+    """`benchmarks/count_errors.py`: clean renders of the counting prompts count exactly; renders
+    with one more object of the asked shape show a surplus of +1 on every image."""
+    import random
+
+    from advantageflow.tasks.shapes.grammar import ObjectSpec, SceneSpec, eval_slots
+    from advantageflow.tasks.shapes.scene import render_specs
+    from benchmarks import count_errors
+
+    specs = [s for s in eval_slots() if s.tag == "counting"]
+    clean, _ = render_specs(specs, random.Random(0))
+    exact = count_errors.count_errors_of_images(clean, specs)["counting"]
+    assert exact.row()[:3] == ["0.000", "1.000", "0.000"] and exact.row()[4] == "1.000"
+    more = [SceneSpec(s.tag, (ObjectSpec(s.objects[0].shape, s.objects[0].color, s.objects[0].count + 1),))
+            for s in specs if s.objects[0].count < 4]
+    extra, _ = render_specs(more, random.Random(1))
+    asked = [s for s in specs if s.objects[0].count < 4]
+    surplus = count_errors.count_errors_of_images(extra, asked)["counting"]
+    assert surplus.surplus == [1] * len(asked) and surplus.row()[4] == "0.000"
+    table = count_errors.report({"m": {"counting": surplus}}, 1)
+    assert "| m | counting | 0.000 | 0.000 | 1.000 | +1.00 | 0.000 |" in table
