@@ -34,7 +34,7 @@ are the kind it missed; there the weight gradient stays ATen's (``convolution_ba
 oneDNN off, measured thread-invariant for the shipped DiT at 1 and 2 threads on the AMD EPYCs),
 run at most 2 threads (:func:`~advantageflow.numerics.at_most_threads`: on the AVX512 AMD EPYC of
 2026-12-05 the 3-channel input convolution's weight gradient differed at 4 threads; a count fixed
-at 2, raised for a 1-thread process too, made two 1-thread runs sharing the machine 2-3x slower),
+at 2, raised for a 1-thread process too, made two 1-thread runs sharing the machine up to 4x slower),
 and the patch
 embedding stays ``nn.Conv2d``'s, while the oneDNN forward and input gradient are kept.
 
