@@ -16,9 +16,9 @@ shipped U-Net was made at 2 threads, so its weights stay the ones this module re
 threads the bits are ``nn.GroupNorm``'s).  The cost: these kernels use 2 threads on a larger
 machine (a small part of a step).  CUDA tensors and other dtypes take ``nn.GroupNorm``'s path.
 
-Only GroupNorm is pinned so: it is the one kernel found that differs between 1 and 2 threads
-on every CPU.  (Where MKL resolved no code path, GEMMs of a few rows differ too; pinning every
-linear layer there was tried on 2026-12-05 and dropped: raising a 1-thread process to 2 threads
+Only GroupNorm is pinned so: it is the one kernel found on the Intel Xeon that differs between
+1 and 2 threads.  (Where MKL resolved no code path, the AMD EPYCs, GEMMs of a few rows differ too;
+pinning every linear layer there was tried on 2026-12-05 and dropped: raising a 1-thread process to 2 threads
 that often made two 1-thread runs on a 2-core machine 2-5x slower.  README, Reproducibility.)
 At odd counts (3, 6) more kernels follow the split -- the elementwise SiLU, sigmoid and
 tanh-GELU compute the last elements of a slice that does not end on a vector boundary with
