@@ -130,6 +130,50 @@ def test_position_and_colour_attribution_semantics():
     assert check(parse_prompt("a red square and a green circle"), []).partial == 0
 
 
+def test_exact_counts_make_extra_copies_of_a_named_shape_fail():
+    extra = (("circle", "red", 8, 8), ("circle", "red", 24, 24))
+    lenient = _verdict("a red circle", *extra)
+    assert lenient.strict == 1 and lenient.overdrawn and lenient.strict_exact == 0
+    exact = check(parse_prompt("a red circle"), detect(_image(*extra))[0], exact_counts=True)
+    assert exact.clauses == {"count[0]": False, "color[0]": True} and exact.strict == 0
+    # an unnamed shape beside it is a distractor, not over-drawing
+    v = _verdict("a red circle", ("circle", "red", 8, 8), ("square", "blue", 24, 24))
+    assert not v.overdrawn and v.strict_exact == 1
+    # two objects of one shape in different colours ask for two of that shape
+    two = (("circle", "red", 8, 16), ("circle", "blue", 24, 16))
+    prompt = "a red circle left of a blue circle"
+    v = check(parse_prompt(prompt), detect(_image(*two))[0], exact_counts=True)
+    assert v.strict == 1 and not v.overdrawn
+    v = check(parse_prompt(prompt), detect(_image(*two, ("circle", "blue", 16, 28)))[0], exact_counts=True)
+    assert v.clauses["count[0]"] is False and v.clauses["count[1]"] is False and v.overdrawn
+    # too few is still a count failure, and the counting tag was exact already
+    assert check(parse_prompt("two circles"), detect(_image(extra[0]))[0], exact_counts=True).strict == 0
+    assert check(parse_prompt("two circles"), detect(_image(*extra))[0], exact_counts=True).strict == 1
+
+
+def test_strict_exact_equals_strict_under_the_exact_reward(clean):
+    """``strict_exact`` of GenEval's verdicts is ``strict`` with ``exact_counts``, image by image,
+    on clean renders, on renders with one extra copy of a named object, and with distractors."""
+    specs, images, scenes = clean
+    rng = random.Random(5)
+    extra = []
+    for scene in scenes[:100]:  # one more copy of a drawn object, in a free corner when there is one
+        o = rng.choice(scene.objects)
+        spots = [(x, y) for x in (5.0, 27.0) for y in (5.0, 27.0)
+                 if all(abs(x - p.cx) + abs(y - p.cy) > 10 for p in scene.objects)]
+        x, y = spots[0] if spots else (o.cx, o.cy)
+        extra.append(Scene(scene.objects + [PlacedObject(o.shape, o.color, x, y, 7.0)]))
+    distracted = _random_scenes(100, seed=6, distractors=1)
+    for batch_specs, batch in ((specs, images), (specs[:100], render(extra)), distracted[:2]):
+        lenient, exact = score(batch, batch_specs), score(batch, batch_specs, exact_counts=True)
+        assert [v.strict_exact for v in lenient] == [v.strict for v in exact]
+    lenient_extra = score(render(extra), specs[:100])
+    assert sum(v.overdrawn for v in lenient_extra) >= 80  # the copy is found in most renders
+    assert sum(v.overdrawn for v in score(images, specs)) == 0
+    out = summarize(lenient_extra)
+    assert out["strict_exact"] < out["strict"] and 0 < out["overdrawn"] <= 1
+
+
 def test_summary_is_mean_over_tags():
     specs = [parse_prompt("a circle"), parse_prompt("two circles"), parse_prompt("two squares")]
     images = torch.cat([
@@ -141,6 +185,8 @@ def test_summary_is_mean_over_tags():
     assert out["strict/single_object"] == 1 and out["strict/counting"] == 0.5
     assert out["strict"] == pytest.approx(0.75) and out["strict/images"] == pytest.approx(2 / 3)
     assert out["partial/counting"] == 0.5 and out["count/counting"] == 2
+    # the second circle of "two circles" is asked for; nothing is over-drawn
+    assert out["overdrawn"] == 0 and out["strict_exact"] == out["strict"]
 
 
 def test_reward_reads_metadata_else_prompt_text(clean):
@@ -159,6 +205,10 @@ def test_reward_reads_metadata_else_prompt_text(clean):
     assert torch.equal(wrong["strict"], by_meta["strict"])
     with pytest.raises(ValueError, match="prompts"):
         reward(images, prompts[:3], None)
+    exact = build_reward("shapes_eval", {"exact_counts": True})(images, prompts, None)
+    assert torch.equal(exact["strict"], torch.tensor([v.strict_exact for v in score(images, specs)]))
+    with pytest.raises(ValueError, match="exact_counts"):
+        build_reward("shapes_eval", {"exact_counts": "yes"})
 
 
 def test_task_evaluate_reports_per_tag_keys_and_diversity(clean):

@@ -17,13 +17,16 @@ Clauses (GenEval, Ghosh et al. 2023, Sec. 3: presence / count / colour / positio
 for each mentioned object ``o`` with ``count`` n:
 
 - ``count``: the number of detected objects of ``o``'s shape is ``>= n`` (``== n`` for the
-  counting tag);
+  counting tag; ``==`` the total asked of that shape for every tag with ``exact_counts``);
 - ``color`` (when ``o`` names one): at least ``n`` of them have ``o``'s colour;
 - ``position`` (position tag): some detected ``o_a`` and ``o_b`` (shape and colour as named)
   have centres offset by more than :data:`POSITION_MARGIN` pixels in the named direction.
 
 Strict correctness is all clauses true (GenEval's score); partial credit is the fraction of
 true clauses (the training reward, in the spirit of Flow-GRPO's partial GenEval reward).
+``strict_exact`` is strict correctness with every count exact: an image that draws more of a
+named shape than the prompt asks for (``Verdict.overdrawn``) fails it, which GenEval's
+"at least" rule lets pass outside counting (reward hacking by over-drawing).
 The per-tag summary averages over images of each tag; the overall score is the mean over
 tags, as GenEval reports it.
 """
@@ -229,23 +232,40 @@ class Verdict:
 
     tag: str
     clauses: dict[str, bool]
+    overdrawn: bool = False  # more of some named shape than the prompt asks for
 
     @property
     def strict(self) -> float:
         return float(all(self.clauses.values()))
 
     @property
+    def strict_exact(self) -> float:
+        """Strict correctness with every count exact (no named shape drawn too often)."""
+        return float(all(self.clauses.values()) and not self.overdrawn)
+
+    @property
     def partial(self) -> float:
         return sum(self.clauses.values()) / len(self.clauses)
 
 
-def check(spec: SceneSpec, found: list[Detection]) -> Verdict:
-    """Check every clause of ``spec`` against one image's detections (module docstring)."""
+def check(spec: SceneSpec, found: list[Detection], exact_counts: bool = False) -> Verdict:
+    """Check every clause of ``spec`` against one image's detections (module docstring).
+
+    ``exact_counts``: every count clause requires exactly the number of objects of its shape
+    that the prompt asks for in all (two objects of one shape in different colours ask for two),
+    not GenEval's "at least" outside the counting tag."""
     clauses: dict[str, bool] = {}
+    asked: dict[str, int] = {}
+    for o in spec.objects:
+        asked[o.shape] = asked.get(o.shape, 0) + o.count
+    drawn = {shape: sum(d.shape == shape for d in found) for shape in asked}
     for i, o in enumerate(spec.objects):
         same_shape = [d for d in found if d.shape == o.shape]
         n = len(same_shape)
-        clauses[f"count[{i}]"] = n == o.count if spec.tag == "counting" else n >= o.count
+        if exact_counts:
+            clauses[f"count[{i}]"] = n == asked[o.shape]
+        else:
+            clauses[f"count[{i}]"] = n == o.count if spec.tag == "counting" else n >= o.count
         if o.color is not None:
             clauses[f"color[{i}]"] = sum(d.color == o.color for d in same_shape) >= o.count
     if spec.relation is not None:
@@ -261,23 +281,27 @@ def check(spec: SceneSpec, found: list[Detection]) -> Verdict:
             for b in matches(rel.b)
             if a is not b
         )
-    return Verdict(spec.tag, clauses)
+    overdrawn = any(drawn[shape] > n for shape, n in asked.items())
+    return Verdict(spec.tag, clauses, overdrawn)
 
 
-def score(images: Tensor, specs: list[SceneSpec]) -> list[Verdict]:
-    """One :class:`Verdict` per image of ``(B, 3, H, W)`` against ``B`` specs."""
+def score(images: Tensor, specs: list[SceneSpec], exact_counts: bool = False) -> list[Verdict]:
+    """One :class:`Verdict` per image of ``(B, 3, H, W)`` against ``B`` specs (``exact_counts``:
+    see :func:`check`)."""
     if images.shape[0] != len(specs):
         raise ValueError(f"{images.shape[0]} images but {len(specs)} specs")
-    return [check(s, f) for s, f in zip(specs, detect(images))]
+    return [check(s, f, exact_counts) for s, f in zip(specs, detect(images))]
 
 
 def summarize(verdicts: list[Verdict]) -> dict[str, float]:
     """GenEval-style table: ``strict`` / ``partial`` overall (mean over tags present) and per
     tag (``strict/<tag>``, ``partial/<tag>``, ``count/<tag>``), ``strict_se`` (the standard
     error of ``strict``, :func:`strict_standard_error`), plus ``strict/images`` (mean over all
-    images)."""
+    images), and the over-drawing guard: ``strict_exact`` (``strict`` with every count exact,
+    mean over tags) and ``overdrawn`` (mean over tags of the share of images that draw more of
+    a named shape than asked)."""
     out: dict[str, float] = {}
-    per_tag_s, per_tag_p = [], []
+    per_tag: dict[str, list[float]] = {"strict": [], "partial": [], "strict_exact": [], "overdrawn": []}
     for tag in TAGS:
         vs = [v for v in verdicts if v.tag == tag]
         if not vs:
@@ -285,11 +309,13 @@ def summarize(verdicts: list[Verdict]) -> dict[str, float]:
         s = sum(v.strict for v in vs) / len(vs)
         p = sum(v.partial for v in vs) / len(vs)
         out[f"strict/{tag}"], out[f"partial/{tag}"], out[f"count/{tag}"] = s, p, float(len(vs))
-        per_tag_s.append(s)
-        per_tag_p.append(p)
-    out["strict"] = sum(per_tag_s) / len(per_tag_s) if per_tag_s else float("nan")
+        per_tag["strict"].append(s)
+        per_tag["partial"].append(p)
+        per_tag["strict_exact"].append(sum(v.strict_exact for v in vs) / len(vs))
+        per_tag["overdrawn"].append(sum(v.overdrawn for v in vs) / len(vs))
+    for key, means in per_tag.items():
+        out[key] = sum(means) / len(means) if means else float("nan")
     out["strict_se"] = strict_standard_error(verdicts)
-    out["partial"] = sum(per_tag_p) / len(per_tag_p) if per_tag_p else float("nan")
     out["strict/images"] = sum(v.strict for v in verdicts) / len(verdicts) if verdicts else float("nan")
     return dict(sorted(out.items()))
 

@@ -31,15 +31,23 @@ class ShapesEvalReward:
     Args:
         strict_weight: the reward is ``(1 - w) * partial + w * strict``; 0 (default) is pure
             partial credit as in the module docstring.
+        exact_counts: every count clause asks for exactly the prompt's number of objects of its
+            shape (:func:`~advantageflow.tasks.shapes.evaluator.check`), so drawing extra copies
+            costs reward; off (default) keeps GenEval's "at least" outside the counting tag,
+            the benchmark's own rule.  The evaluation reports both (``strict``,
+            ``strict_exact``) whichever the reward uses.
     """
 
     differentiable = False
     builds_cheaply = True
 
-    def __init__(self, strict_weight: float = 0.0) -> None:
+    def __init__(self, strict_weight: float = 0.0, exact_counts: bool = False) -> None:
         if not 0.0 <= strict_weight <= 1.0:
             raise ValueError(f"strict_weight must be in [0, 1], got {strict_weight}")
+        if not isinstance(exact_counts, bool):
+            raise ValueError(f"exact_counts must be true or false, got {exact_counts!r}")
         self.strict_weight = strict_weight
+        self.exact_counts = exact_counts
 
     def __call__(self, images: Tensor, prompts: list[str], metadata: list[dict] | None = None) -> dict[str, Tensor]:
         if images.dim() != 4 or images.shape[1] != 3:
@@ -48,7 +56,7 @@ class ShapesEvalReward:
             raise ValueError(f"shapes_eval got {images.shape[0]} images but {len(prompts)} prompts")
         metadata = list(metadata) if metadata else [{}] * len(prompts)
         specs = [spec_of(p, m) for p, m in zip(prompts, metadata)]
-        verdicts = score(images, specs)
+        verdicts = score(images, specs, self.exact_counts)
         partial = torch.tensor([v.partial for v in verdicts], dtype=torch.float32)
         strict = torch.tensor([v.strict for v in verdicts], dtype=torch.float32)
         w = self.strict_weight
