@@ -97,7 +97,9 @@ class Curve:
     ``perf/network_rows_bwd``) and ``perf/flops`` at each evaluation (empty for results saved
     before the trainer counted them; ``flops`` also when the model's FLOPs are not counted).
     seed: the run's seed where methods were run on different seed sets (imported runs);
-    None = the curve's position in its method's list.
+    None = the curve's position in its method's list.  guard: a second held-out metric at
+    each evaluation that tells a real gain from reward hacking (ShapesEval: ``eval/overdrawn``;
+    empty where none was asked for or the run did not log it).
     """
 
     seconds: list[float]
@@ -109,14 +111,16 @@ class Curve:
     rows: list[float] = field(default_factory=list)
     flops: list[float] = field(default_factory=list)
     seed: int | None = None
+    guard: list[float] = field(default_factory=list)
 
 
-def read_curve(run_dir: Path, metric: str) -> Curve:
+def read_curve(run_dir: Path, metric: str, guard: str = "") -> Curve:
     """Parse ``metrics.jsonl``: cumulative ``perf/epoch_s``, ``samples`` and compute counters at
-    each eval row (the counters are cumulative already; the base model's row is at 0)."""
+    each eval row (the counters are cumulative already; the base model's row is at 0), and the
+    ``guard`` metric where every eval row has it."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     seconds, samples, values, spent, epoch_times = [], [], [], 0.0, []
-    net_rows, flops = [], []
+    net_rows, flops, guards = [], [], []
     for row in rows:
         if "perf/epoch_s" in row:
             spent += row["perf/epoch_s"]
@@ -127,6 +131,7 @@ def read_curve(run_dir: Path, metric: str) -> Curve:
             values.append(float(row[metric]))
             net_rows.append(float(row.get("perf/network_rows_fwd", 0) + row.get("perf/network_rows_bwd", 0)))
             flops.append(float(row["perf/flops"]) if "perf/flops" in row else math.nan)
+            guards.append(float(row.get(guard, math.nan)) if guard else math.nan)
     if not values:
         raise ValueError(f"no '{metric}' in {run_dir / 'metrics.jsonl'}")
     if any(math.isnan(f) for f in flops[1:]):
@@ -134,7 +139,8 @@ def read_curve(run_dir: Path, metric: str) -> Curve:
     else:
         flops[0] = 0.0
     return Curve(seconds, samples, values, statistics.fmean(epoch_times) if epoch_times else math.nan,
-                 len(epoch_times), rows=net_rows, flops=flops)
+                 len(epoch_times), rows=net_rows, flops=flops,
+                 guard=[] if any(math.isnan(g) for g in guards) else guards)
 
 
 def first_crossing(xs: list[float], values: list[float], target: float) -> float | None:

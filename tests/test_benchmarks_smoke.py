@@ -330,3 +330,26 @@ def test_count_errors_reads_the_surplus_of_drawn_objects():
     assert surplus.surplus == [1] * len(asked) and surplus.row()[4] == "0.000"
     table = count_errors.report({"m": {"counting": surplus}}, 1)
     assert "| m | counting | 0.000 | 0.000 | 1.000 | +1.00 | 0.000 |" in table
+
+
+def test_convergence_reports_the_guard_metric_beside_the_final_value(tmp_path):
+    """ShapesEval's table shows each method's final ``eval/overdrawn`` and its change, read from
+    the runs' evaluation rows; results saved without it keep the table as it was."""
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"epoch": 0, "eval/strict": 0.4, "eval/overdrawn": 0.1},
+            {"epoch": 1, "perf/epoch_s": 2.0, "samples": 128},
+            {"epoch": 1, "eval/strict": 0.7, "eval/overdrawn": 0.6, "samples": 128}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = convergence.TASKS["shapes"]
+    curve = read_curve(run, spec.metric, spec.guard)
+    assert curve.values == [0.4, 0.7] and curve.guard == [0.1, 0.6]
+    assert read_curve(run, spec.metric).guard == [] and read_curve(run, spec.metric, "eval/missing").guard == []
+    results = {"flow_grpo": [curve], "advantageflow": [curve]}
+    lrs = {"flow_grpo": 1e-4, "advantageflow": 1e-4}
+    table, _ = convergence.summarize("shapes", spec, results, lrs, 0.6, 0.4, 0.0, [0])
+    header, _, first = table.splitlines()[:3]
+    cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in first.split("|")]))
+    assert cells["final eval/overdrawn"].startswith("0.600") and cells["eval/overdrawn change"].startswith("0.500")
+    results["advantageflow"] = [convergence.Curve(**{**curve.__dict__, "guard": []})]
+    assert "overdrawn" not in convergence.summarize("shapes", spec, results, lrs, 0.6, 0.4, 0.0, [0])[0]
