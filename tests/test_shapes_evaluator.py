@@ -187,6 +187,10 @@ def test_summary_is_mean_over_tags():
     assert out["partial/counting"] == 0.5 and out["count/counting"] == 2
     # the second circle of "two circles" is asked for; nothing is over-drawn
     assert out["overdrawn"] == 0 and out["strict_exact"] == out["strict"]
+    images[0] = _image(("circle", "red", 8, 8), ("circle", "blue", 24, 24))[0]  # two for "a circle"
+    out = summarize(score(images, specs))
+    assert out["overdrawn/single_object"] == 1 and out["overdrawn/counting"] == 0 and out["overdrawn"] == 0.5
+    assert out["strict/single_object"] == 1 and out["strict_exact"] == pytest.approx(0.25)
 
 
 def test_reward_reads_metadata_else_prompt_text(clean):

@@ -298,8 +298,8 @@ def summarize(verdicts: list[Verdict]) -> dict[str, float]:
     tag (``strict/<tag>``, ``partial/<tag>``, ``count/<tag>``), ``strict_se`` (the standard
     error of ``strict``, :func:`strict_standard_error`), plus ``strict/images`` (mean over all
     images), and the over-drawing guard: ``strict_exact`` (``strict`` with every count exact,
-    mean over tags) and ``overdrawn`` (mean over tags of the share of images that draw more of
-    a named shape than asked)."""
+    mean over tags) and ``overdrawn`` (the share of images that draw more of a named shape than
+    asked, per tag ``overdrawn/<tag>`` and their mean)."""
     out: dict[str, float] = {}
     per_tag: dict[str, list[float]] = {"strict": [], "partial": [], "strict_exact": [], "overdrawn": []}
     for tag in TAGS:
@@ -311,8 +311,9 @@ def summarize(verdicts: list[Verdict]) -> dict[str, float]:
         out[f"strict/{tag}"], out[f"partial/{tag}"], out[f"count/{tag}"] = s, p, float(len(vs))
         per_tag["strict"].append(s)
         per_tag["partial"].append(p)
+        out[f"overdrawn/{tag}"] = sum(v.overdrawn for v in vs) / len(vs)
+        per_tag["overdrawn"].append(out[f"overdrawn/{tag}"])
         per_tag["strict_exact"].append(sum(v.strict_exact for v in vs) / len(vs))
-        per_tag["overdrawn"].append(sum(v.overdrawn for v in vs) / len(vs))
     for key, means in per_tag.items():
         out[key] = sum(means) / len(means) if means else float("nan")
     out["strict_se"] = strict_standard_error(verdicts)
