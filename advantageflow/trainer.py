@@ -576,7 +576,9 @@ def _finish(cfg: Config, env: DistEnv, run_dir: Path, state: LoopState, logger: 
         eval_before=before, eval_after=after, stopped_by=stopped_by,
         compute={k: v for k, v in state.compute.items() if v or not k.endswith("flops")},
     )
-    highlights = [k for k in ("eval/reward_mean", "eval/strict", "eval/rewarded_fraction") if k in after]
+    # ShapesEval's strict_exact beside strict: a gain made by over-drawing shows in the summary line
+    headline = ("eval/reward_mean", "eval/strict", "eval/strict_exact", "eval/rewarded_fraction")
+    highlights = [k for k in headline if k in after]
     changes = " | ".join(f"{k[5:]} {_fmt(before.get(k))} -> {_fmt(after[k])}" for k in highlights)
     train_rewards = [r["reward/mean"] for r in rows if "reward/mean" in r]
     if not changes and train_rewards:

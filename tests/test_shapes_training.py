@@ -24,4 +24,6 @@ def test_main_job_smoke_run_on_a_few_prompts(tmp_path):
     assert (run / "samples_before.png").exists() and (run / "samples_after.png").exists()
     after = json.loads((run / "eval_after.json").read_text())
     assert "eval/strict" in after["metrics"]
-    assert "strict" in (run / "summary.txt").read_text()
+    summary = (run / "summary.txt").read_text()
+    assert " strict " in summary and " strict_exact " in summary  # the over-drawing guard beside the headline
+    assert "eval/overdrawn" in after["metrics"] and "eval/overdrawn/single_object" in after["metrics"]
