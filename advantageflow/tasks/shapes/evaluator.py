@@ -261,7 +261,7 @@ def check(spec: SceneSpec, found: list[Detection], exact_counts: bool = False) -
     drawn = {shape: sum(d.shape == shape for d in found) for shape in asked}
     for i, o in enumerate(spec.objects):
         same_shape = [d for d in found if d.shape == o.shape]
-        n = len(same_shape)
+        n = drawn[o.shape]
         if exact_counts:
             clauses[f"count[{i}]"] = n == asked[o.shape]
         else:
