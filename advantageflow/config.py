@@ -418,17 +418,18 @@ def advantage_clip(cfg: Config) -> float:
 # training draws per rollout sample, their times stratified, in one optimizer step per epoch, a
 # trust region of 0.2 on each sample's target (ours), and 8 prompts x 16 samples at lr 2e-4; the
 # paper's reference anchor (1e-3) stays, which keeps the run climbing past the 36 epochs
-# (README, "The main job, measured"; benchmarks/results/main_job_sweep_h200.md); 45 epochs, what
-# fits in the brief's 5 minutes of training on the 2-core Intel machine since the convolutions
-# of advantageflow/models/conv.py, evaluated every 15.
+# (README, "The main job, measured"; benchmarks/results/main_job_sweep_h200.md); 40 epochs, what
+# fits in the brief's 5 minutes of training on both 2-core machines we measured (the AMD EPYC is
+# the slower: 7.1 s an epoch, where MKL takes no fixed code path, advantageflow/models/conv.py),
+# evaluated every 20.
 # ``load_config(None)`` starts from it, so `advantageflow train` with no arguments equals
 # configs/shapes_advantageflow.yaml (tested).
 MAIN_JOB = {
     "algo": "advantageflow",
     "advantageflow": {"draws_per_sample": 6, "stratified_times": True, "target_radius": 0.2,
                       "adaptive_weight": False},
-    "train": {"prompts_per_epoch": 8, "group_size": 16, "lr": 2e-4, "epochs": 45},
-    "eval": {"every": 15},
+    "train": {"prompts_per_epoch": 8, "group_size": 16, "lr": 2e-4, "epochs": 40},
+    "eval": {"every": 20},
 }
 
 

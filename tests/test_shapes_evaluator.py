@@ -136,6 +136,11 @@ def test_exact_counts_make_extra_copies_of_a_named_shape_fail():
     assert lenient.strict == 1 and lenient.overdrawn and lenient.strict_exact == 0
     exact = check(parse_prompt("a red circle"), detect(_image(*extra))[0], exact_counts=True)
     assert exact.clauses == {"count[0]": False, "color[0]": True} and exact.strict == 0
+    # the reward counts exactly by default; exact_counts=false is GenEval's "at least" rule
+    image, meta = _image(*extra), [{}]
+    assert build_reward("shapes_eval")(image, ["a red circle"], meta)["strict"].tolist() == [0.0]
+    lenient_reward = build_reward("shapes_eval", {"exact_counts": False})
+    assert lenient_reward(image, ["a red circle"], meta)["strict"].tolist() == [1.0]
     # an unnamed shape beside it is a distractor, not over-drawing
     v = _verdict("a red circle", ("circle", "red", 8, 8), ("square", "blue", 24, 24))
     assert not v.overdrawn and v.strict_exact == 1

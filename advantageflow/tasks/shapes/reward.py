@@ -33,15 +33,16 @@ class ShapesEvalReward:
             partial credit as in the module docstring.
         exact_counts: every count clause asks for exactly the prompt's number of objects of its
             shape (:func:`~advantageflow.tasks.shapes.evaluator.check`), so drawing extra copies
-            costs reward; off (default) keeps GenEval's "at least" outside the counting tag,
-            the benchmark's own rule.  The evaluation reports both (``strict``,
-            ``strict_exact``) whichever the reward uses.
+            costs reward.  On by default since 2026-12-05: under GenEval's "at least" rule a
+            policy gains by over-drawing (``docs/shapes.md``, "The guard, measured").  ``false``
+            trains on the benchmark's own headline rule ("at least" outside the counting tag).
+            The evaluation reports both (``strict``, ``strict_exact``) whichever the reward uses.
     """
 
     differentiable = False
     builds_cheaply = True
 
-    def __init__(self, strict_weight: float = 0.0, exact_counts: bool = False) -> None:
+    def __init__(self, strict_weight: float = 0.0, exact_counts: bool = True) -> None:
         if not 0.0 <= strict_weight <= 1.0:
             raise ValueError(f"strict_weight must be in [0, 1], got {strict_weight}")
         if not isinstance(exact_counts, bool):
