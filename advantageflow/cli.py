@@ -28,6 +28,8 @@ import threading
 import time
 from pathlib import Path
 
+from advantageflow.cpu_memory import reuse_freed_memory
+
 EXIT_RUNTIME, EXIT_USAGE = 1, 2
 
 
@@ -468,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.items = [*args.items, *extra]
     previous = _install_sigterm()
+    # large activations reuse freed memory instead of page-faulting fresh mappings (cpu_memory.py)
+    reuse_freed_memory()
     try:
         return args.func(args)
     except BrokenPipeError:
