@@ -1,14 +1,17 @@
 """Keep freed CPU memory in the process, so that large tensors stop page-faulting on every step.
 
 Why: glibc's ``malloc`` serves every request above its mmap threshold (32 MiB at most on 64-bit
-Linux) with a fresh ``mmap`` and unmaps it again on ``free``.  The main job's batch-256 forward
-makes such tensors many times a step (a GELU output of 256 x 76 x 512 floats is 40 MB), and each
-fresh mapping costs the kernel one page fault per 4 KiB page to zero it: the memory-bound ops
-then run at the speed of the page faults, not of the memory.  Measured on the 2-core AMD EPYC
-(2026-12-05, 2 threads): ``x + 1`` over 10 M floats 16.4 ms into a fresh tensor against 1.6 ms
-with freed memory reused; tanh-GELU 25.3 -> 11.6 ms; the shipped DiT's forward at batch 256
-536 -> 422 ms (``benchmarks/results/cpu_malloc_2026-12-05.md``).  PyTorch's CPU performance
-guide gives the same advice with jemalloc or tcmalloc preloaded; this needs no extra library.
+Linux) with a fresh ``mmap`` and unmaps it again on ``free``.  The held-out evaluation samples
+the shipped DiT in batches of 256 (``sampler.batch_size``), which makes such tensors many times a
+step (a GELU output of 256 x 76 x 512 floats is 40 MB), and each fresh mapping costs the kernel
+one page fault per 4 KiB page to zero it: the memory-bound ops then run at the speed of the page
+faults, not of the memory.  Measured on the 2-core AMD EPYC (2026-12-05, 2 threads,
+``benchmarks/cpu_malloc.py``, ``benchmarks/results/cpu_malloc_2026-12-05.md``): ``x + 1`` over
+10 M floats 9.8 -> 1.2 ms, tanh-GELU 17.6 -> 8.3 ms, the DiT's forward at batch 256 471 -> 409 ms,
+one held-out evaluation 38.5 -> 29.2 s (another run: 37.7 -> 31.6 s).  Training's micro-batches
+stay under the threshold, where glibc already reuses memory, so training epochs do not change.
+PyTorch's CPU performance guide gives the same advice with jemalloc or tcmalloc preloaded; this
+needs no extra library.
 
 What :func:`reuse_freed_memory` does (glibc only, ``mallopt(3)``): ``M_MMAP_MAX = 0``, so large
 blocks come from the heap, where freed ones are reused, and ``M_TRIM_THRESHOLD`` at 2 GiB, so

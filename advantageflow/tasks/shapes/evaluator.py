@@ -260,14 +260,13 @@ def check(spec: SceneSpec, found: list[Detection], exact_counts: bool = False) -
         asked[o.shape] = asked.get(o.shape, 0) + o.count
     drawn = {shape: sum(d.shape == shape for d in found) for shape in asked}
     for i, o in enumerate(spec.objects):
-        same_shape = [d for d in found if d.shape == o.shape]
         n = drawn[o.shape]
         if exact_counts:
             clauses[f"count[{i}]"] = n == asked[o.shape]
         else:
             clauses[f"count[{i}]"] = n == o.count if spec.tag == "counting" else n >= o.count
         if o.color is not None:
-            clauses[f"color[{i}]"] = sum(d.color == o.color for d in same_shape) >= o.count
+            clauses[f"color[{i}]"] = sum(d.shape == o.shape and d.color == o.color for d in found) >= o.count
     if spec.relation is not None:
         rel = spec.relation
 
