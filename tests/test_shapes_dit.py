@@ -127,6 +127,7 @@ def test_a_shipped_base_is_named_and_a_folder_of_that_name_wins(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     assert asset_folder("") == ASSET_DIR == SHIPPED_ASSETS["shapes_dit"]
     assert asset_folder("shapes_unet") == SHIPPED_ASSETS["shapes_unet"]
+    assert asset_folder("shapes_unet_small") == SHIPPED_ASSETS["shapes_unet_small"]  # made on the AMD EPYC
     (tmp_path / "shapes_unet").mkdir()
     assert asset_folder("shapes_unet").resolve() == (tmp_path / "shapes_unet").resolve()  # the user's own folder
     with pytest.raises(FileNotFoundError, match="shipped base: shapes_dit, shapes_unet"):

@@ -156,12 +156,16 @@ def test_the_fixed_split_groupnorm_keeps_the_bits_the_shipped_unet_was_made_with
 # --------------------------------------------------------------------------- the shipped CPU-made base
 
 
-def test_shipped_unet_records_how_it_was_made_and_scores_in_the_briefs_range():
-    """``model.path=shapes_unet``: made on the 2-core CPU in under an hour; its config.json
-    records the command, the steps, the final loss and the base's held-out scores."""
+CPU_MADE_BASES = ("shapes_unet", "shapes_unet_small")
+
+
+@pytest.mark.parametrize("name", CPU_MADE_BASES)
+def test_shipped_unet_records_how_it_was_made_and_scores_in_the_briefs_range(name):
+    """``model.path=shapes_unet`` / ``shapes_unet_small``: made on the 2-core CPU in under an
+    hour; config.json records the command, the steps, the final loss and the base's held-out scores."""
     from advantageflow.models.dit import SHIPPED_ASSETS, asset_files
 
-    cfg_file, weights = asset_files("shapes_unet")
+    cfg_file, weights = asset_files(name)
     meta = json.loads(cfg_file.read_text())
     made = meta["pretrain"]
     assert made["command"].startswith("advantageflow pretrain shapes --arch unet")
@@ -172,11 +176,12 @@ def test_shipped_unet_records_how_it_was_made_and_scores_in_the_briefs_range():
     assert 0.35 <= scores["strict"] <= 0.60 and scores["strict/images"] >= 0.25 and scores["strict_se"] <= 0.015
     shipped_bytes = sum(f.stat().st_size for name in SHIPPED_ASSETS for f in SHIPPED_ASSETS[name].iterdir())
     assert shipped_bytes < 20 * 2**20
-    net, _ = load_asset("shapes_unet")
+    net, _ = load_asset(name)
     assert isinstance(net, ShapesUNet) and net.cfg.base_channels == made["conv_channels"]
 
 
-def test_the_recorded_command_builds_the_shipped_unet_and_the_same_bits_at_1_and_2_threads(tmp_path):
+@pytest.mark.parametrize("name", CPU_MADE_BASES)
+def test_the_recorded_command_builds_the_shipped_unet_and_the_same_bits_at_1_and_2_threads(tmp_path, name):
     """The asset's own command, cut to eight small steps, makes a network of the shipped shape
     (so the recorded command is the one that made these weights' architecture), and the same
     weights bit for bit with 1 and with 2 threads (the 2026-12-05 drift: tests/test_fixed_split.py).
@@ -185,7 +190,7 @@ def test_the_recorded_command_builds_the_shipped_unet_and_the_same_bits_at_1_and
     from advantageflow.models.dit import asset_files
     from advantageflow.numerics import intra_op_threads, numerics_record, thread_invariant_kernels
 
-    meta = json.loads(asset_files("shapes_unet")[0].read_text())
+    meta = json.loads(asset_files(name)[0].read_text())
     words = meta["pretrain"]["command"].split()[3:]
     for flag in ("--steps", "--batch-size", "--out", "--minutes", "--save-every"):
         if flag in words:
@@ -198,7 +203,7 @@ def test_the_recorded_command_builds_the_shipped_unet_and_the_same_bits_at_1_and
             assert pretrain([*words, "--steps", "8", "--batch-size", "8", "--warmup", "1", "--eval-samples", "0",
                              "--out", str(out)]) == 0
         made[threads], _ = load_asset(out)
-    shipped, _ = load_asset("shapes_unet")
+    shipped, _ = load_asset(name)
     assert made[1].cfg == shipped.cfg
     one, two = made[1].state_dict(), made[2].state_dict()
     assert {k: v.shape for k, v in one.items()} == {k: v.shape for k, v in shipped.state_dict().items()}
@@ -208,10 +213,11 @@ def test_the_recorded_command_builds_the_shipped_unet_and_the_same_bits_at_1_and
     assert not differ, f"weights that depend on the thread count: {differ}"
 
 
-def test_shipped_unet_fits_renders_better_than_an_untrained_one():
+@pytest.mark.parametrize("name", CPU_MADE_BASES)
+def test_shipped_unet_fits_renders_better_than_an_untrained_one(name):
     from advantageflow.tasks.shapes.evaluator import flow_matching_loss
 
-    shipped = ShapesDiTPolicy.from_config(ShapesDiTPolicy.Config(path="shapes_unet"))
+    shipped = ShapesDiTPolicy.from_config(ShapesDiTPolicy.Config(path=name))
     untrained = ShapesDiTPolicy(_perturbed(ShapesUNet(shipped.net.cfg)), shipped.meta)
     trained = flow_matching_loss(shipped, num_images=32, times=2)
     assert trained < 0.5 * flow_matching_loss(untrained, num_images=32, times=2)

@@ -32,7 +32,11 @@ from advantageflow.models.fixed_split import FixedSplitGroupNorm
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 ASSET_DIR = ASSETS / "shapes_dit"  # the main job's base ('' names it)
 # Every base shipped in the package, by the name ``model.path`` may give instead of a folder.
-SHIPPED_ASSETS: dict[str, Path] = {"shapes_dit": ASSET_DIR, "shapes_unet": ASSETS / "shapes_unet"}
+SHIPPED_ASSETS: dict[str, Path] = {
+    "shapes_dit": ASSET_DIR,
+    "shapes_unet": ASSETS / "shapes_unet",
+    "shapes_unet_small": ASSETS / "shapes_unet_small",
+}
 
 VOCAB: tuple[str, ...] = (
     "<pad>", "<null>", "<unk>", "a", "an", "and", "of", "left", "right", "above", "below",
