@@ -174,7 +174,7 @@ def test_shipped_unet_records_how_it_was_made_and_scores_in_the_briefs_range(nam
     scores = meta["eval"]
     assert scores["sampler"]["samples_per_prompt"] * 96 == 864  # the main job's evaluation
     assert 0.35 <= scores["strict"] <= 0.60 and scores["strict/images"] >= 0.25 and scores["strict_se"] <= 0.015
-    shipped_bytes = sum(f.stat().st_size for name in SHIPPED_ASSETS for f in SHIPPED_ASSETS[name].iterdir())
+    shipped_bytes = sum(f.stat().st_size for folder in SHIPPED_ASSETS.values() for f in folder.iterdir())
     assert shipped_bytes < 20 * 2**20
     net, _ = load_asset(name)
     assert isinstance(net, ShapesUNet) and net.cfg.base_channels == made["conv_channels"]
