@@ -17,7 +17,7 @@ from advantageflow.cpu_memory import reuse_freed_memory
 REPO = Path(__file__).resolve().parent.parent
 glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 
-# Page faults over ten fresh 40 MB results (x + 1 on 10 M floats), after one warm-up; "cli" runs
+# Page faults over forty fresh 40 MB results (x + 1 on 10 M floats), after one warm-up; "cli" runs
 # the command's entry point first (`advantageflow configs`, output discarded).
 FAULTS = """
 import contextlib, io, resource, sys
@@ -30,7 +30,7 @@ if mode == "cli":
 x = torch.randn(10_000_000)
 x + 1
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
+for _ in range(40):
     y = x + 1
     del y
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -49,9 +49,12 @@ def test_the_command_reuses_freed_memory_and_the_opt_out_keeps_glibcs_default():
     reused = _faults("cli")
     opted_out = _faults("cli", {"ADVANTAGEFLOW_MALLOC": "system"})
     # glibc maps each 40 MB block afresh (about 10k faults of 4 KiB pages per block without
-    # transparent huge pages); reused heap blocks are already mapped
-    assert reused < 1000, reused
-    assert plain > 5 * max(reused, 10) and opted_out > 5 * max(reused, 10), (plain, reused, opted_out)
+    # transparent huge pages): ~390k over the loop. Reused heap blocks are already mapped, but the
+    # heap still grows now and then before it settles: torch asks for 64-byte aligned blocks, which
+    # glibc serves by over-asking and splitting, so a freed block whose small neighbours were taken
+    # is a few bytes short of the next request. Measured on the AMD EPYC, 12 runs: 0 to 6 fresh
+    # blocks out of 40 (0-58.6k faults); a CI run of the older 10-step loop saw 5 of 10.
+    assert reused * 4 < plain and reused * 4 < opted_out, (plain, reused, opted_out)
 
 
 def test_opt_out_is_reported(monkeypatch):
