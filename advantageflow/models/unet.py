@@ -35,7 +35,10 @@ from advantageflow.models.fixed_split import FixedSplitGroupNorm
 class UNetConfig:
     """Architecture: ``base_channels`` at full, ``mid_channels`` at half, ``width`` at quarter
     resolution; ``depth`` transformer blocks at the bottom; ``text_heads`` heads of the
-    half-resolution cross-attention."""
+    half-resolution cross-attention; ``query_pos``: add fixed 2-D sin-cos position features to
+    that cross-attention's pixel queries, so a pixel can read the prompt by where it is (which
+    object of "a red circle left of a blue square" belongs at the left); off in the assets made
+    before it (their ``config.json`` has no such key)."""
 
     arch: str = "unet"
     image_size: int = 32
@@ -49,17 +52,22 @@ class UNetConfig:
     mlp_ratio: float = 4.0
     max_tokens: int = 12
     vocab_size: int = len(VOCAB)
+    query_pos: bool = False
 
 
 class TextCrossAttention(nn.Module):
     """Residual cross-attention from pixels ``(B, C, H, W)`` to tokens ``(B, L, D)``; the
-    output projection is zero-initialised (the block starts as identity)."""
+    output projection is zero-initialised (the block starts as identity).  With ``grid`` > 0
+    the queries see each pixel's position (:func:`sincos_2d` of a ``grid x grid`` map, added
+    to the normalised pixels before the query projection; ``H = W = grid`` then)."""
 
-    def __init__(self, channels: int, text_width: int, heads: int) -> None:
+    def __init__(self, channels: int, text_width: int, heads: int, grid: int = 0) -> None:
         super().__init__()
         if channels % heads:
             raise ValueError("channels must be divisible by text_heads")
         self.heads = heads
+        self.query_pos: Tensor | None
+        self.register_buffer("query_pos", sincos_2d(grid, channels)[None] if grid else None, persistent=False)
         self.norm = FixedSplitGroupNorm(math.gcd(8, channels), channels)
         self.q = nn.Linear(channels, channels)
         self.kv = nn.Linear(text_width, 2 * channels)
@@ -70,7 +78,10 @@ class TextCrossAttention(nn.Module):
     def forward(self, x: Tensor, txt: Tensor) -> Tensor:
         b, c, h, w = x.shape
         n, d = self.heads, c // self.heads
-        q = self.q(self.norm(x).flatten(2).transpose(1, 2)).view(b, h * w, n, d).transpose(1, 2)
+        pixels = self.norm(x).flatten(2).transpose(1, 2)  # (B, H*W, C)
+        if self.query_pos is not None:
+            pixels = pixels + self.query_pos
+        q = self.q(pixels).view(b, h * w, n, d).transpose(1, 2)
         k, v = self.kv(txt).view(b, txt.shape[1], 2, n, d).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, h * w, c)
         return x + self.proj(out).transpose(1, 2).reshape(b, c, h, w)
@@ -95,7 +106,8 @@ class ShapesUNet(nn.Module):
         self.enc1 = ConvResBlock(c1, w)
         self.down1 = nn.Conv2d(c1, c2, 3, stride=2, padding=1)
         self.enc2 = ConvResBlock(c2, w)
-        self.enc2_text = TextCrossAttention(c2, w, cfg.text_heads)
+        half = cfg.image_size // 2 if cfg.query_pos else 0
+        self.enc2_text = TextCrossAttention(c2, w, cfg.text_heads, half)
         self.down2 = nn.Conv2d(c2, w, 3, stride=2, padding=1)
         self.register_buffer("pos_fixed", sincos_2d(self.grid, w)[None], persistent=False)
         self.pos = nn.Parameter(torch.zeros(1, self.grid * self.grid, w))
@@ -104,7 +116,7 @@ class ShapesUNet(nn.Module):
         self.mid_norm = nn.LayerNorm(w, elementwise_affine=False, eps=1e-6)
         self.up2 = InvariantConv2d(w, c2, 3, padding=1)
         self.dec2 = ConvResBlock(c2, w)
-        self.dec2_text = TextCrossAttention(c2, w, cfg.text_heads)
+        self.dec2_text = TextCrossAttention(c2, w, cfg.text_heads, half)
         self.up1 = InvariantConv2d(c2, c1, 3, padding=1)
         self.dec1 = ConvResBlock(c1, w)
         self.out_norm = FixedSplitGroupNorm(math.gcd(8, c1), c1)

@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mid-channels", type=int, default=0,
                    help="channels of a half-resolution conv stage around the transformer (DiT: 0 = none; "
                         "U-Net: its middle level, 0 = twice --conv-channels)")
+    p.add_argument("--query-pos", action="store_true",
+                   help="U-Net: give its text cross-attention's pixel queries their position (UNetConfig.query_pos)")
     p.add_argument("--prediction", choices=("velocity", "x0"), default="velocity",
                    help="what the network outputs: the velocity, or the clean image (x-prediction, "
                         "the loss stays on the velocity)")
@@ -155,12 +157,15 @@ _SPECS = {tag: specs_for_tag(tag) for tag in TAGS}
 
 def _new_network(args: argparse.Namespace) -> torch.nn.Module:
     """The untrained network the arguments describe (``--arch``)."""
+    if args.query_pos and args.arch != "unet":
+        raise SystemExit("error: --query-pos is a U-Net option (add --arch unet)")
     if args.arch == "unet":
         if args.prediction != "velocity":
             raise SystemExit("error: --arch unet predicts the velocity only (drop --prediction)")
         return ShapesUNet(UNetConfig(base_channels=args.conv_channels,
                                      mid_channels=args.mid_channels or 2 * args.conv_channels,
-                                     width=args.width, depth=args.depth, heads=args.heads))
+                                     width=args.width, depth=args.depth, heads=args.heads,
+                                     query_pos=args.query_pos))
     return ShapesDiT(DiTConfig(patch=args.patch, width=args.width, depth=args.depth, heads=args.heads,
                                conv_channels=args.conv_channels, mid_channels=args.mid_channels,
                                prediction=args.prediction))
