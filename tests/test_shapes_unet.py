@@ -54,6 +54,21 @@ def test_cross_attention_reads_the_tokens_per_pixel():
         TextCrossAttention(15, 32, heads=2)
 
 
+def test_query_positions_let_a_pixel_read_the_prompt_by_where_it_is():
+    """Without ``query_pos`` a pixel's query holds only its own features, so an image that is
+    the same at every pixel reads the same mixture of tokens everywhere; with it, pixels at
+    different places read different tokens (the left object's words at the left)."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 16, 1, 1).expand(1, 16, 8, 8).contiguous()  # (1, C, 8, 8), the same at every pixel
+    txt = torch.randn(1, 5, 32)
+    with_pos = _perturbed(TextCrossAttention(16, 32, heads=2, grid=8))
+    without = TextCrossAttention(16, 32, heads=2)
+    without.load_state_dict(with_pos.state_dict())  # the position features are a buffer, not saved
+    spread = [(block(x, txt) - x).flatten(2).std(dim=2).amax().item() for block in (without, with_pos)]
+    assert spread[0] < 1e-6 and spread[1] > 1e-3
+    assert "enc2_text.query_pos" not in ShapesUNet(UNetConfig(**TINY, query_pos=True)).state_dict()
+
+
 def test_asset_round_trip_and_policy(tmp_path):
     torch.manual_seed(0)
     net = _perturbed(ShapesUNet(UNetConfig(**TINY)))
@@ -78,6 +93,11 @@ def test_pretrain_with_the_unet(tmp_path):
     assert meta["pretrain"]["arch"] == "unet"
     with pytest.raises(SystemExit, match="velocity only"):
         pretrain([*args, "--prediction", "x0", "--out", str(tmp_path / "x0")])
+    assert pretrain([*args, "--query-pos", "--out", str(tmp_path / "qp")]) == 0
+    net, meta = load_asset(tmp_path / "qp")
+    assert net.cfg.query_pos and meta["pretrain"]["query_pos"] and net.enc2_text.query_pos is not None
+    with pytest.raises(SystemExit, match="--query-pos is a U-Net option"):
+        pretrain(["--query-pos", "--steps", "1", "--out", str(tmp_path / "dit")])
 
 
 def _gradients_that_depend_on_the_thread_count(cfg: UNetConfig, tokens_len: int) -> list[str]:
@@ -114,8 +134,9 @@ def _gradients_that_depend_on_the_thread_count(cfg: UNetConfig, tokens_len: int)
 def test_unet_gradients_do_not_depend_on_thread_count():
     """Every gradient of a small U-Net is equal bit for bit with 1 and 2 threads (an affine
     LayerNorm once broke this)."""
-    differ = _gradients_that_depend_on_the_thread_count(UNetConfig(**TINY), tokens_len=6)
-    assert not differ, f"gradients that depend on the thread count: {differ}"
+    for query_pos in (False, True):
+        differ = _gradients_that_depend_on_the_thread_count(UNetConfig(**TINY, query_pos=query_pos), tokens_len=6)
+        assert not differ, f"gradients that depend on the thread count (query_pos={query_pos}): {differ}"
 
 
 def test_at_the_shipped_size_every_gradient_is_thread_invariant():
