@@ -24,15 +24,14 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 
 def tag_scores(policy, specs, samples: int) -> dict[str, float]:
-    """Strict per tag over ``samples`` images of each spec (the evaluation's sampler and keys)."""
-    from advantageflow.tasks.shapes.evaluator import asset_sampler, sample_shapes_eval, score
+    """Strict per tag over ``samples`` images of each spec: the per-tag rows of
+    :func:`~advantageflow.tasks.shapes.evaluator.evaluate_shapes_eval` (the evaluation's
+    sampler and noise keys)."""
+    from advantageflow.tasks.shapes.evaluator import evaluate_shapes_eval
 
-    images = sample_shapes_eval(policy, specs, samples, asset_sampler(policy))
-    verdicts = score(images, [specs[i // samples] for i in range(len(images))])
-    totals: dict[str, list[float]] = {}
-    for i, v in enumerate(verdicts):
-        totals.setdefault(specs[i // samples].tag, []).append(v.strict)
-    return {tag: sum(s) / len(s) for tag, s in totals.items()}
+    result = evaluate_shapes_eval(policy, specs, samples_per_prompt=samples)
+    return {key.split("/", 1)[1]: value for key, value in result.items()
+            if key.startswith("strict/") and key != "strict/images"}
 
 
 def main(argv: list[str] | None = None) -> int:
