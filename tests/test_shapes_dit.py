@@ -3,12 +3,14 @@ shipped checkpoint (loads, samples deterministically, beats chance, better FM lo
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import replace
 
 import pytest
 import torch
 
+from advantageflow.configbase import ConfigError
 from advantageflow.models import MODELS, FlowPolicy
 from advantageflow.models.dit import (
     ASSET_DIR,
@@ -261,3 +263,26 @@ def test_the_checkpoint_evaluation_scores_as_the_trainer_evaluation(shipped):
     theirs = ShapesTask().evaluate(images, prompts)
     assert set(ours) == set(theirs) and "diversity" in ours
     assert all(ours[k] == theirs[k] for k in ours), {k: (ours[k], theirs[k]) for k in ours if ours[k] != theirs[k]}
+
+
+def test_train_only_trains_the_named_parameters_and_freezes_the_rest(tiny_policy):
+    net = copy.deepcopy(tiny_policy.net)
+    policy = ShapesDiTPolicy(net, tiny_policy.meta, train_only=["blocks.1.*", "pos"])
+    names = [n for n, _ in policy.trainable_named_parameters()]
+    assert names and all(n.startswith("blocks.1.") or n == "pos" for n in names)
+    assert set(policy.trainable_state()) == set(names)  # checkpoints hold the trained subset only
+    frozen = {n: p.detach().clone() for n, p in net.named_parameters() if n not in names}
+    before = {n: p.detach().clone() for n, p in policy.trainable_named_parameters()}
+    opt = torch.optim.SGD(policy.trainable_parameters(), lr=0.1)
+    x = torch.randn(2, 3, 32, 32)
+    policy.velocity(x, torch.rand(2), policy.encode(["a red circle", "two blue squares"])).pow(2).mean().backward()
+    assert all(p.grad is None for n, p in net.named_parameters() if n not in names)  # no wasted gradients
+    opt.step()
+    assert all(torch.equal(p, frozen[n]) for n, p in net.named_parameters() if n in frozen)
+    assert any(not torch.equal(p, before[n]) for n, p in policy.trainable_named_parameters())
+    assert all(torch.equal(a, b) for a, b in zip(policy.ref_net.parameters(), tiny_policy.ref_net.parameters()))
+
+
+def test_train_only_patterns_that_match_nothing_are_refused_with_the_module_names(tiny_policy):
+    with pytest.raises(ConfigError, match=r"\['block\.\*'\] match no parameter.*'blocks'"):
+        ShapesDiTPolicy(copy.deepcopy(tiny_policy.net), tiny_policy.meta, train_only=["blocks.*", "block.*"])

@@ -16,7 +16,8 @@ from __future__ import annotations
 import copy
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -323,22 +324,38 @@ class ShapesDiTPolicy(FrozenCopyPolicy):
 
     Conditioning (from :meth:`encode`): ``{"tokens": (B, L) long, "null": (B, L) long}``;
     the ``null`` rows are the empty prompt, used as the unconditional branch of CFG.
-    Full fine-tuning: every network parameter is trainable; :meth:`reference` switches to a
-    frozen copy of the loaded weights.
+    Full fine-tuning: every network parameter is trainable unless ``train_only`` names a
+    subset; :meth:`reference` switches to a frozen copy of the loaded weights.
     """
 
     @dataclass
     class Config:
-        """Attributes: path: asset folder with config.json + model.safetensors ('' = shipped)."""
+        """Attributes: path: asset folder with config.json + model.safetensors ('' = shipped).
+        train_only: shell patterns (``fnmatch``) over the network's parameter names, e.g.
+        ``["blocks.*"]``: only the parameters that match one are trained (the rest stay at
+        the loaded weights and get no gradient); empty: all of them."""
 
         name: str = "shapes_dit"
         path: str = ""
+        train_only: list[str] = field(default_factory=list)
 
     sample_shape = (3, 32, 32)
 
-    def __init__(self, net: ShapesDiT, meta: dict | None = None, device: torch.device | str = "cpu") -> None:
+    def __init__(self, net: ShapesDiT, meta: dict | None = None, device: torch.device | str = "cpu",
+                 train_only: list[str] | tuple[str, ...] = ()) -> None:
         self.device = torch.device(device)
         self.net = net.to(self.device)
+        self.train_only = tuple(train_only)
+        if self.train_only:
+            # frozen before the reference copy is made, so both hold the same requires_grad
+            names = [name for name, _ in self.net.named_parameters()]
+            unmatched = [pat for pat in self.train_only if not any(fnmatchcase(n, pat) for n in names)]
+            if unmatched:
+                tops = sorted({n.split(".")[0] for n in names})
+                raise ConfigError(f"model.train_only: {unmatched} match no parameter; the network's "
+                                  f"top-level modules are {tops}")
+            for name, p in self.net.named_parameters():
+                p.requires_grad_(any(fnmatchcase(name, pat) for pat in self.train_only))
         self.meta = meta or {}
         self.ref_net = copy.deepcopy(self.net).requires_grad_(False).eval()
         self._active = self.net
@@ -361,7 +378,10 @@ class ShapesDiTPolicy(FrozenCopyPolicy):
     @classmethod
     def from_config(cls, cfg: Config, device: str = "cpu") -> ShapesDiTPolicy:
         net, meta = load_asset(cfg.path)
-        return cls(net, meta, device)
+        return cls(net, meta, device, train_only=cfg.train_only)
+
+    def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(name, p) for name, p in self.net.named_parameters() if p.requires_grad]
 
     def encode(self, prompts: list[str]) -> dict[str, Tensor]:
         tokens = tokenize(list(prompts), self.net.cfg.max_tokens, self.vocab).to(self.device)
