@@ -284,5 +284,7 @@ def test_train_only_trains_the_named_parameters_and_freezes_the_rest(tiny_policy
 
 
 def test_train_only_patterns_that_match_nothing_are_refused_with_the_module_names(tiny_policy):
-    with pytest.raises(ConfigError, match=r"\['block\.\*'\] match no parameter.*'blocks'"):
+    with pytest.raises(ConfigError, match=r"\['block\.\*'\] match no parameter name;.*'blocks'"):
         ShapesDiTPolicy(copy.deepcopy(tiny_policy.net), tiny_policy.meta, train_only=["blocks.*", "block.*"])
+    with pytest.raises(ConfigError, match=r"\['tok'\] match no parameter name \(did you mean 'tok\.\*'\?\)"):
+        ShapesDiTPolicy(copy.deepcopy(tiny_policy.net), tiny_policy.meta, train_only=["tok"])

@@ -352,8 +352,10 @@ class ShapesDiTPolicy(FrozenCopyPolicy):
             unmatched = [pat for pat in self.train_only if not any(fnmatchcase(n, pat) for n in names)]
             if unmatched:
                 tops = sorted({n.split(".")[0] for n in names})
-                raise ConfigError(f"model.train_only: {unmatched} match no parameter; the network's "
-                                  f"top-level modules are {tops}")
+                hints = [f"'{pat}.*'" for pat in unmatched if any(fnmatchcase(n, pat + ".*") for n in names)]
+                hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
+                raise ConfigError(f"model.train_only: {unmatched} match no parameter name{hint}; patterns match "
+                                  f"whole names such as '{names[0]}'; the network's top-level modules are {tops}")
             for name, p in self.net.named_parameters():
                 p.requires_grad_(any(fnmatchcase(name, pat) for pat in self.train_only))
         self.meta = meta or {}
