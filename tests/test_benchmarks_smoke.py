@@ -353,3 +353,23 @@ def test_convergence_reports_the_guard_metric_beside_the_final_value(tmp_path):
     assert cells["final eval/overdrawn"].startswith("0.600") and cells["eval/overdrawn change"].startswith("0.500")
     results["advantageflow"] = [convergence.Curve(**{**curve.__dict__, "guard": []})]
     assert "overdrawn" not in convergence.summarize("shapes", spec, results, lrs, 0.6, 0.4, 0.0, [0])[0]
+
+
+def test_group_signal_reports_each_tag_and_a_group_of_one_holds_no_signal(tmp_path):
+    """`benchmarks/group_signal.py` on the shipped DiT with tiny sizes: one row per tag, values in
+    their ranges; a group of one image is never mixed and has no within-group variance."""
+    from benchmarks import group_signal
+
+    assert group_signal.main(["dit=asset:", "--group", "2", "--prompts", "2", "--steps", "2",
+                              "--out", str(tmp_path / "g")]) == 0
+    rows = [line for line in (tmp_path / "g.md").read_text().splitlines() if line.startswith("| dit |")]
+    assert [row.split(" | ")[1] for row in rows] == list(group_signal.TAGS)
+    for row in rows:
+        strict, var, mixed, pvar = (float(x) for x in row.strip("| ").split(" | ")[2:])
+        assert 0 <= strict <= 1 and 0 <= var <= 0.25 and mixed in (0.0, 0.5, 1.0) and pvar >= 0
+    from advantageflow.tasks.shapes.grammar import splits
+    from benchmarks.count_errors import load_policy
+
+    specs = [s for s in splits()[0] if s.tag == "counting"][:2]
+    one = group_signal.group_stats(load_policy("asset:"), specs, group=1, steps=2, seed=0)
+    assert one["strict_var"] == 0 and one["mixed"] == 0 and one["partial_var"] == 0
