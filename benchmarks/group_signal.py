@@ -9,10 +9,11 @@ prompt gets ``--group`` samples (the main job's ``train.group_size``) with the a
 at ``--steps`` Euler steps (the main job's rollouts: ``sampler.steps`` 10), from the
 evaluation's noise keys of ``--seed``.  Per tag: strict over all images, the mean within-group
 variance of strict ``p (1 - p)`` (``p``: a prompt's share of strictly right images; 0.25 at
-most), the share of mixed groups, and the mean within-group variance of partial credit (the
-reward).  Why: RL from the CPU-made U-Net does not learn colour attribution where RL from the
-DiT does (``docs/shapes.md``, "Why RL from the U-Nets stalls"); this asks whether the U-Net's
-groups hold less to learn from.  Writes ``STEM.md``; trains nothing.
+most), the share of mixed groups, the same two for strict with exact counts (no shape drawn
+too often: what the main job's reward asks), and the mean within-group variance of partial
+credit with GenEval's counting rule.  Why: RL from the CPU-made U-Net does not learn colour
+attribution where RL from the DiT does (``docs/shapes.md``, "Why RL from the U-Nets stalls");
+this asks whether the U-Net's groups hold less to learn from.  Writes ``STEM.md``; trains nothing.
 """
 
 from __future__ import annotations
@@ -39,12 +40,15 @@ def group_stats(policy, specs, group: int, steps: int, seed: int) -> dict[str, f
     images = sample_shapes_eval(policy, specs, group, sampler, seed)
     verdicts = score(images, [s for s in specs for _ in range(group)])
     strict = np.array([v.strict for v in verdicts]).reshape(len(specs), group)
+    exact = np.array([v.strict_exact for v in verdicts]).reshape(len(specs), group)
     partial = np.array([v.partial for v in verdicts]).reshape(len(specs), group)
-    p = strict.mean(axis=1)
+    p, q = strict.mean(axis=1), exact.mean(axis=1)
     return {
         "strict": float(strict.mean()),
         "strict_var": float(np.mean(p * (1 - p))),
         "mixed": float(np.mean((p > 0) & (p < 1))),
+        "exact": float(exact.mean()),
+        "exact_var": float(np.mean(q * (1 - q))),
         "partial_var": float(partial.var(axis=1).mean()),
     }
 
@@ -67,8 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.group} samples of each of the first {args.prompts} train-split prompts per tag, "
         f"{args.steps} Euler steps, seed {args.seed}",
         "",
-        "| model | tag | strict | within-group var of strict | mixed groups | within-group var of partial |",
-        "|---|---|---|---|---|---|",
+        "| model | tag | strict | within-group var of strict | mixed groups | strict_exact "
+        "| within-group var of strict_exact | within-group var of partial |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for item in args.models:
         label, _, source = item.partition("=")
@@ -77,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             specs = [s for s in train if s.tag == tag][: args.prompts]
             r = group_stats(policy, specs, args.group, args.steps, args.seed)
             lines.append(f"| {label} | {tag} | {r['strict']:.3f} | {r['strict_var']:.4f} | {r['mixed']:.2f} "
-                         f"| {r['partial_var']:.4f} |")
+                         f"| {r['exact']:.3f} | {r['exact_var']:.4f} | {r['partial_var']:.4f} |")
             print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
     Path(args.out + ".md").write_text(text)

@@ -365,11 +365,12 @@ def test_group_signal_reports_each_tag_and_a_group_of_one_holds_no_signal(tmp_pa
     rows = [line for line in (tmp_path / "g.md").read_text().splitlines() if line.startswith("| dit |")]
     assert [row.split(" | ")[1] for row in rows] == list(group_signal.TAGS)
     for row in rows:
-        strict, var, mixed, pvar = (float(x) for x in row.strip("| ").split(" | ")[2:])
-        assert 0 <= strict <= 1 and 0 <= var <= 0.25 and mixed in (0.0, 0.5, 1.0) and pvar >= 0
+        strict, var, mixed, exact, evar, pvar = (float(x) for x in row.strip("| ").split(" | ")[2:])
+        assert 0 <= exact <= strict <= 1 and mixed in (0.0, 0.5, 1.0) and pvar >= 0
+        assert 0 <= var <= 0.25 and 0 <= evar <= 0.25
     from advantageflow.tasks.shapes.grammar import splits
     from benchmarks.count_errors import load_policy
 
     specs = [s for s in splits()[0] if s.tag == "counting"][:2]
     one = group_signal.group_stats(load_policy("asset:"), specs, group=1, steps=2, seed=0)
-    assert one["strict_var"] == 0 and one["mixed"] == 0 and one["partial_var"] == 0
+    assert one["strict_var"] == one["exact_var"] == one["mixed"] == one["partial_var"] == 0
