@@ -374,3 +374,21 @@ def test_group_signal_reports_each_tag_and_a_group_of_one_holds_no_signal(tmp_pa
     specs = [s for s in splits()[0] if s.tag == "counting"][:2]
     one = group_signal.group_stats(load_policy("asset:"), specs, group=1, steps=2, seed=0)
     assert one["strict_var"] == one["exact_var"] == one["mixed"] == one["partial_var"] == 0
+
+
+def test_update_fit_measures_a_step_and_leaves_the_policy_as_it_found_it():
+    """`benchmarks/update_fit.py` with tiny sizes on the shipped DiT: a zero learning rate moves
+    no fit; a real step moves them; the policy's weights and trainable set are restored after."""
+    from advantageflow.tasks.shapes.grammar import splits
+    from benchmarks import update_fit
+    from benchmarks.count_errors import load_policy
+
+    policy = load_policy("asset:")
+    before = {n: p.detach().clone() for n, p in policy.net.named_parameters()}
+    specs = [s for s in splits()[0] if s.tag == "color_attr"][:2]
+    still = update_fit.measure(policy, specs, group=4, steps=1, seed=0, lr=0.0)
+    assert all(still[0][k] == 0 for k in ("A_pos", "A_neg", "B_pos", "B_neg"))
+    assert still[0]["reward_B_after"] == still[0]["reward_B_before"]
+    moved = update_fit.measure(policy, specs, group=4, steps=2, seed=0, only="blocks")
+    assert len(moved) == 2 and any(abs(moved[-1][k]) > 1e-4 for k in ("A_pos", "A_neg"))
+    assert all(torch.equal(p, before[n]) and p.requires_grad for n, p in policy.net.named_parameters())
