@@ -7,11 +7,11 @@ first ``--prompts`` train-split prompts of ``--tag`` (the main job's sampler: 10
 scored by the main job's reward (exact-count partial credit), with group-relative advantages
 (global std, clip 5) as the trainer computes them: batch ``A``.  A second batch ``B`` of the
 same prompts from other noise is never trained on.  Then ``--steps`` AdamW steps (the main
-job's lr 2e-4 unless ``--lr``, weight decay 1e-4, grad clip 1) on AdvantageFlow's gradient at
-the rollout policy, ``sum_i A_i grad ||f_theta(x_t) - x0_i||^2`` over ``A`` (the loss of
-``advantageflow/algorithms/advantageflow.py``, as MeanFlowAdvantage's Eq. 2 quotes it: the
-anchors have no gradient while theta is the rollout policy, and the main job takes one step
-per epoch), and after each step the fit
+job's lr 2e-4 unless ``--lr``, weight decay 1e-4, grad clip 1) on the main job's loss over
+``A`` (AdvantageFlow with its trust region, ``target_radius`` 0.2, 6 stratified ``(t, eps)``
+draws per sample), each step as the first of a new epoch on the same rollouts (the rollout
+policy is the current network, so the anchor to it has no gradient: the main job takes one
+step per epoch; the reference is the network before the steps), and after each step the fit
 ``||f_theta(x_t) - x0||^2`` at fixed ``(t, eps)`` draws (4 per sample) of the positive and of
 the negative samples of ``A`` and of ``B``, relative to before the steps.  An update that
 learns what the reward ranks raises the negatives' fit error more than the positives', on
@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# the main job's AdvantageFlow settings (advantageflow/config.py defaults of the shapes task)
+DRAWS, GAMMA, LAMBDA_REF, RADIUS = 6, 1.1, 1e-3, 0.2
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 
@@ -83,7 +85,7 @@ def fits(policy, batch: Batch, draws: torch.Tensor, noise: torch.Tensor) -> torc
 
 
 def measure(policy, specs, group: int, steps: int, seed: int, only: str = "",
-            lr: float = 2e-4) -> list[dict[str, float]]:
+            lr: float = 2e-4, optimizer: str = "adamw") -> list[dict[str, float]]:
     """Per step: relative fit change of A's / B's positives and negatives, and (last row) the
     fresh reward on B's noise.  ``only``: train just the parameters under that top-level module
     (the rest frozen for the measurement and restored after)."""
@@ -92,7 +94,7 @@ def measure(policy, specs, group: int, steps: int, seed: int, only: str = "",
     try:
         for name, p in policy.net.named_parameters():
             p.requires_grad_(not only or name.split(".")[0] == only)
-        return _measure(policy, specs, group, steps, seed, lr)
+        return _measure(policy, specs, group, steps, seed, lr, optimizer)
     finally:
         with torch.no_grad():
             for name, p in policy.net.named_parameters():
@@ -100,9 +102,10 @@ def measure(policy, specs, group: int, steps: int, seed: int, only: str = "",
                 p.requires_grad_(True)
 
 
-def _measure(policy, specs, group: int, steps: int, seed: int, lr: float) -> list[dict[str, float]]:
+def _measure(policy, specs, group: int, steps: int, seed: int, lr: float,
+             optimizer: str) -> list[dict[str, float]]:
+    from advantageflow.algorithms.advantageflow import trust_region_loss
     from advantageflow.algorithms.common import noised, x0_prediction
-    from advantageflow.types import mean_flat
 
     a, b = rollouts(policy, specs, group, seed), rollouts(policy, specs, group, seed + 1)
     g = torch.Generator().manual_seed(seed)
@@ -110,17 +113,23 @@ def _measure(policy, specs, group: int, steps: int, seed: int, lr: float) -> lis
               for name, x in (("A", a), ("B", b))}
     base = {name: fits(policy, x, *probes[name]) for name, x in (("A", a), ("B", b))}
     params = policy.trainable_parameters()
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    if optimizer == "sgd":  # steps in proportion to the gradient, where AdamW's are about lr each
+        opt = torch.optim.SGD(params, lr=lr)
+    else:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     t_gen = torch.Generator().manual_seed(seed + 7)
     rows = []
     for step in range(1, steps + 1):
         policy.set_mode(True)
         opt.zero_grad()
-        t = torch.rand(len(a.x0), generator=t_gen)
-        eps = torch.randn(a.x0.shape, generator=t_gen)
-        x_t = noised(a.x0, t, eps)
-        fit = mean_flat((x0_prediction(x_t, t, policy.velocity(x_t, t, a.cond)) - a.x0) ** 2)
-        (a.adv * fit).mean().backward()
+        for draw in range(DRAWS):  # the main job's 6 stratified draws per sample
+            t = (draw + torch.rand(len(a.x0), generator=t_gen)) / DRAWS
+            x_t = noised(a.x0, t, torch.randn(a.x0.shape, generator=t_gen))
+            with torch.no_grad(), policy.reference():
+                f_ref = x0_prediction(x_t, t, policy.velocity(x_t, t, a.cond))
+            f_theta = x0_prediction(x_t, t, policy.velocity(x_t, t, a.cond))
+            loss = trust_region_loss(f_theta, a.x0, f_theta.detach(), f_ref, a.adv, GAMMA, LAMBDA_REF, RADIUS)
+            (loss.mean() / DRAWS).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         policy.set_mode(False)
@@ -148,14 +157,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group", type=int, default=16)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (the main job's: 2e-4)")
+    p.add_argument("--lr", type=float, default=2e-4, help="learning rate (the main job's AdamW: 2e-4)")
+    p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
+                   help="sgd: plain gradient steps (no momentum, no weight decay), for comparison")
     p.add_argument("--per-module", action="store_true",
                    help="also one step of each top-level module alone (which parts move the fit)")
     p.add_argument("--out", default="update_fit", help="output stem (STEM.md)")
     args = p.parse_args(argv)
     specs = [s for s in splits()[0] if s.tag == args.tag][: args.prompts]
     lines = [
-        f"{args.tag}: {args.prompts} train prompts x {args.group} rollouts, AdamW lr {args.lr:g}, seed {args.seed}; "
+        f"{args.tag}: {args.prompts} train prompts x {args.group} rollouts, {args.optimizer} lr {args.lr:g}, "
+        f"seed {args.seed}; "
         "relative change of ||f - x0||^2 at fixed (t, eps) since before the first step",
         "",
         "| model | step | A positives | A negatives | B positives | B negatives "
@@ -173,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             runs += [(n, 1) for n in parts + [n for n, _ in net.named_parameters(recurse=False)]]
         for only, steps in runs:
             size = sum(p.numel() for n, p in policy.net.named_parameters() if not only or n.split(".")[0] == only)
-            for r in measure(policy, specs, args.group, steps, args.seed, only, args.lr):
+            for r in measure(policy, specs, args.group, steps, args.seed, only, args.lr, args.optimizer):
                 after = (f"{r['reward_B_before']:.3f} -> {r['reward_B_after']:.3f}" if "reward_B_after" in r else "")
                 model = f"{label} ({only} only, {size:,} parameters)" if only else label
                 lines.append(f"| {model} | {r['step']} | {r['A_pos']:+.4f} | {r['A_neg']:+.4f} "
