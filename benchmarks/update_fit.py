@@ -84,17 +84,40 @@ def fits(policy, batch: Batch, draws: torch.Tensor, noise: torch.Tensor) -> torc
     return torch.stack(out).mean(0)
 
 
+@dataclass
+class Prepared:
+    """The batches ``A`` (trained on) and ``B`` (fresh), the fixed probe draws of each, and
+    the fits before any step (``(B,)`` per batch)."""
+
+    a: Batch
+    b: Batch
+    probes: dict
+    base: dict
+
+
+def prepare(policy, specs, group: int, seed: int) -> Prepared:
+    """Rollouts ``A`` (``seed``) and ``B`` (``seed + 1``) of the unchanged policy, and their fits."""
+    a, b = rollouts(policy, specs, group, seed), rollouts(policy, specs, group, seed + 1)
+    g = torch.Generator().manual_seed(seed)
+    probes = {name: (torch.rand(4, len(x.x0), generator=g), torch.randn(4, *x.x0.shape, generator=g))
+              for name, x in (("A", a), ("B", b))}
+    base = {name: fits(policy, x, *probes[name]) for name, x in (("A", a), ("B", b))}
+    return Prepared(a, b, probes, base)
+
+
 def measure(policy, specs, group: int, steps: int, seed: int, only: str = "",
-            lr: float = 2e-4, optimizer: str = "adamw") -> list[dict[str, float]]:
+            lr: float = 2e-4, optimizer: str = "adamw", prepared: Prepared | None = None) -> list[dict[str, float]]:
     """Per step: relative fit change of A's / B's positives and negatives, and (last row) the
     fresh reward on B's noise.  ``only``: train just the parameters under that top-level module
-    (the rest frozen for the measurement and restored after)."""
+    (the rest frozen for the measurement and restored after).  ``prepared``: :func:`prepare`'s
+    result for this policy, specs, group and seed (made here if not given)."""
 
     saved = {name: p.detach().clone() for name, p in policy.net.named_parameters()}
     try:
         for name, p in policy.net.named_parameters():
             p.requires_grad_(not only or name.split(".")[0] == only)
-        return _measure(policy, specs, group, steps, seed, lr, optimizer)
+        return _measure(policy, specs, group, steps, seed, lr, optimizer,
+                        prepared or prepare(policy, specs, group, seed))
     finally:
         with torch.no_grad():
             for name, p in policy.net.named_parameters():
@@ -103,15 +126,11 @@ def measure(policy, specs, group: int, steps: int, seed: int, only: str = "",
 
 
 def _measure(policy, specs, group: int, steps: int, seed: int, lr: float,
-             optimizer: str) -> list[dict[str, float]]:
+             optimizer: str, prepared: Prepared) -> list[dict[str, float]]:
     from advantageflow.algorithms.advantageflow import trust_region_loss
     from advantageflow.algorithms.common import noised, x0_prediction
 
-    a, b = rollouts(policy, specs, group, seed), rollouts(policy, specs, group, seed + 1)
-    g = torch.Generator().manual_seed(seed)
-    probes = {name: (torch.rand(4, len(x.x0), generator=g), torch.randn(4, *x.x0.shape, generator=g))
-              for name, x in (("A", a), ("B", b))}
-    base = {name: fits(policy, x, *probes[name]) for name, x in (("A", a), ("B", b))}
+    a, b, probes, base = prepared.a, prepared.b, prepared.probes, prepared.base
     params = policy.trainable_parameters()
     if optimizer == "sgd":  # steps in proportion to the gradient, where AdamW's are about lr each
         opt = torch.optim.SGD(params, lr=lr)
@@ -183,9 +202,10 @@ def main(argv: list[str] | None = None) -> int:
             net = policy.net
             parts = [n for n, m in net.named_children() if sum(p.numel() for p in m.parameters())]
             runs += [(n, 1) for n in parts + [n for n, _ in net.named_parameters(recurse=False)]]
+        prepared = prepare(policy, specs, args.group, args.seed)
         for only, steps in runs:
             size = sum(p.numel() for n, p in policy.net.named_parameters() if not only or n.split(".")[0] == only)
-            for r in measure(policy, specs, args.group, steps, args.seed, only, args.lr, args.optimizer):
+            for r in measure(policy, specs, args.group, steps, args.seed, only, args.lr, args.optimizer, prepared):
                 after = (f"{r['reward_B_before']:.3f} -> {r['reward_B_after']:.3f}" if "reward_B_after" in r else "")
                 model = f"{label} ({only} only, {size:,} parameters)" if only else label
                 lines.append(f"| {model} | {r['step']} | {r['A_pos']:+.4f} | {r['A_neg']:+.4f} "
