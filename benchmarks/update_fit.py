@@ -134,6 +134,9 @@ def _measure(policy, specs, group: int, steps: int, seed: int, lr: float,
     params = policy.trainable_parameters()
     if optimizer == "sgd":  # steps in proportion to the gradient, where AdamW's are about lr each
         opt = torch.optim.SGD(params, lr=lr)
+    elif optimizer == "adamw_rel":  # each tensor's rate in proportion to its weights' size (LAMB-like)
+        groups = [{"params": [p], "lr": lr * max(float(p.detach().pow(2).mean().sqrt()), 1e-3)} for p in params]
+        opt = torch.optim.AdamW(groups, lr=lr, weight_decay=1e-4)
     else:
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     t_gen = torch.Generator().manual_seed(seed + 7)
@@ -177,8 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=2e-4, help="learning rate (the main job's AdamW: 2e-4)")
-    p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
-                   help="sgd: plain gradient steps (no momentum, no weight decay), for comparison")
+    p.add_argument("--optimizer", choices=("adamw", "sgd", "adamw_rel"), default="adamw",
+                   help="sgd: plain gradient steps (no momentum, no weight decay); adamw_rel: AdamW with each "
+                        "tensor's rate lr x its weights' RMS (at least 1e-3), a relative step; for comparison")
     p.add_argument("--per-module", action="store_true",
                    help="also one step of each top-level module alone (which parts move the fit)")
     p.add_argument("--out", default="update_fit", help="output stem (STEM.md)")

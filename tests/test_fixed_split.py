@@ -98,3 +98,19 @@ def test_double_and_low_rank_inputs_take_groupnorms_own_path():
     assert torch.equal(fixed.double()(xd), reference.double()(xd))
     flat = torch.randn(4, 16)
     assert torch.equal(fixed.float()(flat), reference.float()(flat))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_weight_gradients_alone_where_the_input_needs_none(layout):
+    """Below a frozen stack (``model.train_only``) the input needs no gradient; ATen's
+    channels-last backward asked for the weight gradients alone crashes the process (found
+    2026-12-05), so the input gradient is computed anyway and dropped.  The weight and bias
+    gradients are the ones a full backward gives."""
+    _, fixed = _pair(16)
+    x, grad_y = torch.randn(4, 16, 16, 16), torch.randn(4, 16, 16, 16)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    want = _forward_backward(fixed, x, grad_y, KERNEL_THREADS)
+    fixed.zero_grad()
+    fixed(x).backward(grad_y)  # x does not require grad
+    assert torch.equal(fixed.weight.grad, want[2]) and torch.equal(fixed.bias.grad, want[3])

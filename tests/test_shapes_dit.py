@@ -288,3 +288,18 @@ def test_train_only_patterns_that_match_nothing_are_refused_with_the_module_name
         ShapesDiTPolicy(copy.deepcopy(tiny_policy.net), tiny_policy.meta, train_only=["blocks.*", "block.*"])
     with pytest.raises(ConfigError, match=r"\['tok'\] match no parameter name \(did you mean 'tok\.\*'\?\)"):
         ShapesDiTPolicy(copy.deepcopy(tiny_policy.net), tiny_policy.meta, train_only=["tok"])
+
+
+def test_train_only_a_u_net_decoder_block_below_frozen_layers():
+    """The U-Net's ``dec2`` alone: its GroupNorms see channels-last inputs that need no gradient
+    (every layer below is frozen), the case that crashed ATen's backward (tests/test_fixed_split.py)."""
+    from advantageflow.models.unet import ShapesUNet, UNetConfig
+
+    torch.manual_seed(0)
+    net = ShapesUNet(UNetConfig(base_channels=8, mid_channels=16, width=32, depth=1, heads=2))
+    policy = ShapesDiTPolicy(net, {}, train_only=["dec2.*"])
+    x = torch.randn(2, 3, 32, 32)
+    policy.velocity(x, torch.rand(2), policy.encode(["a red circle", "two blue squares"])).pow(2).mean().backward()
+    trained = {n for n, p in net.named_parameters() if p.grad is not None}
+    assert trained and trained == {n for n, _ in policy.trainable_named_parameters()}
+    assert all(n.startswith("dec2.") for n in trained)

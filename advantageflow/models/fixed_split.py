@@ -67,12 +67,15 @@ class _GroupNormFixedSplit(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, mean, rstd = ctx.saved_tensors
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
+        # The input gradient is always computed: ATen's channels-last kernel crashes (segfault,
+        # torch 2.13.0+cpu) when asked for the weight gradients alone, as when every layer
+        # below this one is frozen (model.train_only); it is returned only where asked for.
+        mask = [True, ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
         with intra_op_threads(KERNEL_THREADS):
             grad_x, grad_w, grad_b = torch.ops.aten.native_group_norm_backward(
                 grad_y.contiguous(memory_format=ctx.fmt), x, mean, rstd, weight, *ctx.sizes, mask
             )
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x if ctx.needs_input_grad[0] else None, grad_w, grad_b, None, None
 
 
 class FixedSplitGroupNorm(nn.GroupNorm):
