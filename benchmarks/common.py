@@ -190,3 +190,12 @@ def set_threads(n: int) -> None:
 
     torch.set_num_threads(n)
     os.environ.setdefault("OMP_NUM_THREADS", str(n))
+
+
+def write_report(stem: str, lines: list[str]) -> str:
+    """``lines`` below one line naming the command, the commit and the machine: written to
+    ``STEM.md``, printed, returned."""
+    text = "\n".join([f"`{command_line()}` at commit {git_commit()}; {machine_line()}", "", *lines]) + "\n"
+    Path(stem + ".md").write_text(text)
+    print(text)
+    return text

@@ -54,6 +54,7 @@ def group_stats(policy, specs, group: int, steps: int, seed: int) -> dict[str, f
 
 
 def main(argv: list[str] | None = None) -> int:
+    from common import write_report
     from count_errors import load_policy
 
     from advantageflow.tasks.shapes.grammar import splits
@@ -84,9 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"| {label} | {tag} | {r['strict']:.3f} | {r['strict_var']:.4f} | {r['mixed']:.2f} "
                          f"| {r['exact']:.3f} | {r['exact_var']:.4f} | {r['partial_var']:.4f} |")
             print(lines[-1], flush=True)
-    text = "\n".join(lines) + "\n"
-    Path(args.out + ".md").write_text(text)
-    print(text)
+    write_report(args.out, lines)
     return 0
 
 

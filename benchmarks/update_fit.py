@@ -168,6 +168,7 @@ def _measure(policy, specs, group: int, steps: int, seed: int, lr: float,
 
 
 def main(argv: list[str] | None = None) -> int:
+    from common import write_report
     from count_errors import load_policy
 
     from advantageflow.tasks.shapes.grammar import splits
@@ -215,9 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                 lines.append(f"| {model} | {r['step']} | {r['A_pos']:+.4f} | {r['A_neg']:+.4f} "
                              f"| {r['B_pos']:+.4f} | {r['B_neg']:+.4f} | {after} |")
                 print(lines[-1], flush=True)
-    text = "\n".join(lines) + "\n"
-    Path(args.out + ".md").write_text(text)
-    print(text)
+    write_report(args.out, lines)
     return 0
 
 
