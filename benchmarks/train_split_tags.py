@@ -35,6 +35,7 @@ def tag_scores(policy, specs, samples: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from common import write_report
     from count_errors import load_policy
 
     from advantageflow.tasks.shapes.grammar import eval_slots, splits
@@ -68,9 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         weighted = sum(share[t] * on_train[t] for t in on_train) / len(train)
         row += [f"**{weighted:.3f}**", f"{sum(held_out.values()) / len(held_out):.3f} (tag mean)"]
     lines.append("| " + " | ".join(row) + " |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    Path(args.out + ".md").write_text(text)
+    write_report(args.out, lines)
     return 0
 
 
