@@ -27,7 +27,9 @@ multiplied by the row counts.  Backward FLOPs are :data:`BACKWARD_FACTOR` times 
 FLOPs of the same rows: exact for linear layers whose input and weight gradients are both
 computed (``dL/dX = dL/dY W`` and ``dL/dW = X^T dL/dY`` each cost a forward's product), the
 convention of Kaplan et al. 2020, "Scaling laws for neural language models" (``C ~ 6N`` per
-token).  It over-counts by the first layer's input gradient when the network's input needs none.
+token) -- less the forward FLOPs of layers whose weights are frozen (a LoRA adapter's base
+layers, or what ``model.train_only`` leaves out), which compute the input gradient only.  It
+over-counts by the first layer's input gradient when the network's input needs none.
 """
 
 from __future__ import annotations
@@ -73,6 +75,32 @@ def _adapter_switch(net: nn.Module) -> Any:
     return next((m for m in net.modules() if isinstance(getattr(m, "disable_adapters", None), bool)), None)
 
 
+class _FrozenLayerTally:
+    """While one call of ``net`` is measured: the forward FLOPs, in the counter ``mode``, of its
+    leaf layers whose parameters are all frozen (their backward computes the input gradient
+    only).  Hooks on those layers read the counter's total before and after each of them."""
+
+    def __init__(self, net: nn.Module, mode: Any) -> None:
+        self.flops = 0.0
+        self._mode, self._start = mode, 0.0
+        frozen = [m for m in net.modules()
+                  if next(m.children(), None) is None and (ps := list(m.parameters(recurse=False)))
+                  and not any(p.requires_grad for p in ps)]
+        self._handles = [h for m in frozen for h in (m.register_forward_pre_hook(self._enter),
+                                                     m.register_forward_hook(self._leave))]
+
+    def _enter(self, module: nn.Module, args: tuple) -> None:
+        self._start = self._mode.get_total_flops()
+
+    def _leave(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.flops += self._mode.get_total_flops() - self._start
+
+    def close(self) -> float:
+        for handle in self._handles:
+            handle.remove()
+        return self.flops
+
+
 class ComputeMeter:
     """Counts rows (and FLOPs) through ``networks``; see the module note.
 
@@ -82,15 +110,19 @@ class ComputeMeter:
     Attributes:
         phase: ``"train"`` or ``"eval"`` (see :meth:`evaluating`): which counters a pass adds to.
         flops_per_row: forward FLOPs per row measured so far, by call signature.
+        backward_flops_per_row: backward FLOPs per row of the same signatures (see the module
+            note: twice the forward, less the frozen layers' weight-gradient share).
     """
 
     def __init__(self, networks: Sequence[nn.Module], measure_flops: bool = True) -> None:
         self.phase = "train"
         self.measure_flops = measure_flops
         self.flops_per_row: dict[tuple, float] = {}
+        self.backward_flops_per_row: dict[tuple, float] = {}
         self._counts = dict.fromkeys(KEYS, 0.0)
-        # id(net) -> a stack of its calls in progress: (signature, rows, FlopCounterMode or None)
-        self._calls: dict[int, list[tuple[tuple | None, int, Any]]] = {}
+        # id(net) -> a stack of its calls in progress:
+        # (signature, rows, FlopCounterMode or None, _FrozenLayerTally or None)
+        self._calls: dict[int, list[tuple[tuple | None, int, Any, Any]]] = {}
         self._handles = []
         self._switches: dict[int, Any] = {}
         unique = list({id(n): n for n in networks}.values())
@@ -138,26 +170,30 @@ class ComputeMeter:
             return
         rows = int(first.shape[0])
         key = self._key(net, args, kwargs, rows) if self.measure_flops else None
-        mode = None
+        mode = tally = None
         if key is not None and key not in self.flops_per_row and rows > 0 and not self._measuring(net):
             from torch.utils.flop_counter import FlopCounterMode
 
             mode = FlopCounterMode(display=False)
             mode.__enter__()
-        self._calls.setdefault(id(net), []).append((key, rows, mode))
+            tally = _FrozenLayerTally(net, mode)
+        self._calls.setdefault(id(net), []).append((key, rows, mode, tally))
 
     def _measuring(self, net: nn.Module) -> bool:
-        return any(mode is not None for _, _, mode in self._calls.get(id(net), []))
+        return any(mode is not None for _, _, mode, _ in self._calls.get(id(net), []))
 
     def _after(self, net: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         stack = self._calls.get(id(net))
         if not stack:  # an earlier pre-hook raised before ours ran
             return
-        key, rows, mode = stack.pop()
+        key, rows, mode, tally = stack.pop()
         if mode is not None:
             mode.__exit__(None, None, None)
+            frozen = tally.close()
             if output is not None:  # None: the forward raised; measure again next time
-                self.flops_per_row[key] = mode.get_total_flops() / rows
+                total = mode.get_total_flops()
+                self.flops_per_row[key] = total / rows
+                self.backward_flops_per_row[key] = (BACKWARD_FACTOR * total - frozen) / rows
         out = _output_tensor(output)
         if out is None:
             return
@@ -170,7 +206,8 @@ class ComputeMeter:
         self._counts[FWD] += rows
         self._counts[FLOPS] += fwd_flops
         if torch.is_grad_enabled() and out.requires_grad:
-            out.register_hook(self._backward_counter(rows, BACKWARD_FACTOR * fwd_flops))
+            bwd_per_row = self.backward_flops_per_row.get(key) if key is not None else None
+            out.register_hook(self._backward_counter(rows, rows * bwd_per_row if bwd_per_row is not None else 0.0))
 
     def _backward_counter(self, rows: int, flops: float):
         def count(grad: Tensor) -> None:
