@@ -67,24 +67,28 @@ def test_backward_factor_is_the_flop_counters_own_for_linear_layers():
     assert counter.get_total_flops() == 3 * 6 * mlp_forward_flops_per_row()
 
 
+def _metered_backward(net: nn.Module, rows: int) -> tuple[float, float, float]:
+    """One forward and backward of ``net`` (input gradient needed): the meter's forward and
+    backward FLOPs, and FlopCounterMode's own count of that backward."""
+    meter = ComputeMeter([net])
+    out = net(torch.randn(rows, DIM, requires_grad=True), torch.rand(rows))
+    fwd = meter.take()[FLOPS]
+    with FlopCounterMode(display=False) as counter:
+        out.sum().backward()
+    return fwd, meter.take()[FLOPS], counter.get_total_flops()
+
+
 def test_frozen_layers_count_their_input_gradient_only():
-    """Layers with frozen weights (a LoRA base layer, what ``model.train_only`` leaves out)
-    compute no weight gradient: the meter's backward count equals FlopCounterMode's own count of
-    a real backward, and is below the all-trainable convention by those layers' forward FLOPs."""
+    """Layers with frozen weights (what ``model.train_only`` leaves out) compute no weight
+    gradient: the meter's backward count equals FlopCounterMode's own count of a real backward,
+    and is below the all-trainable convention by those layers' forward FLOPs."""
     net = _net()
     linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
     for layer in linears[1:3]:
         layer.requires_grad_(False)
-    meter = ComputeMeter([net])
-    x = torch.randn(6, DIM, requires_grad=True)
-    out = net(x, torch.rand(6))
-    fwd = meter.take()[FLOPS]
-    with FlopCounterMode(display=False) as counter:
-        out.sum().backward()
-    bwd = meter.take()[FLOPS]
-    assert bwd == counter.get_total_flops()
+    fwd, bwd, counted = _metered_backward(net, 6)
     frozen_fwd = 6 * 2 * HIDDEN * HIDDEN * 2  # two frozen H -> H layers
-    assert fwd == 6 * mlp_forward_flops_per_row() and bwd == 2 * fwd - frozen_fwd
+    assert bwd == counted and fwd == 6 * mlp_forward_flops_per_row() and bwd == 2 * fwd - frozen_fwd
 
 
 def test_lora_backward_is_the_flop_counters_own():
@@ -94,13 +98,8 @@ def test_lora_backward_is_the_flop_counters_own():
     net = inject_adapter_in_model(LoraConfig(r=2, target_modules=["net.2", "net.4"]), _net())
     for name, p in net.named_parameters():
         p.requires_grad_("lora_" in name)
-    meter = ComputeMeter([net])
-    x = torch.randn(5, DIM, requires_grad=True)
-    out = net(x, torch.rand(5))
-    fwd = meter.take()[FLOPS]
-    with FlopCounterMode(display=False) as counter:
-        out.sum().backward()
-    assert meter.take()[FLOPS] == counter.get_total_flops() < 2 * fwd
+    fwd, bwd, counted = _metered_backward(net, 5)
+    assert bwd == counted < 2 * fwd
 
 
 def test_policy_passes_reference_old_cfg_and_evaluation_are_counted():
