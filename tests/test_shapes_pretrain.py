@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 import torch
@@ -11,7 +12,14 @@ from safetensors.torch import load_file
 from advantageflow.models.dit import ShapesDiTPolicy
 from advantageflow.tasks.shapes.evaluator import asset_sampler, sample_shapes_eval
 from advantageflow.tasks.shapes.grammar import parse_prompt
-from advantageflow.tasks.shapes.pretrain import foreground_weights, lr_factor, main, sample_batch, velocity_mse
+from advantageflow.tasks.shapes.pretrain import (
+    foreground_weights,
+    lr_factor,
+    main,
+    sample_batch,
+    tag_weights,
+    velocity_mse,
+)
 
 TINY = ["--width", "32", "--depth", "1", "--heads", "2", "--batch-size", "4", "--warmup", "2",
         "--eval-samples", "0", "--no-progress"]
@@ -22,6 +30,30 @@ def test_help_exits_cleanly(capsys):
         main(["--help"])
     assert info.value.code == 0
     assert "--minutes" in capsys.readouterr().out
+
+
+def _position_share(weights) -> float:
+    from advantageflow.tasks.shapes.scene import RELATIONS
+
+    _, prompts = sample_batch(random.Random(0), 600, 0.0, weights=weights)
+    return sum(any(f" {r} " in p for r in RELATIONS) for p in prompts) / len(prompts)
+
+
+def test_tag_weights_set_how_often_each_tag_is_drawn():
+    assert tag_weights("") is None and tag_weights("position=1") is None  # equal: the old stream
+    weighted = tag_weights("position=5, color_attr=2")
+    assert weighted == (1.0, 1.0, 1.0, 1.0, 5.0, 2.0)
+    assert abs(_position_share(None) - 1 / 6) < 0.05  # position is the only tag with relations
+    assert abs(_position_share(weighted) - 5 / 11) < 0.06
+
+
+@pytest.mark.parametrize("bad", ["postion=2", "position", "position=0", "position=two"])
+def test_bad_tag_weights_are_refused_with_the_tags(bad, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--tag-weights", bad])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--tag-weights" in err and ("color_attr" in err or "> 0" in err)
 
 
 def test_writes_a_loadable_asset_with_snapshots(tmp_path):
@@ -70,6 +102,11 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch, network
     # other weight-changing arguments are refused, not silently mixed
     with pytest.raises(SystemExit, match="--lr 0.001 -> 0.002"):
         main([*args, "--lr", "0.002", "--out", str(tmp_path / "killed")])
+    # a state saved before an argument existed resumes with that argument's default
+    state_path = tmp_path / "killed" / "resume.pt"
+    state = torch.load(state_path, weights_only=False)
+    del state["args"]["tag_weights"]
+    torch.save(state, state_path)
     # where it trains is not a weight-changing argument: the run resumes on another device
     assert main([*args, "--device", "cpu", "--out", str(tmp_path / "killed")]) == 0
     whole = load_file(str(tmp_path / "whole" / "model.safetensors"))

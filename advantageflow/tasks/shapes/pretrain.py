@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draw every pretraining object this size in pixels (0 = the benchmark's 9-12)")
     p.add_argument("--centre-step", type=float, default=0.0,
                    help="put pretraining objects' centres on multiples of this many pixels (0 = anywhere)")
+    p.add_argument("--tag-weights", default="", type=parse_tag_weights,
+                   help="how often each tag's scenes are drawn, relative to 1 for the tags not named, "
+                        "e.g. 'position=2,color_attr=2' (default: the six tags equally)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu",
                    help="where the network trains and the final evaluation samples (e.g. cuda); renders and "
@@ -142,11 +145,39 @@ def guided_target(
 _RESUME_FREE = ("minutes", "no_progress", "eval_samples", "save_every", "resume_every", "device")
 
 
+def parse_tag_weights(text: str) -> str:
+    """Check ``--tag-weights`` ('TAG=W,...', W > 0, tags of :data:`TAGS`); returns it unchanged
+    (a string, so that ``config.json`` records what was typed)."""
+    for item in filter(None, text.split(",")):
+        tag, sep, value = item.partition("=")
+        if tag.strip() not in TAGS or not sep:
+            raise argparse.ArgumentTypeError(f"{item!r}: expected TAG=WEIGHT with TAG one of {', '.join(TAGS)}")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = -1.0
+        if not weight > 0:
+            raise argparse.ArgumentTypeError(f"{item!r}: the weight must be a number > 0")
+    return text
+
+
+def tag_weights(text: str) -> tuple[float, ...] | None:
+    """Per-tag draw weights in :data:`TAGS` order from ``--tag-weights``; ``None`` for equal ones."""
+    named = {tag.strip(): float(w) for tag, _, w in (i.partition("=") for i in filter(None, text.split(",")))}
+    weights = tuple(named.get(tag, 1.0) for tag in TAGS)
+    return None if len(set(weights)) == 1 else weights
+
+
 def sample_batch(
-    rng: random.Random, batch: int, cfg_dropout: float, layout: Layout | None = None
+    rng: random.Random, batch: int, cfg_dropout: float, layout: Layout | None = None,
+    weights: tuple[float, ...] | None = None,
 ) -> tuple[torch.Tensor, list[str]]:
-    """``(B, 3, 32, 32)`` renders in ``[-1, 1]`` and their prompts ('' for dropped ones)."""
-    specs = [rng.choice(_SPECS[rng.choice(TAGS)]) for _ in range(batch)]
+    """``(B, 3, 32, 32)`` renders in ``[-1, 1]`` and their prompts ('' for dropped ones); tags drawn
+    equally, or by ``weights`` (:func:`tag_weights`; equal weights keep the equal draw's stream)."""
+    def tag() -> str:
+        return rng.choice(TAGS) if weights is None else rng.choices(TAGS, weights)[0]
+
+    specs = [rng.choice(_SPECS[tag()]) for _ in range(batch)]
     images, _ = render_specs(specs, rng, layout=layout)
     prompts = ["" if rng.random() < cfg_dropout else to_prompt(s) for s in specs]
     return images * 2 - 1, prompts
@@ -190,7 +221,8 @@ def _resume_state(out: Path, args: argparse.Namespace) -> dict | None:
     if not path.exists():
         return None
     state = torch.load(path, map_location="cpu", weights_only=False)
-    saved = {k: v for k, v in state["args"].items() if k not in _RESUME_FREE and k != "out"}
+    defaults = vars(build_parser().parse_args([]))  # arguments added since the state was saved
+    saved = {k: v for k, v in {**defaults, **state["args"]}.items() if k not in _RESUME_FREE and k != "out"}
     now = {k: v for k, v in vars(args).items() if k not in _RESUME_FREE and k != "out"}
     if saved != now:
         diff = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} -> {now.get(k)}"
@@ -233,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         teacher = copy.deepcopy(net).eval().requires_grad_(False)
         empty_tokens = tokenize([""] * args.batch_size, cfg.max_tokens).to(device)  # the same every step
     layout = Layout(size=args.object_size, centre_step=args.centre_step)
+    draw_weights = tag_weights(args.tag_weights)
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.0)
     final_ratio = args.lr_final / args.lr
@@ -266,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
 
     while step < args.steps:
         step += 1
-        x0, prompts = sample_batch(rng, args.batch_size, args.cfg_dropout, layout)
+        x0, prompts = sample_batch(rng, args.batch_size, args.cfg_dropout, layout, draw_weights)
         tokens = tokenize(prompts, cfg.max_tokens).to(device)
         eps = torch.randn(x0.shape, generator=noise_gen)
         if args.time_sampling == "logit_normal":
