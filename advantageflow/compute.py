@@ -29,7 +29,8 @@ computed (``dL/dX = dL/dY W`` and ``dL/dW = X^T dL/dY`` each cost a forward's pr
 convention of Kaplan et al. 2020, "Scaling laws for neural language models" (``C ~ 6N`` per
 token) -- less the forward FLOPs of layers whose weights are frozen (a LoRA adapter's base
 layers, or what ``model.train_only`` leaves out), which compute the input gradient only.  It
-over-counts by the first layer's input gradient when the network's input needs none.
+over-counts by the input gradients that autograd skips: the first layer's when the network's
+input needs none, and those of frozen layers below every trained one.
 """
 
 from __future__ import annotations
