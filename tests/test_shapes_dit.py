@@ -21,6 +21,8 @@ from advantageflow.models.dit import (
     DiTConfig,
     ShapesDiT,
     ShapesDiTPolicy,
+    load_asset,
+    phrase_segments,
     save_asset,
     tokenize,
 )
@@ -217,6 +219,58 @@ def test_every_architecture_variant_maps_images_to_velocities_and_trains_every_p
     assert v.shape == x.shape
     v.pow(2).mean().backward()
     assert [n for n, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum()] == []
+
+
+def test_phrase_segments_give_each_objects_words_their_own_segment():
+    """Over the whole grammar: every word of an object's noun phrase has that object's segment
+    (1 for the first, 2 for the second), connectors 3, padding 0, whatever the phrase's length."""
+    seen = set()
+    for spec in all_specs():
+        prompt = to_prompt(spec)
+        words = prompt.split()
+        seg = phrase_segments(tokenize([prompt], 12))[0].tolist()
+        assert seg[len(words):] == [0] * (12 - len(words))
+        phrases = " ".join(str(s) for s in seg[: len(words)]).replace("3", "|").split("|")
+        assert [set(p.split()) for p in phrases if p.strip()] == [{"1"}, {"2"}][: len(spec.objects)], prompt
+        seen.add(len(spec.objects))
+    assert seen == {1, 2}
+    assert phrase_segments(tokenize(["", "a square left of a circle"], 12)).tolist() == [
+        [0] * 12, [1, 1, 3, 3, 2, 2] + [0] * 6]
+
+
+def test_text_segments_tell_whose_colour_a_word_is_without_word_positions():
+    """Without word positions the network cannot tell "a red square and a green ring" from
+    "a green square and a red ring" (attention is blind to order); the segment embedding can,
+    and a saved asset keeps it."""
+    torch.manual_seed(0)
+    x, t = torch.randn(1, 3, 32, 32), torch.rand(1)
+    swapped = tokenize(["a red square and a green ring", "a green square and a red ring"], 12)
+    outputs = {}
+    for segments in (False, True):
+        net = ShapesDiT(DiTConfig(width=32, depth=1, heads=2, conv_channels=8, text_segments=segments))
+        with torch.no_grad():  # weights large enough for attention that is far from uniform
+            for p in net.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+            net.pos.zero_()
+            net.tok_pos.zero_()
+            if segments:
+                net.tok_seg.weight.normal_()  # as large as a trained one, so the effect is plain
+        outputs[segments] = net(x.expand(2, -1, -1, -1), t.expand(2), swapped)
+    same = (outputs[False][0] - outputs[False][1]).abs().max()
+    differ = (outputs[True][0] - outputs[True][1]).abs().max()
+    assert same < 1e-4 * outputs[False].abs().max()  # float rounding only
+    assert differ > 1e-2 * outputs[True].abs().max()
+    assert DiTConfig().text_segments is False  # assets saved before the option load as they were
+
+
+def test_an_asset_with_text_segments_round_trips(tmp_path):
+    torch.manual_seed(0)
+    net = ShapesDiT(DiTConfig(width=32, depth=1, heads=2, conv_channels=8, text_segments=True))
+    save_asset(net, {}, tmp_path)
+    loaded, meta = load_asset(tmp_path)
+    assert meta["model"]["text_segments"] is True and loaded.cfg.text_segments
+    x, t, tokens = torch.randn(2, 3, 32, 32), torch.rand(2), tokenize(["a red circle", "two bars"], 12)
+    torch.testing.assert_close(loaded(x, t, tokens), net.eval()(x, t, tokens))
 
 
 def test_half_resolution_stage_needs_the_full_resolution_one():

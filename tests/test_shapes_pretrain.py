@@ -70,6 +70,15 @@ def test_writes_a_loadable_asset_with_snapshots(tmp_path):
     assert images.shape == (1, 3, 32, 32)
 
 
+def test_text_segments_are_a_dit_option_recorded_in_the_asset(tmp_path):
+    out = tmp_path / "run"
+    assert main(["--steps", "2", "--text-segments", "--conv-channels", "8", "--out", str(out), *TINY]) == 0
+    assert json.loads((out / "config.json").read_text())["model"]["text_segments"] is True
+    assert "tok_seg.weight" in load_file(str(out / "model.safetensors"))
+    with pytest.raises(SystemExit, match="DiT option"):
+        main(["--text-segments", "--arch", "unet", "--out", str(tmp_path / "unet"), *TINY])
+
+
 def test_learning_rate_warms_up_then_decays_by_a_cosine():
     assert lr_factor(0, 10, 110, 0.1) == pytest.approx(0.1)
     assert lr_factor(9, 10, 110, 0.1) == pytest.approx(1.0)

@@ -46,6 +46,8 @@ VOCAB: tuple[str, ...] = (
     "circles", "squares", "triangles", "diamonds", "rings", "frames", "bars", "pillars",
 )  # fmt: skip
 PAD, NULL, UNK = 0, 1, 2
+# Words that join the grammar's noun phrases ("A and B", "A left of B"): the phrase chunker's cut points.
+CONNECTORS: tuple[str, ...] = ("and", "of", "left", "right", "above", "below")
 
 
 def tokenize(prompts: list[str], max_tokens: int, vocab: tuple[str, ...] = VOCAB) -> Tensor:
@@ -62,6 +64,23 @@ def tokenize(prompts: list[str], max_tokens: int, vocab: tuple[str, ...] = VOCAB
         ids = [index.get(w, UNK) for w in words] or [NULL]
         out[row, : len(ids)] = torch.tensor(ids)
     return out
+
+
+def phrase_segments(tokens: Tensor, vocab: tuple[str, ...] = VOCAB) -> Tensor:
+    """The phrase of each token ``(B, L)`` long, from the token ids ``(B, L)`` alone: 1 for the
+    words before the first connector (:data:`CONNECTORS`), 3 for connectors, 2 for the words
+    after one, 0 for padding and ``<null>``.
+
+    A fixed chunker standing in for what a trained text encoder gives a real model: the words
+    of one object share a segment whatever the prompt's length ("a square" / "three purple
+    diamonds"), so a colour can be bound to its shape, and the first object told from the
+    second, without the network first learning to parse (``DiTConfig.text_segments``).
+    """
+    ids = torch.tensor([vocab.index(w) for w in CONNECTORS], device=tokens.device)
+    connector = torch.isin(tokens, ids)
+    seg = torch.where(connector.long().cumsum(dim=1) > 0, 2, 1)
+    seg = torch.where(connector, 3, seg)
+    return torch.where((tokens == PAD) | (tokens == NULL), 0, seg)
 
 
 @dataclass
@@ -82,6 +101,7 @@ class DiTConfig:
     mid_channels: int = 0  # > 0: a half-resolution convolutional stage around the transformer
     prediction: str = "velocity"  # or "x0": the network predicts the clean image (see ShapesDiT)
     x0_t_min: float = 0.05  # with prediction "x0": v = (x_t - x0) / max(t, x0_t_min)
+    text_segments: bool = False  # add a learned embedding of each word's phrase (phrase_segments)
 
 
 def timestep_embedding(t: Tensor, dim: int) -> Tensor:
@@ -208,6 +228,9 @@ class ShapesDiT(nn.Module):
         self.tok = nn.Embedding(cfg.vocab_size, w)
         nn.init.normal_(self.tok.weight, std=0.02)
         self.tok_pos = nn.Parameter(torch.randn(1, cfg.max_tokens, w) * 0.02)
+        if cfg.text_segments:
+            self.tok_seg = nn.Embedding(4, w)
+            nn.init.normal_(self.tok_seg.weight, std=0.02)
         self.t_mlp = nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, w))
         self.text_pool = nn.Linear(w, w)
         self.blocks = nn.ModuleList(Block(w, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
@@ -231,6 +254,8 @@ class ShapesDiT(nn.Module):
         b, ch, hh, ww = x.shape
         p, g = self.token_patch, self.grid
         txt = self.tok(tokens) + self.tok_pos[:, : tokens.shape[1]]  # (B, L, D)
+        if self.cfg.text_segments:
+            txt = txt + self.tok_seg(phrase_segments(tokens))
         c = self.t_mlp(timestep_embedding(t, self.cfg.width).to(x.dtype)) + self.text_pool(txt.mean(dim=1))
         stem = mid = None
         if self.cfg.conv_channels:

@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "U-Net: its middle level, 0 = twice --conv-channels)")
     p.add_argument("--query-pos", action="store_true",
                    help="U-Net: give its text cross-attention's pixel queries their position (UNetConfig.query_pos)")
+    p.add_argument("--text-segments", action="store_true",
+                   help="DiT: add a learned embedding of each word's phrase (first object, "
+                        "connector, second object; DiTConfig.text_segments)")
     p.add_argument("--prediction", choices=("velocity", "x0"), default="velocity",
                    help="what the network outputs: the velocity, or the clean image (x-prediction, "
                         "the loss stays on the velocity)")
@@ -190,6 +193,8 @@ def _new_network(args: argparse.Namespace) -> torch.nn.Module:
     """The untrained network the arguments describe (``--arch``)."""
     if args.query_pos and args.arch != "unet":
         raise SystemExit("error: --query-pos is a U-Net option (add --arch unet)")
+    if args.text_segments and args.arch != "dit":
+        raise SystemExit("error: --text-segments is a DiT option (drop --arch unet)")
     if args.arch == "unet":
         if args.prediction != "velocity":
             raise SystemExit("error: --arch unet predicts the velocity only (drop --prediction)")
@@ -199,7 +204,7 @@ def _new_network(args: argparse.Namespace) -> torch.nn.Module:
                                      query_pos=args.query_pos))
     return ShapesDiT(DiTConfig(patch=args.patch, width=args.width, depth=args.depth, heads=args.heads,
                                conv_channels=args.conv_channels, mid_channels=args.mid_channels,
-                               prediction=args.prediction))
+                               prediction=args.prediction, text_segments=args.text_segments))
 
 
 def _meta(args: argparse.Namespace, extra: dict) -> dict:
