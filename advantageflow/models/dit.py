@@ -48,6 +48,7 @@ VOCAB: tuple[str, ...] = (
 PAD, NULL, UNK = 0, 1, 2
 # Words that join the grammar's noun phrases ("A and B", "A left of B"): the phrase chunker's cut points.
 CONNECTORS: tuple[str, ...] = ("and", "of", "left", "right", "above", "below")
+CONNECTOR_IDS: tuple[int, ...] = tuple(VOCAB.index(w) for w in CONNECTORS)
 
 
 def tokenize(prompts: list[str], max_tokens: int, vocab: tuple[str, ...] = VOCAB) -> Tensor:
@@ -66,7 +67,7 @@ def tokenize(prompts: list[str], max_tokens: int, vocab: tuple[str, ...] = VOCAB
     return out
 
 
-def phrase_segments(tokens: Tensor, vocab: tuple[str, ...] = VOCAB) -> Tensor:
+def phrase_segments(tokens: Tensor, connector_ids: Tensor | None = None) -> Tensor:
     """The phrase of each token ``(B, L)`` long, from the token ids ``(B, L)`` alone: 1 for the
     words before the first connector (:data:`CONNECTORS`), 3 for connectors, 2 for the words
     after one, 0 for padding and ``<null>``.
@@ -75,9 +76,12 @@ def phrase_segments(tokens: Tensor, vocab: tuple[str, ...] = VOCAB) -> Tensor:
     of one object share a segment whatever the prompt's length ("a square" / "three purple
     diamonds"), so a colour can be bound to its shape, and the first object told from the
     second, without the network first learning to parse (``DiTConfig.text_segments``).
+    ``connector_ids``: the connectors' ids in :data:`VOCAB` (:data:`CONNECTOR_IDS`, made here if
+    not given; the network keeps them as a buffer so its forward pass makes no tensor).
     """
-    ids = torch.tensor([vocab.index(w) for w in CONNECTORS], device=tokens.device)
-    connector = torch.isin(tokens, ids)
+    if connector_ids is None:
+        connector_ids = torch.tensor(CONNECTOR_IDS, device=tokens.device)
+    connector = torch.isin(tokens, connector_ids)
     seg = torch.where(connector.long().cumsum(dim=1) > 0, 2, 1)
     seg = torch.where(connector, 3, seg)
     return torch.where((tokens == PAD) | (tokens == NULL), 0, seg)
@@ -231,6 +235,7 @@ class ShapesDiT(nn.Module):
         if cfg.text_segments:
             self.tok_seg = nn.Embedding(4, w)
             nn.init.normal_(self.tok_seg.weight, std=0.02)
+            self.register_buffer("connector_ids", torch.tensor(CONNECTOR_IDS), persistent=False)
         self.t_mlp = nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, w))
         self.text_pool = nn.Linear(w, w)
         self.blocks = nn.ModuleList(Block(w, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
@@ -255,7 +260,7 @@ class ShapesDiT(nn.Module):
         p, g = self.token_patch, self.grid
         txt = self.tok(tokens) + self.tok_pos[:, : tokens.shape[1]]  # (B, L, D)
         if self.cfg.text_segments:
-            txt = txt + self.tok_seg(phrase_segments(tokens))
+            txt = txt + self.tok_seg(phrase_segments(tokens, self.connector_ids))
         c = self.t_mlp(timestep_embedding(t, self.cfg.width).to(x.dtype)) + self.text_pool(txt.mean(dim=1))
         stem = mid = None
         if self.cfg.conv_channels:
