@@ -52,19 +52,14 @@ def rollouts(policy, specs, group: int, seed: int) -> Batch:
     """``group`` samples of each spec from the evaluation's noise keys of ``seed``, scored as
     the main job scores them, with the trainer's group-relative advantages."""
     from advantageflow.advantages import group_advantages
-    from advantageflow.rollouts import SamplingSpec, decode_samples, generate
-    from advantageflow.seeding import eval_noise_key
-    from advantageflow.tasks.base import Prompt
-    from advantageflow.tasks.shapes.evaluator import asset_sampler
-    from advantageflow.tasks.shapes.grammar import to_prompt
+    from advantageflow.rollouts import decode_samples
+    from advantageflow.tasks.shapes.evaluator import asset_sampler, generate_shapes_eval
     from advantageflow.tasks.shapes.reward import ShapesEvalReward
 
-    spec = SamplingSpec.for_evaluation(policy, replace(asset_sampler(policy), eval_steps=10))
+    out = generate_shapes_eval(policy, specs, group, replace(asset_sampler(policy), eval_steps=10), seed)
+    x0, prompts = out.x0, out.prompts
     rows = [k for k in range(len(specs)) for _ in range(group)]
-    prompts = [Prompt(to_prompt(specs[k]), specs[k].to_dict()) for k in rows]
-    keys = [eval_noise_key(seed, i) for i in range(len(rows))]
-    x0 = generate(policy, prompts, keys, rows, spec).x0
-    reward = ShapesEvalReward()(decode_samples(policy, x0, spec.chunk), [p.text for p in prompts],
+    reward = ShapesEvalReward()(decode_samples(policy, x0, out.spec.chunk), [p.text for p in prompts],
                                 [p.metadata for p in prompts])["score"]
     adv = group_advantages(reward, torch.tensor(rows), "global", 5.0).values / 5.0
     return Batch(x0, policy.encode([p.text for p in prompts]), reward, adv)

@@ -436,20 +436,29 @@ def asset_sampler(policy, steps: int | None = None, guidance_scale: float | None
     )
 
 
+@dataclass
+class EvalSamples:
+    """Samples of the evaluation's noise keys before decoding: ``x0`` ``(N, C, h, w)`` (the
+    policy's latents), their ``prompts`` (``N``, text and scene metadata) and the sampling
+    ``spec`` they were drawn with (its ``chunk`` decodes them)."""
+
+    x0: Tensor
+    prompts: list
+    spec: object
+
+
 @torch.no_grad()
 @thread_invariant_kernels()  # the trainer's kernels: the same images as its evaluation
-def sample_shapes_eval(
+def generate_shapes_eval(
     policy, specs: list[SceneSpec], samples_per_prompt: int = 1, sampler=None, seed: int = 0
-) -> Tensor:
-    """Images ``(len(specs) * samples_per_prompt, 3, H, W)`` in ``[0, 1]`` of each spec's prompt
-    (``samples_per_prompt`` consecutive rows per spec), sampled by
-    :func:`~advantageflow.rollouts.generate` with the evaluation settings of
-    ``sampler`` (a ``SamplerConfig``: ``eval_steps``, ``eval_solver``, ``shift``, guidance,
-    ``batch_size``; default :func:`asset_sampler`) from
-    the evaluation's noise keys (:func:`~advantageflow.seeding.eval_noise_key`, sample ``i`` of
-    spec ``i // samples_per_prompt``): on the evaluation slots these are the images
-    ``advantageflow eval`` and the trainer's evaluation score."""
-    from advantageflow.rollouts import SamplingSpec, decode_samples, generate
+) -> EvalSamples:
+    """Latents of each spec's prompt (``samples_per_prompt`` consecutive rows per spec), sampled
+    by :func:`~advantageflow.rollouts.generate` with the evaluation settings of ``sampler`` (a
+    ``SamplerConfig``: ``eval_steps``, ``eval_solver``, ``shift``, guidance, ``batch_size``;
+    default :func:`asset_sampler`) from the evaluation's noise keys
+    (:func:`~advantageflow.seeding.eval_noise_key`, sample ``i`` of spec
+    ``i // samples_per_prompt``)."""
+    from advantageflow.rollouts import SamplingSpec, generate
     from advantageflow.seeding import eval_noise_key
     from advantageflow.tasks.base import Prompt
     from advantageflow.tasks.shapes.grammar import to_prompt
@@ -458,7 +467,21 @@ def sample_shapes_eval(
     rows = [k for k in range(len(specs)) for _ in range(samples_per_prompt)]
     prompts = [Prompt(to_prompt(specs[k]), specs[k].to_dict()) for k in rows]
     keys = [eval_noise_key(seed, i) for i in range(len(rows))]
-    return decode_samples(policy, generate(policy, prompts, keys, rows, spec).x0, spec.chunk)
+    return EvalSamples(generate(policy, prompts, keys, rows, spec).x0, prompts, spec)
+
+
+@torch.no_grad()
+@thread_invariant_kernels()
+def sample_shapes_eval(
+    policy, specs: list[SceneSpec], samples_per_prompt: int = 1, sampler=None, seed: int = 0
+) -> Tensor:
+    """Images ``(len(specs) * samples_per_prompt, 3, H, W)`` in ``[0, 1]`` of
+    :func:`generate_shapes_eval`'s samples: on the evaluation slots these are the images
+    ``advantageflow eval`` and the trainer's evaluation score."""
+    from advantageflow.rollouts import decode_samples
+
+    out = generate_shapes_eval(policy, specs, samples_per_prompt, sampler, seed)
+    return decode_samples(policy, out.x0, out.spec.chunk)
 
 
 def evaluate_shapes_eval(
@@ -514,6 +537,7 @@ def evaluate_checkpoint(
 __all__ = [
     "SHAPES",
     "Detection",
+    "EvalSamples",
     "Verdict",
     "asset_sampler",
     "check",
@@ -521,6 +545,7 @@ __all__ = [
     "evaluate_checkpoint",
     "evaluate_shapes_eval",
     "flow_matching_loss",
+    "generate_shapes_eval",
     "prompt_groups",
     "sample_diversity",
     "sample_shapes_eval",

@@ -148,9 +148,9 @@ def guided_target(
 _RESUME_FREE = ("minutes", "no_progress", "eval_samples", "save_every", "resume_every", "device")
 
 
-def parse_tag_weights(text: str) -> str:
-    """Check ``--tag-weights`` ('TAG=W,...', W > 0, tags of :data:`TAGS`); returns it unchanged
-    (a string, so that ``config.json`` records what was typed)."""
+def _named_tag_weights(text: str) -> dict[str, float]:
+    """The weights ``--tag-weights`` names ('TAG=W,...', W > 0, tags of :data:`TAGS`), checked."""
+    named = {}
     for item in filter(None, text.split(",")):
         tag, sep, value = item.partition("=")
         if tag.strip() not in TAGS or not sep:
@@ -161,12 +161,20 @@ def parse_tag_weights(text: str) -> str:
             weight = -1.0
         if not weight > 0:
             raise argparse.ArgumentTypeError(f"{item!r}: the weight must be a number > 0")
+        named[tag.strip()] = weight
+    return named
+
+
+def parse_tag_weights(text: str) -> str:
+    """Check ``--tag-weights``; returns it unchanged (a string, so that ``config.json`` records
+    what was typed)."""
+    _named_tag_weights(text)
     return text
 
 
 def tag_weights(text: str) -> tuple[float, ...] | None:
     """Per-tag draw weights in :data:`TAGS` order from ``--tag-weights``; ``None`` for equal ones."""
-    named = {tag.strip(): float(w) for tag, _, w in (i.partition("=") for i in filter(None, text.split(",")))}
+    named = _named_tag_weights(text)
     weights = tuple(named.get(tag, 1.0) for tag in TAGS)
     return None if len(set(weights)) == 1 else weights
 
